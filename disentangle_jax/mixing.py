@@ -1,0 +1,119 @@
+"""Per-step mixing weights (lambda) and the embedding mix of METHOD.md section 2.
+
+lambda[i] weights the TARGET prompt c1 at sampling step i (i = 0 is the noisiest step):
+
+    c_i = lambda[i] * c1 + (1 - lambda[i]) * c0
+
+The reference release stores w = 1 - lambda; ``from_reference`` converts.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+WEIGHTS_FORMAT = "disentangle_jax.weights"
+
+
+def check_t_star(num_steps: int, t_star: int) -> None:
+  if isinstance(t_star, bool) or not isinstance(t_star, (int, np.integer)) or not (
+      0 <= t_star <= num_steps):
+    raise ValueError(
+        f"t_star={t_star!r} must be an integer in [0, {num_steps}] (the number of early steps "
+        f"conditioned on the neutral prompt; {num_steps} = never switch).")
+
+
+def hard_switch(num_steps: int, t_star: int, late: float = 1.0) -> np.ndarray:
+  """The paper's initialisation: 0 for the first t_star steps, ``late`` afterwards. float32 [T]."""
+  check_t_star(num_steps, t_star)
+  lam = np.zeros((num_steps,), np.float32)
+  lam[t_star:] = late
+  return lam
+
+
+def constant(num_steps: int, value: float) -> np.ndarray:
+  """The same weight at every step (0 = pure c0, 1 = pure c1). float32 [T]."""
+  if num_steps < 1:
+    raise ValueError(f"num_steps={num_steps} must be >= 1.")
+  return np.full((num_steps,), value, np.float32)
+
+
+def from_reference(w) -> np.ndarray:
+  """Converts the reference release's weights (on the neutral prompt) to lambda."""
+  return (1.0 - np.asarray(w, np.float64)).astype(np.float32)
+
+
+def check_lambda(lam, num_steps: int, name: str = "lambda") -> np.ndarray:
+  """Validates a lambda vector against the step count; returns float32 [T]."""
+  lam = np.asarray(lam, dtype=np.float32)
+  if lam.ndim != 1 or lam.shape[0] != num_steps:
+    raise ValueError(
+        f"{name} has shape {lam.shape} but the sampler runs {num_steps} steps: it needs "
+        f"shape ({num_steps},), one weight per step. Re-learn it for this step count or change "
+        "num_steps.")
+  if not np.all(np.isfinite(lam)):
+    raise ValueError(f"{name} contains non-finite values: {lam.tolist()}")
+  return lam
+
+
+def load(path: str, num_steps: int | None = None) -> np.ndarray:
+  """Loads lambda from a file: .json (a list, or a weights file with a "lambda" entry),
+  .npy, or .txt/.csv (numbers separated by commas or whitespace).
+
+  A JSON file with ``"convention": "reference"`` holds the release's w = 1 - lambda and is
+  converted. If ``num_steps`` is given, the length is checked.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"lambda file {path!r} does not exist: pass an existing file.")
+  ext = os.path.splitext(path)[1].lower()
+  try:
+    if ext == ".json":
+      with open(path) as f:
+        data = json.load(f)
+      if isinstance(data, dict):
+        if "lambda" not in data:
+          raise ValueError(f"lambda file {path!r} is a JSON object without a 'lambda' entry.")
+        lam = np.asarray(data["lambda"], np.float32)
+        if data.get("convention") == "reference":
+          lam = from_reference(lam)
+      else:
+        lam = np.asarray(data, np.float32)
+    elif ext == ".npy":
+      lam = np.load(path, allow_pickle=False).astype(np.float32)
+    elif ext in (".txt", ".csv"):
+      with open(path) as f:
+        text = f.read().replace(",", " ")
+      lam = np.asarray([float(v) for v in text.split()], np.float32)
+    else:
+      raise ValueError(
+          f"lambda file {path!r} has an unknown extension {ext!r}: use .json, .npy, .txt or .csv.")
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"lambda file {path!r} could not be parsed: {e}") from None
+  except ValueError as e:
+    if str(e).startswith("lambda file"):
+      raise
+    raise ValueError(f"lambda file {path!r} could not be parsed as numbers: {e}") from None
+  if num_steps is not None:
+    lam = check_lambda(lam, num_steps, name=f"lambda from {path!r}")
+  return lam
+
+
+def mix(lam: jax.Array, c0: jax.Array, c1: jax.Array) -> jax.Array:
+  """Per-step conditional embeddings.
+
+  Args:
+    lam: [T] (or [T, B] for one lambda per batch element).
+    c0, c1: [L, D] (or [B, L, D]) neutral and target prompt embeddings.
+
+  Returns:
+    [T, L, D] (or [T, B, L, D]): c_i = lam[i] * c1 + (1 - lam[i]) * c0, in c0's dtype.
+  """
+  if c0.shape != c1.shape:
+    raise ValueError(f"c0 has shape {c0.shape} but c1 has shape {c1.shape}: they must match.")
+  lam = jnp.asarray(lam).astype(c0.dtype)
+  lam = lam.reshape(lam.shape + (1,) * (c0.ndim - lam.ndim + 1))
+  # The convex form (not c0 + lam * (c1 - c0)) so lam = 0 / 1 give c0 / c1 exactly.
+  return lam * c1 + (1 - lam) * c0

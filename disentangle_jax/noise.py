@@ -1,0 +1,76 @@
+"""The only place random numbers are drawn: the initial latent x_T and the per-step noise.
+
+"Fixing every random number of the run" means drawing them once, up front, and feeding them to
+the sampler as data. Each seed gets its own key, ``fold_in(base_key, seed)``, and its numbers are
+drawn without reference to the batch it is in, so seed 7 gives the same x_T and noise alone, in a
+batch of 64, or sharded over a pod.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class RunNoise(NamedTuple):
+  """Every random number of a batch of sampling runs.
+
+  Attributes:
+    x_T: initial latents [B, H, W, C].
+    noise: additive per-step noise [T, B, H, W, C] (sigma_i * z_i; zero for eta = 0).
+  """
+
+  x_T: jax.Array
+  noise: jax.Array
+
+
+def check_seeds(seeds: Sequence[int]) -> np.ndarray:
+  """Validates a seed list (non-empty, integers, no duplicates); returns int64 [B]."""
+  seeds = list(seeds)
+  if not seeds:
+    raise ValueError("seeds is empty: give at least one seed, e.g. --config.seeds=42.")
+  for s in seeds:
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+      raise ValueError(f"seeds contains {s!r}: seeds must be integers.")
+    if not 0 <= int(s) < 2**31:
+      raise ValueError(f"seed {s} is out of range: seeds must be in [0, 2**31).")
+  dup = sorted({s for s in seeds if seeds.count(s) > 1})
+  if dup:
+    raise ValueError(f"seeds contains duplicates {dup}: each seed may appear once.")
+  return np.asarray(seeds, dtype=np.int64)
+
+
+def seed_key(base_key: jax.Array, seed) -> jax.Array:
+  """The key of one seed; independent of batch and device layout."""
+  return jax.random.fold_in(base_key, seed)
+
+
+def _draw_one(key, sigma, latent_shape, dtype):
+  k_init, k_steps = jax.random.split(key)
+  x_T = jax.random.normal(k_init, latent_shape, dtype)
+  z = jax.random.normal(k_steps, (sigma.shape[0],) + tuple(latent_shape), dtype)
+  noise = sigma.astype(dtype).reshape((-1,) + (1,) * len(latent_shape)) * z
+  return x_T, noise
+
+
+def draw(base_key: jax.Array, seeds, latent_shape: tuple[int, int, int], sigma,
+         dtype=jnp.float32) -> RunNoise:
+  """Draws x_T and the per-step noise for each seed.
+
+  Args:
+    base_key: the run's base PRNG key (from the config's rng_seed).
+    seeds: int [B] (validate user input with ``check_seeds`` first).
+    latent_shape: (H, W, C) of one latent.
+    sigma: [T] per-step DDIM noise scale (``StepTables.sigma``); its length sets T.
+    dtype: float dtype of the outputs.
+
+  Returns:
+    RunNoise with x_T [B, H, W, C] and noise [T, B, H, W, C].
+  """
+  seeds = jnp.asarray(seeds)
+  sigma = jnp.asarray(sigma)
+  keys = jax.vmap(lambda s: seed_key(base_key, s))(seeds)
+  x_T, noise = jax.vmap(lambda k: _draw_one(k, sigma, tuple(latent_shape), dtype))(keys)
+  return RunNoise(x_T=x_T, noise=jnp.moveaxis(noise, 0, 1))

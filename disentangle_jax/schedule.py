@@ -1,0 +1,133 @@
+"""Noise schedule and per-step coefficient tables (pure numpy, computed once on the host).
+
+Stable Diffusion v1.x trains with a "scaled_linear" beta schedule over 1000 steps and samples
+with "leading" timestep spacing plus an offset of 1 and ``set_alpha_to_one=False``: for 50
+steps the timesteps are 981, 961, ..., 1 and the "previous" alpha of the last step is
+``alphas_cumprod[0]``. These functions reproduce diffusers' DDIMScheduler / PNDMScheduler
+built from SD v1's scheduler_config.json: identical timesteps, alphas equal to float32 rounding
+(tests/test_schedule.py).
+
+Everything here is float64 numpy; the sampler casts the tables to its compute dtype. Tables are
+passed to jitted code as *arguments*, so a change of eta never recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+  """The training noise schedule and the inference timestep spacing (SD v1 defaults)."""
+
+  num_train_timesteps: int = 1000
+  beta_start: float = 0.00085
+  beta_end: float = 0.012
+  beta_schedule: str = "scaled_linear"  # "scaled_linear" | "linear"
+  timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace"
+  steps_offset: int = 1
+  set_alpha_to_one: bool = False
+
+  def __post_init__(self):
+    if self.beta_schedule not in ("scaled_linear", "linear"):
+      raise ValueError(
+          f"schedule.beta_schedule={self.beta_schedule!r} is not supported; "
+          "use 'scaled_linear' (SD v1) or 'linear'.")
+    if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+      raise ValueError(
+          f"schedule.timestep_spacing={self.timestep_spacing!r} is not supported; "
+          "use 'leading' (SD v1), 'trailing' or 'linspace'.")
+    if self.num_train_timesteps < 1:
+      raise ValueError(f"schedule.num_train_timesteps={self.num_train_timesteps} must be >= 1.")
+
+  @classmethod
+  def from_diffusers_config(cls, config: dict) -> "ScheduleConfig":
+    """Builds the schedule from a diffusers scheduler_config.json dict (unknown keys ignored)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in config.items() if k in fields}
+    if config.get("prediction_type", "epsilon") != "epsilon":
+      raise ValueError(
+          f"scheduler prediction_type={config['prediction_type']!r} is not supported: "
+          "Stable Diffusion v1.x predicts 'epsilon'.")
+    if config.get("trained_betas") is not None:
+      raise ValueError("scheduler 'trained_betas' are not supported; use beta_start/beta_end.")
+    return cls(**kwargs)
+
+
+class StepTables(NamedTuple):
+  """Per-step coefficients of a T-step sampler, in denoising order (index 0 = noisiest).
+
+  Attributes (all shape [T]):
+    timesteps: integer UNet timestep t_i.
+    alpha: alphas_cumprod[t_i].
+    alpha_prev: alphas_cumprod of the next (less noisy) timestep; for the last step
+      alphas_cumprod[0] (or 1.0 with set_alpha_to_one).
+    sigma: DDIM noise scale, eta * sqrt((1 - a_prev) / (1 - a)) * sqrt(1 - a / a_prev).
+    next_timesteps: t_{i+1} (for the last step, the timestep that alpha_prev belongs to,
+      which may be negative); PLMS evaluates the UNet there on its first step.
+  """
+
+  timesteps: np.ndarray
+  alpha: np.ndarray
+  alpha_prev: np.ndarray
+  sigma: np.ndarray
+  next_timesteps: np.ndarray
+
+
+def betas(cfg: ScheduleConfig) -> np.ndarray:
+  """Training betas, float64 [num_train_timesteps]."""
+  n = cfg.num_train_timesteps
+  if cfg.beta_schedule == "scaled_linear":
+    return np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=np.float64) ** 2
+  return np.linspace(cfg.beta_start, cfg.beta_end, n, dtype=np.float64)
+
+
+def alphas_cumprod(cfg: ScheduleConfig) -> np.ndarray:
+  """Cumulative product of (1 - beta), float64 [num_train_timesteps].
+
+  diffusers' PyTorch schedulers compute this in float32 (torch.linspace, cumprod accumulated
+  in double); the float64 values here agree with theirs to float32 rounding (<= 1e-6 relative).
+  """
+  return np.cumprod(1.0 - betas(cfg))
+
+
+def timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+  """Inference timesteps [T] int64 in denoising order (981, 961, ..., 1 for SD v1 at T=50)."""
+  check_num_steps(num_steps, cfg)
+  n = cfg.num_train_timesteps
+  if cfg.timestep_spacing == "leading":
+    ratio = n // num_steps
+    ts = (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + cfg.steps_offset
+  elif cfg.timestep_spacing == "trailing":
+    ratio = n / num_steps
+    ts = np.round(np.arange(n, 0, -ratio)).astype(np.int64) - 1
+  else:  # linspace
+    ts = np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
+  return ts
+
+
+def check_num_steps(num_steps: int, cfg: ScheduleConfig) -> None:
+  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1 (50 in the paper).")
+  if num_steps > cfg.num_train_timesteps:
+    raise ValueError(
+        f"num_steps={num_steps} exceeds the {cfg.num_train_timesteps} training timesteps.")
+
+
+def step_tables(cfg: ScheduleConfig, num_steps: int, eta: float = 0.0) -> StepTables:
+  """Coefficient tables for a ``num_steps``-step DDIM/PLMS run (float64 numpy)."""
+  if not np.isfinite(eta) or eta < 0:
+    raise ValueError(f"eta={eta!r} must be a finite number >= 0 (0 = deterministic DDIM).")
+  ac = alphas_cumprod(cfg)
+  ts = timesteps(cfg, num_steps)
+  # diffusers: prev_timestep = t - num_train_timesteps // num_inference_steps.
+  prev_ts = ts - cfg.num_train_timesteps // num_steps
+  final = 1.0 if cfg.set_alpha_to_one else ac[0]
+  alpha = ac[ts]
+  alpha_prev = np.where(prev_ts >= 0, ac[np.clip(prev_ts, 0, None)], final)
+  variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
+  sigma = eta * np.sqrt(variance)
+  return StepTables(
+      timesteps=ts, alpha=alpha, alpha_prev=alpha_prev, sigma=sigma, next_timesteps=prev_ts)
