@@ -109,11 +109,11 @@ def mix(lam: jax.Array, c0: jax.Array, c1: jax.Array) -> jax.Array:
     c0, c1: [L, D] (or [B, L, D]) neutral and target prompt embeddings.
 
   Returns:
-    [T, L, D] (or [T, B, L, D]): c_i = lam[i] * c1 + (1 - lam[i]) * c0, in c0's dtype.
+    [T, L, D] if lam is [T] and c0 is [L, D], else [T, B, L, D]: c_i = lam[i] * c1 + (1 - lam[i]) * c0, in c0's dtype.
   """
   if c0.shape != c1.shape:
     raise ValueError(f"c0 has shape {c0.shape} but c1 has shape {c1.shape}: they must match.")
   lam = jnp.asarray(lam).astype(c0.dtype)
-  lam = lam.reshape(lam.shape + (1,) * (c0.ndim - lam.ndim + 1))
+  lam = lam[..., None, None]  # [T(, B), 1, 1] against [(B,) L, D]
   # The convex form (not c0 + lam * (c1 - c0)) so lam = 0 / 1 give c0 / c1 exactly.
   return lam * c1 + (1 - lam) * c0

@@ -59,6 +59,10 @@ def test_mix_endpoints_are_exact_and_shapes_broadcast():
   np.testing.assert_allclose(out[2], 0.75 * c0 + 0.25 * c1, rtol=1e-6)
   per_batch = mixing.mix(jnp.zeros((3, 2)), jnp.stack([c0, c1]), jnp.stack([c1, c0]))
   assert per_batch.shape == (3, 2, 4, 3)
+  per_batch_lam = mixing.mix(jnp.asarray([[0.0, 1.0]] * 3), c0, c1)
+  assert per_batch_lam.shape == (3, 2, 4, 3)
+  np.testing.assert_array_equal(per_batch_lam[:, 0], jnp.broadcast_to(c0, (3, 4, 3)))
+  np.testing.assert_array_equal(per_batch_lam[:, 1], jnp.broadcast_to(c1, (3, 4, 3)))
   with pytest.raises(ValueError, match="c0 has shape"):
     mixing.mix(jnp.zeros(3), c0, c1[:2])
 

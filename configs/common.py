@@ -1,0 +1,14 @@
+"""Config sections shared by every program (imported by configs/*.py; run from the repo root)."""
+import ml_collections
+from ml_collections import config_dict
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The Stable Diffusion model section (-> models.ModelConfig)."""
+  return ml_collections.ConfigDict(dict(
+      path=config_dict.placeholder(str),  # SD v1.x dir (diffusers layout); unset = built-in tiny model
+      allow_pickle=False,  # allow PyTorch .bin (pickle) weights; off by default: pickle can run code
+      dtype="float32",  # compute dtype: float32 | bfloat16 | float64
+      attention="standard",  # "standard" | "chunked" (memory-efficient attention)
+      tiny_seed=0,  # seed of the built-in tiny random model
+  ))

@@ -1,0 +1,97 @@
+"""The finding of METHOD.md section 1 as a library function: a grid of hard switches.
+
+For each seed (a row) render [pure c0 | switch to c1 after T* steps, for each T* | pure c1]
+from the same x_T and noise. All columns of a seed are one batch of the compiled sampler.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from disentangle_jax import mixing, noise, pipeline, sampler, schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+  """What to render (validated on construction; every error names the config field)."""
+
+  prompt: str
+  attribute: str
+  seeds: tuple[int, ...]
+  t_stars: tuple[int, ...]
+  num_steps: int = 50
+  sampler: str = "ddim"
+  eta: float = 0.0
+  guidance: float = 7.5
+  lambda_late: float = 1.0
+  rng_seed: int = 0
+  batch_size: int = 8
+
+  def __post_init__(self):
+    if not isinstance(self.num_steps, int) or self.num_steps < 1:
+      raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1 (50 in the paper).")
+    noise.check_seeds(self.seeds)
+    for t in self.t_stars:
+      mixing.check_t_star(self.num_steps, t)
+    sampler.SamplerConfig(kind=self.sampler)  # validates the name
+    if self.sampler == "plms" and self.eta != 0:
+      raise ValueError(f"eta={self.eta} with sampler='plms': PLMS is deterministic; set eta=0 or "
+                       "use sampler='ddim'.")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size={self.batch_size} must be >= 1.")
+    if not self.prompt.strip():
+      raise ValueError("prompt is empty: give the neutral prompt c0, e.g. 'A photo of person'.")
+    if not self.attribute.strip():
+      raise ValueError("attribute is empty: give the text appended to the prompt to make c1, "
+                       "e.g. ', smiling'.")
+
+  @property
+  def target_prompt(self) -> str:
+    return self.prompt + self.attribute
+
+  def columns(self) -> list[tuple[str, np.ndarray]]:
+    """(label, lambda [T]) for each grid column."""
+    cols = [("c0", mixing.constant(self.num_steps, 0.0))]
+    cols += [(f"T*={t}", mixing.hard_switch(self.num_steps, t, self.lambda_late))
+             for t in self.t_stars]
+    cols.append(("c1", mixing.constant(self.num_steps, 1.0)))
+    return cols
+
+
+def run(render_fn: Callable, params, prompts: pipeline.PromptPair, spec: GridSpec,
+        latent_shape: tuple[int, int, int], schedule_cfg: schedule.ScheduleConfig,
+        log: Callable[[str], None] = print) -> np.ndarray:
+  """Renders the grid; returns float images [S, K, h, w, 3] (S seeds, K columns).
+
+  ``render_fn`` is ``pipeline.make_render_fn(...)`` for the spec's sampler.
+  """
+  tables = schedule.step_tables(schedule_cfg, spec.num_steps, spec.eta)
+  run_noise = noise.draw(jax.random.key(spec.rng_seed), np.asarray(spec.seeds), latent_shape,
+                         tables.sigma)
+  cols = spec.columns()
+  lam_cols = np.stack([lam for _, lam in cols], axis=1)  # [T, K]
+  jobs = [(s, k) for s in range(len(spec.seeds)) for k in range(len(cols))]
+  out = [None] * len(jobs)
+  start = time.perf_counter()
+  for b0 in range(0, len(jobs), spec.batch_size):
+    chunk = jobs[b0:b0 + spec.batch_size]
+    pad = spec.batch_size - len(chunk)  # pad the last batch so every call has one shape
+    idx = chunk + [chunk[-1]] * pad
+    seeds_idx = np.asarray([s for s, _ in idx])
+    x_T = run_noise.x_T[seeds_idx]
+    nz = run_noise.noise[:, seeds_idx]
+    lam = jnp.asarray(lam_cols[:, [k for _, k in idx]])
+    images = np.asarray(render_fn(params, x_T, nz, lam, prompts, spec.guidance, tables))
+    for j, job in enumerate(chunk):
+      out[b0 + j] = images[j]
+    done = b0 + len(chunk)
+    elapsed = time.perf_counter() - start
+    log(f"rendered {done}/{len(jobs)} images, {elapsed:.1f}s elapsed, "
+        f"ETA {elapsed / done * (len(jobs) - done):.1f}s")
+  grid = np.stack(out).reshape((len(spec.seeds), len(cols)) + out[0].shape)
+  return grid

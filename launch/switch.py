@@ -1,0 +1,67 @@
+r"""Renders the hard-switch grid of METHOD.md section 1 (the paper's finding).
+
+  python -m launch.switch --config=configs/switch.py --workdir=workdir/switch
+  python -m launch.switch --config=configs/switch.py:sd --config.model.path=PATH/sd-v1-5 \
+      --config.seeds=42,7 --workdir=workdir/switch_sd
+
+Writes grid.png (rows = seeds; columns = pure c0, a switch after each T*, pure c1),
+images/seed<S>_<column>.png, lambdas.json and config.json to the workdir.
+"""
+import os
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from launch import common  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/switch.py", "Config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from disentangle_jax import images, pipeline, switch_grid, workdir  # noqa: PLC0415
+
+  cfg = _CONFIG.value
+  with common.user_errors():
+    out_dir = workdir.ensure_writable(_WORKDIR.value)
+    spec = switch_grid.GridSpec(
+        prompt=cfg.prompt, attribute=cfg.attribute, seeds=tuple(common.as_tuple(cfg.seeds)),
+        t_stars=tuple(common.as_tuple(cfg.t_stars)), num_steps=cfg.num_steps,
+        sampler=cfg.sampler, eta=cfg.eta, guidance=cfg.guidance, lambda_late=cfg.lambda_late,
+        rng_seed=cfg.rng_seed, batch_size=cfg.batch_size)
+    model = common.load_model(cfg.model)
+    shape = pipeline.latent_shape(model, cfg.image_size)
+  from disentangle_jax import models, sampler  # noqa: PLC0415
+  prompts = common.encode_pair(model, spec.prompt, spec.target_prompt)
+  render = pipeline.make_render_fn(models.make_eps_fn(model.unet),
+                                   models.make_decode_fn(model.vae, model.scaling_factor),
+                                   sampler.SamplerConfig(kind=spec.sampler))
+  logging.info("c0=%r c1=%r, %d seeds x %d columns, latents %s", spec.prompt,
+               spec.target_prompt, len(spec.seeds), len(spec.columns()), shape)
+  grid = switch_grid.run(render, model.params, prompts, spec, shape, model.schedule,
+                         log=logging.info)
+
+  labels = [label for label, _ in spec.columns()]
+  pixels = images.to_uint8(grid)
+  with workdir.staged(out_dir) as out:
+    for s, seed in enumerate(spec.seeds):
+      for k, label in enumerate(labels):
+        out.write_image(f"images/seed{seed}_{label.replace('*=', '')}.png",
+                        images.Image.fromarray(pixels[s, k]))
+    out.write_image("grid.png", images.grid(pixels, labels, [str(s) for s in spec.seeds]))
+    out.write_json("lambdas.json", {label: lam.tolist() for label, lam in spec.columns()})
+    out.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
+  logging.info("wrote %s", os.path.join(out_dir, "grid.png"))
+  print(os.path.join(out_dir, "grid.png"))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
