@@ -12,3 +12,13 @@ def model_config() -> ml_collections.ConfigDict:
       attention="standard",  # "standard" | "chunked" (memory-efficient attention)
       tiny_seed=0,  # seed of the built-in tiny random model
   ))
+
+
+def loss_models_config() -> ml_collections.ConfigDict:
+  """The frozen loss networks (-> loss_models.LossModelConfig)."""
+  return ml_collections.ConfigDict(dict(
+      clip_path=config_dict.placeholder(str),  # CLIP ViT-B/32 dir (HF layout); unset = tiny random
+      vgg_path=config_dict.placeholder(str),  # torchvision VGG16 .safetensors (.pth: allow_pickle)
+      allow_pickle=False,  # allow a pickled .pth VGG16 file
+      tiny_seed=0,  # seed of the tiny random CLIP / VGG
+  ))

@@ -42,3 +42,9 @@ def grid(rows: Sequence[Sequence[np.ndarray]], column_labels: Sequence[str] | No
         raise ValueError(f"grid image ({i}, {j}) has size {img.shape[:2]}, expected {(h, w)}.")
       canvas.paste(Image.fromarray(img), (left + GRID_PAD + j * (w + GRID_PAD), y))
   return canvas
+
+
+def load_png(path: str) -> np.ndarray:
+  """uint8 [h, w, 3] of an RGB image file."""
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))

@@ -160,8 +160,11 @@ def _plms_step(eps_fn, params, uncond, guidance, carry, xs):
 
 def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Array,
            uncond: jax.Array, guidance, tables: schedule_lib.StepTables,
-           config: SamplerConfig = SamplerConfig()) -> jax.Array:
+           config: SamplerConfig = SamplerConfig(), trajectory: bool = False) -> jax.Array:
   """Runs the T-step sampler; returns the final latents x_0 [B, H, W, C].
+
+  With ``trajectory=True`` (static) it returns the latents after every step instead,
+  [T, B, H, W, C] (the last entry is x_0): for step-by-step comparisons and visualisation.
 
   Args:
     eps_fn: noise predictor (static; see module docstring).
@@ -184,12 +187,13 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
 
   if config.kind == "ddim":
     def body(x, xs):
-      return _ddim_step(eps_fn, params, uncond, guidance, x, xs), None
+      x_next = _ddim_step(eps_fn, params, uncond, guidance, x, xs)
+      return x_next, (x_next if trajectory else None)
 
     body = _maybe_remat(body, config.remat)
-    x0, _ = jax.lax.scan(
+    x0, xs = jax.lax.scan(
         body, x_T, (tb.timesteps, tb.alpha, tb.alpha_prev, tb.sigma, noise, cond))
-    return x0
+    return xs if trajectory else x0
 
   # PLMS.
   first = _maybe_remat(
@@ -198,16 +202,17 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
   x1, e0 = first(params, x_T, tb.timesteps[0], tb.next_timesteps[0], tb.alpha[0],
                  tb.alpha_prev[0], cond[0], noise[0])
   if num_steps == 1:
-    return x1
+    return x1[None] if trajectory else x1
   coefs = np.concatenate([_PLMS_COEFS, np.repeat(_PLMS_COEFS[-1:], max(num_steps - 4, 0), 0)])
   coefs = jnp.asarray(coefs[:num_steps - 1], dtype)
   hist0 = jnp.concatenate([e0[None], jnp.zeros((2,) + e0.shape, dtype)])
 
   def plms_body(carry, xs):
-    return _plms_step(eps_fn, params, uncond, guidance, carry, xs), None
+    carry = _plms_step(eps_fn, params, uncond, guidance, carry, xs)
+    return carry, (carry[0] if trajectory else None)
 
   plms_body = _maybe_remat(plms_body, config.remat)
-  (x0, _), _ = jax.lax.scan(
+  (x0, _), xs = jax.lax.scan(
       plms_body, (x1, hist0),
       (tb.timesteps[1:], tb.alpha[1:], tb.alpha_prev[1:], coefs, noise[1:], cond[1:]))
-  return x0
+  return jnp.concatenate([x1[None], xs]) if trajectory else x0

@@ -1,6 +1,15 @@
 """Pieces every entry point shares: user-error reporting and config -> library objects."""
 import contextlib
+import logging as std_logging
 import sys
+
+from absl import logging
+
+
+def quiet_library_logs() -> None:
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
 
 
 @contextlib.contextmanager
@@ -38,3 +47,51 @@ def encode_pair(model, prompt: str, target: str):
   from disentangle_jax import models, pipeline  # noqa: PLC0415
   c0, c1, uncond = models.encode_prompts(model, [prompt, target, ""])
   return pipeline.PromptPair(c0=c0, c1=c1, uncond=uncond)
+
+
+def load_loss_models(loss_cfg, tokenizer):
+  from disentangle_jax import loss_models  # noqa: PLC0415
+  return loss_models.load_loss_models(loss_models.LossModelConfig(**loss_cfg.to_dict()),
+                                      tokenizer=tokenizer)
+
+
+def edit_spec(cfg):
+  """configs/disentangle.py -> disentangle.EditSpec (validates every field)."""
+  from disentangle_jax import disentangle, optimize  # noqa: PLC0415
+  return disentangle.EditSpec(
+      prompt=cfg.prompt, attribute=cfg.attribute, seeds=as_tuple(cfg.seeds),
+      t_star=cfg.t_star, lambda_late=cfg.lambda_late, num_steps=cfg.num_steps,
+      sampler=cfg.sampler, remat=cfg.remat, eta=cfg.eta, guidance=cfg.guidance,
+      rng_seed=cfg.rng_seed, faithful=cfg.faithful,
+      loss=optimize.LossConfig(beta=cfg.loss.beta, preprocess=cfg.loss.preprocess),
+      optimizer=optimize.OptimizerConfig(**cfg.optimizer.to_dict()))
+
+
+def learned_weights(spec, model, cfg, lam, history):
+  """The exported weights file of a finished disentangle run."""
+  import dataclasses  # noqa: PLC0415
+  from disentangle_jax import weights_file  # noqa: PLC0415
+  return weights_file.LearnedWeights(
+      lam=tuple(float(v) for v in lam), prompt=spec.prompt, target_prompt=spec.target_prompt,
+      num_steps=spec.num_steps, sampler=spec.sampler, eta=spec.eta, guidance=spec.guidance,
+      schedule=dataclasses.asdict(model.schedule), seeds=tuple(int(s) for s in spec.seeds),
+      init_lambda=tuple(float(v) for v in spec.init_lambda()), loss_history=tuple(history),
+      extra={"model": cfg.model.path or f"tiny:{cfg.model.tiny_seed}",
+             "faithful": spec.faithful, "beta": spec.loss.beta,
+             "optimizer": cfg.optimizer.to_dict(), "rng_seed": spec.rng_seed})
+
+
+def png(image) -> bytes:
+  import io  # noqa: PLC0415
+  buf = io.BytesIO()
+  image.save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def write_atomic(path: str, data) -> None:
+  """Writes a whole file under a temporary name, then renames it into place."""
+  import os  # noqa: PLC0415
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data.encode() if isinstance(data, str) else data)
+  os.replace(tmp, path)

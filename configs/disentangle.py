@@ -1,0 +1,74 @@
+r"""Learn the per-step mixing weights of one attribute edit (METHOD.md sections 2, 4 and 7).
+
+  python -m launch.disentangle --config=configs/disentangle.py:smile --workdir=workdir/smile
+  python -m launch.disentangle --config=configs/disentangle.py:snow,sd \
+      --config.model.path=PATH/sd-v1-5 --config.loss_models.clip_path=PATH/clip-vit-base-patch32 \
+      --config.loss_models.vgg_path=PATH/vgg16.safetensors --workdir=workdir/snow
+
+The argument after ":" is a preset name from PRESETS (the 14 settings of the reference
+release), optionally followed by ",sd" for Stable Diffusion v1.x settings (512 px, batch 1);
+without ",sd" the built-in tiny model is used (a quick demo, random weights).
+"""
+import ml_collections
+
+from configs import common
+
+# name: (c0, attribute appended to make c1, seed, T*, lambda_late) -- METHOD.md section 7.
+PRESETS = {
+    "smile": ("A photo of person", ", smiling", 42, 20, 1.0),
+    "crying": ("A photo of face", ", crying", 42, 20, 1.0),
+    "angry": ("A photo of person", ", angry", 42, 20, 1.0),
+    "young": ("A photo of person", ", young", 34, 20, 1.0),
+    "egyptian": ("A photo of person", ", Egyptian mural style", 42, 10, 1.0),
+    "renaissance_weak": ("A photo of person", ", renaissance style", 42, 20, 1.0),
+    "renaissance_strong": ("A photo of person", ", renaissance style", 42, 12, 1.0),
+    "galaxy": ("A photo of lake", ", in milky galaxy", 21, 10, 1.2),
+    "golden": ("A photo of church exterior", ", golden", 52, 10, 1.0),
+    "red_brick": ("A photo of church exterior", ", red brick", 41, 12, 1.0),
+    "snow": ("A photo of church exterior", ", covered by snow", 42, 12, 1.0),
+    "wooden": ("A photo of church exterior", ", wooden style", 42, 12, 1.0),
+    "children_drawing": ("A castle", ", children's drawing style", 42, 10, 1.15),
+    "cyberpunk": ("A street view", ", Cyberpunk style", 35, 12, 1.0),
+    "cherry_blossom": ("A forest", ", cherry blossom", 66, 12, 1.1),
+}
+
+
+def get_config(arg: str = "smile") -> ml_collections.ConfigDict:
+  name, _, size = arg.partition(",")
+  if name not in PRESETS:
+    raise ValueError(f"configs/disentangle.py has no preset {name!r}; presets: "
+                     f"{', '.join(sorted(PRESETS))}.")
+  if size not in ("", "sd"):
+    raise ValueError(f"configs/disentangle.py: unknown size {size!r} after the preset; use ',sd'.")
+  prompt, attribute, seed, t_star, late = PRESETS[name]
+  c = ml_collections.ConfigDict()
+  c.preset = name
+  c.model = common.model_config()
+  c.loss_models = common.loss_models_config()
+  c.prompt = prompt  # c0, the neutral prompt
+  c.attribute = attribute  # c1 = prompt + attribute
+  c.seeds = (seed,)  # several seeds = one lambda learned on all of them (loss averaged)
+  c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
+  c.t_star = t_star  # hard-switch initialisation: lambda = 0 for the first T* steps
+  c.lambda_late = late  # ... and lambda_late afterwards
+  c.num_steps = 50  # sampling steps T (one weight per step)
+  c.sampler = "ddim"  # "ddim" | "plms" (the reference release's sampler)
+  c.eta = 0.0  # DDIM stochasticity (the noise is fixed per seed either way)
+  c.guidance = 7.5  # classifier-free guidance scale
+  c.image_size = 0  # px; 0 = the model's native size
+  c.remat = "full"  # rematerialise each sampling step: "none" | "full" | "dots" | "dots_no_batch"
+  c.faithful = False  # reproduce the release's quirks (uint8 reference, its CLIP resize, ...)
+  c.loss = ml_collections.ConfigDict(dict(
+      beta=0.05,  # weight of the VGG content loss (0.03 for some attributes)
+      preprocess="standard",  # CLIP preprocessing when not faithful: "standard" | "release"
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam",  # "adam" | "sgd" | "adamw"
+      learning_rate=0.05,  # the paper's
+      schedule="constant",  # "constant" | "cosine"
+      iterations=10,  # the paper's
+  ))
+  c.checkpoint_every = 1  # iterations between checkpoints (resume after a kill)
+  if size == "sd":
+    c.image_size = 512
+  return c

@@ -1,0 +1,194 @@
+"""The disentangle program as a library: set up one edit, optimise lambda resumably, render.
+
+``launch/disentangle.py`` only parses flags, calls ``prepare`` / ``optimise`` / ``final_images``
+and writes files; everything here is importable and tested.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from disentangle_jax import mixing, noise, optimize, parallel, pipeline, sampler, schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class EditSpec:
+  """One attribute edit to learn (validated on construction; errors name the config field)."""
+
+  prompt: str
+  attribute: str
+  seeds: tuple[int, ...]
+  t_star: int
+  lambda_late: float = 1.0
+  num_steps: int = 50
+  sampler: str = "ddim"
+  remat: str = "full"
+  eta: float = 0.0
+  guidance: float = 7.5
+  rng_seed: int = 0
+  faithful: bool = False  # the release's quirks: uint8 reference, its CLIP preprocessing,
+  #                         final image = the one before the last update
+  loss: optimize.LossConfig = optimize.LossConfig()
+  optimizer: optimize.OptimizerConfig = optimize.OptimizerConfig()
+
+  def __post_init__(self):
+    if not isinstance(self.num_steps, int) or self.num_steps < 1:
+      raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1 (50 in the paper).")
+    noise.check_seeds(self.seeds)
+    mixing.check_t_star(self.num_steps, self.t_star)
+    sampler.SamplerConfig(kind=self.sampler, remat=self.remat)
+    if self.sampler == "plms" and self.eta != 0:
+      raise ValueError(f"eta={self.eta} with sampler='plms': PLMS is deterministic; set eta=0.")
+    if not self.prompt.strip() or not self.attribute.strip():
+      raise ValueError("prompt and attribute must be non-empty (c1 = prompt + attribute).")
+
+  @property
+  def target_prompt(self) -> str:
+    return self.prompt + self.attribute
+
+  @property
+  def sampler_config(self) -> sampler.SamplerConfig:
+    return sampler.SamplerConfig(kind=self.sampler, remat=self.remat)
+
+  def init_lambda(self) -> np.ndarray:
+    return mixing.hard_switch(self.num_steps, self.t_star, self.lambda_late)
+
+  def fingerprint(self) -> str:
+    """A hash of everything that determines the result: a checkpoint from a different spec
+    must not be resumed."""
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Prepared(NamedTuple):
+  nets: optimize.Networks
+  render: Callable  # jitted (sd_params, problem, lam) -> images, shared by reference and final
+  params: dict  # {"sd": {"unet", "vae"}, "clip", "vgg"}, replicated over the mesh
+  problem: optimize.EditProblem  # batch padded to the mesh and sharded
+  num_items: int  # real (unpadded) batch size
+
+
+def prepare(model, loss_models, spec: EditSpec, latent_shape, mesh,
+            x_T=None, run_noise=None) -> Prepared:
+  """Encodes prompts, draws (or takes) x_T and noise, renders the reference, shards it all.
+
+  ``x_T`` [B,H,W,C] / ``run_noise`` [T,B,H,W,C] may be given (real-image editing: the
+  inversion's outputs); by default they are drawn from the spec's seeds.
+  """
+  from disentangle_jax import loss_models as loss_models_lib  # noqa: PLC0415
+  from disentangle_jax import models  # noqa: PLC0415
+
+  loss_cfg = _effective_loss(spec)
+  tables = schedule.step_tables(model.schedule, spec.num_steps, spec.eta)
+  if x_T is None:
+    drawn = noise.draw(jax.random.key(spec.rng_seed), np.asarray(spec.seeds), latent_shape,
+                       tables.sigma)
+    x_T, run_noise = drawn.x_T, drawn.noise
+  n = x_T.shape[0]
+  size = parallel.padded_size(n, mesh)
+  c0, c1, uncond = models.encode_prompts(model, [spec.prompt, spec.target_prompt, ""])
+  text0, text1 = loss_models_lib.encode_texts(loss_models, [spec.prompt, spec.target_prompt])
+  nets = optimize.Networks(
+      eps=models.make_eps_fn(model.unet),
+      decode=models.make_decode_fn(model.vae, model.scaling_factor),
+      clip_image=loss_models.clip_image_apply, vgg=loss_models.vgg_apply,
+      clip_image_size=loss_models.clip_image_size, vgg_input_size=loss_models.vgg_input_size)
+  params = parallel.replicate({"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
+                               "clip": loss_models.params["clip"],
+                               "vgg": loss_models.params["vgg"]}, mesh)
+  x_T = parallel.shard(parallel.pad_batch(x_T, size), mesh)
+  run_noise = parallel.shard(parallel.pad_batch(run_noise, size, axis=1), mesh, axis=1)
+  prompts = parallel.replicate(pipeline.PromptPair(c0, c1, uncond), mesh)
+  guidance = jnp.asarray(spec.guidance, jnp.float32)
+  tables = parallel.replicate(schedule.StepTables(*(jnp.asarray(t) for t in tables)), mesh)
+  problem = optimize.EditProblem(
+      x_T=x_T, noise=run_noise, prompts=prompts, guidance=guidance, tables=tables,
+      reference=None, text0=text0, text1=text1,
+      mask=parallel.shard(parallel.mask(n, size), mesh))
+  render = optimize.make_render_fn(nets, spec.sampler_config)
+  reference = render(params["sd"], problem, jnp.zeros((spec.num_steps,), jnp.float32))
+  if loss_cfg.round_reference:  # the release saves the reference as 8-bit and reloads it
+    reference = optimize.round_to_uint8_levels(reference)
+  return Prepared(nets, render, params, problem._replace(reference=reference), n)
+
+
+def _effective_loss(spec: EditSpec) -> optimize.LossConfig:
+  if spec.faithful:
+    return dataclasses.replace(spec.loss, preprocess="release", round_reference=True)
+  return spec.loss
+
+
+def make_update_fn(prep: Prepared, spec: EditSpec):
+  tx = optimize.make_optimizer(spec.optimizer)
+  update = optimize.make_update_fn(prep.nets, _effective_loss(spec), spec.sampler_config, tx)
+  return update, tx
+
+
+def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
+             on_iteration: Callable[[int, dict, np.ndarray], None] | None = None,
+             log: Callable[[str], None] = print):
+  """Runs (or resumes) the optimisation. Returns (lambda [T], history, lambda before the last
+  update).
+
+  ``checkpointer`` (checkpoint.Checkpointer) saves after every iteration; a run restarted with
+  the same spec resumes from the latest checkpoint and ends with bit-identical lambda.
+  ``on_iteration(k, metrics, images)`` gets each iteration's images (rendered with the lambda
+  before that iteration's update), unpadded, as float [B, h, w, 3].
+  """
+  update, tx = make_update_fn(prep, spec)
+  mesh_sharding = parallel.replicated(prep.problem.mask.sharding.mesh)
+  state = jax.device_put(optimize.init_state(spec.init_lambda(), tx), mesh_sharding)
+  history, prev_lam = [], np.asarray(state.lam)
+  if checkpointer is not None:
+    restored = checkpointer.restore(state)
+    if restored is not None:
+      state, meta = restored
+      if meta.get("fingerprint") != spec.fingerprint():
+        raise ValueError(
+            f"the checkpoints in {checkpointer.directory} belong to a run with other settings; "
+            "use a new workdir, or delete its checkpoints to start over.")
+      history, prev_lam = list(meta["history"]), np.asarray(meta["prev_lam"], np.float32)
+      state = jax.device_put(state, mesh_sharding)
+      log(f"resumed from iteration {int(state.step)} of {spec.optimizer.iterations}")
+  total = spec.optimizer.iterations
+  times = []
+  while int(state.step) < total:
+    k = int(state.step)
+    prev_lam = np.asarray(state.lam)
+    t0 = time.perf_counter()
+    state, metrics, images = update(state, prep.params, prep.problem)
+    jax.block_until_ready(state)
+    metrics = {name: float(v) for name, v in metrics.items()}
+    metrics["iteration"] = k + 1
+    history.append(metrics)
+    if on_iteration is not None:
+      on_iteration(k + 1, metrics, np.asarray(images)[:prep.num_items])
+    if checkpointer is not None:
+      checkpointer.save(k + 1, state, {"history": history, "prev_lam": prev_lam.tolist(),
+                                       "fingerprint": spec.fingerprint()})
+    times.append(time.perf_counter() - t0)
+    # The first iteration of a process includes compilation: leave it out of the rate.
+    per_it = float(np.mean(times[1:])) if len(times) > 1 else times[0]
+    note = " (incl. compile)" if len(times) == 1 else ""
+    log(f"iteration {k + 1}/{total}: loss={metrics['loss']:.4f} "
+        f"l_dir={metrics['l_dir']:.4f} l_perc={metrics['l_perc']:.4f} "
+        f"|grad|={metrics['grad_norm']:.3g} {per_it:.2f}s/it{note} "
+        f"ETA {per_it * (total - k - 1):.0f}s")
+  if checkpointer is not None:
+    checkpointer.wait()
+  return np.asarray(state.lam), history, prev_lam
+
+
+def final_images(prep: Prepared, spec: EditSpec, lam, prev_lam) -> np.ndarray:
+  """The edited images to save: with the learned lambda (clean), or — the release's quirk —
+  with the lambda before the last update (faithful). float [B, h, w, 3]."""
+  use = prev_lam if spec.faithful else lam
+  images = prep.render(prep.params["sd"], prep.problem, jnp.asarray(use, jnp.float32))
+  return np.asarray(images)[:prep.num_items]

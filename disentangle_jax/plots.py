@@ -1,0 +1,56 @@
+"""Small PNG plots of a run (matplotlib, optional: without it plots are skipped with a note)."""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+
+
+def available() -> bool:
+  try:
+    import matplotlib  # noqa: F401,PLC0415
+  except ImportError:
+    return False
+  return True
+
+
+def _figure():
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # noqa: PLC0415
+  return plt, plt.subplots(figsize=(6, 3.2), dpi=100)
+
+
+def _png(plt, fig) -> bytes:
+  buf = io.BytesIO()
+  fig.tight_layout()
+  fig.savefig(buf, format="png")
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def lambda_plot(initial: Sequence[float], learned: Sequence[float]) -> bytes:
+  """lambda per sampling step (0 = noisiest), initial vs learned. Returns PNG bytes."""
+  plt, (fig, ax) = _figure()
+  steps = np.arange(len(initial))
+  ax.step(steps, initial, where="mid", label="initial (hard switch)", color="0.6")
+  ax.plot(steps, learned, marker=".", label="learned")
+  ax.axhline(0, color="0.85", lw=0.8)
+  ax.axhline(1, color="0.85", lw=0.8)
+  ax.set_xlabel("sampling step (0 = noisiest)")
+  ax.set_ylabel("lambda (weight on target prompt)")
+  ax.legend(loc="best", fontsize=8)
+  return _png(plt, fig)
+
+
+def loss_plot(history: Sequence[dict], beta: float) -> bytes:
+  """Loss components per iteration. Returns PNG bytes."""
+  plt, (fig, ax) = _figure()
+  it = [h["iteration"] for h in history]
+  ax.plot(it, [h["loss"] for h in history], marker="o", label="loss")
+  ax.plot(it, [h["l_dir"] for h in history], marker=".", label="L_dir")
+  ax.plot(it, [beta * h["l_perc"] for h in history], marker=".", label=f"{beta} x L_perc")
+  ax.set_xlabel("iteration")
+  ax.legend(loc="best", fontsize=8)
+  return _png(plt, fig)

@@ -1,0 +1,85 @@
+r"""Learns the per-step mixing weights of one attribute edit (the paper's method).
+
+  python -m launch.disentangle --config=configs/disentangle.py:smile --workdir=workdir/smile
+
+Writes to the workdir: original.png (pure c0), edited.png, pair.png (original | edited per
+seed), strip.png (the edited image at every iteration), lambda.png, losses.png, metrics.jsonl,
+weights.json (the exported lambda, for the other commands), config.json, and checkpoints/
+(orbax). Killed at any point, the same command resumes and ends with the same lambda.
+"""
+import json
+import os
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from launch import common  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/disentangle.py", "Config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from disentangle_jax import checkpoint, disentangle, images, parallel, pipeline, plots  # noqa
+  from disentangle_jax import weights_file, workdir  # noqa: PLC0415
+
+  cfg = _CONFIG.value
+  common.quiet_library_logs()
+  with common.user_errors():
+    out_dir = workdir.ensure_writable(_WORKDIR.value)
+    spec = common.edit_spec(cfg)
+    model = common.load_model(cfg.model)
+    shape = pipeline.latent_shape(model, cfg.image_size)
+    loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
+  mesh = parallel.make_mesh()
+  logging.info("c0=%r c1=%r seeds=%s, %d steps, latents %s, %d device(s)", spec.prompt,
+               spec.target_prompt, spec.seeds, spec.num_steps, shape, mesh.size)
+  prep = disentangle.prepare(model, loss_models, spec, shape, mesh)
+  iter_dir = os.path.join(out_dir, "iterations")
+  os.makedirs(iter_dir, exist_ok=True)
+
+  def on_iteration(k, metrics, imgs):
+    common.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.png"),
+                        common.png(images.grid([list(images.to_uint8(imgs))])))
+    common.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.json"), json.dumps(metrics))
+
+  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint_every)
+  with common.user_errors():  # a checkpoint of another run is a user error
+    lam, history, prev_lam = disentangle.optimise(prep, spec, ckpt, on_iteration, logging.info)
+  ckpt.close()
+  edited = images.to_uint8(disentangle.final_images(prep, spec, lam, prev_lam))
+  original = images.to_uint8(prep.problem.reference[:prep.num_items])
+
+  with workdir.staged(out_dir) as out:
+    rows = [str(s) for s in spec.seeds]
+    out.write_image("original.png", images.grid([[o] for o in original], None, rows))
+    out.write_image("edited.png", images.grid([[e] for e in edited], None, rows))
+    out.write_image("pair.png", images.grid([[o, e] for o, e in zip(original, edited)],
+                                            ["original", "edited"], rows))
+    strip = [images.load_png(os.path.join(iter_dir, f"iter_{k:03d}.png"))
+             for k in range(1, len(history) + 1)]
+    out.write_image("strip.png", images.grid([strip], [f"it {k}" for k in range(len(strip))]))
+    out.write_text("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    if plots.available():
+      out.write_bytes("lambda.png", plots.lambda_plot(spec.init_lambda(), lam))
+      out.write_bytes("losses.png", plots.loss_plot(history, spec.loss.beta))
+    else:
+      logging.warning("matplotlib is not installed: lambda.png and losses.png are skipped "
+                      "(pip install matplotlib).")
+    out.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
+    out.write_json("weights.json", common.learned_weights(spec, model, cfg, lam, history)
+                   .to_json())
+  logging.info("learned lambda: %s", [round(float(v), 3) for v in lam])
+  print(os.path.join(out_dir, "weights.json"))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -1,0 +1,72 @@
+"""Shared fixtures: the tiny model and a tiny PyTorch checkpoint folder in diffusers layout."""
+import os
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# The SD v1 scheduler_config.json (PNDMScheduler), as shipped with the checkpoints.
+SD_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+  """The tiny built-in model (float32, seed 0)."""
+  from disentangle_jax import models  # pylint: disable=g-import-not-at-top
+  return models.build_tiny(models.ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def torch_sd_dir(tmp_path_factory):
+  """A tiny PyTorch Stable Diffusion saved as safetensors in diffusers layout.
+
+  Same configs as ``models.build_tiny``, weights from ``torch.manual_seed(0)``.
+
+  Returns:
+    (path, {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
+            "text_encoder": CLIPTextModel, "tokenizer": CLIPTokenizer}), torch modules in eval
+    mode, float32.
+  """
+  torch = pytest.importorskip("torch", reason="needs torch: pip install torch==2.13.0")
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from disentangle_jax import models  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path_factory.mktemp("torch_sd")
+  models.write_tiny_tokenizer(path / "tokenizer")
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+  torch.manual_seed(0)
+  modules = {
+      "unet": diffusers.UNet2DConditionModel(**models.tiny_unet_config()),
+      "vae": diffusers.AutoencoderKL(**models.tiny_vae_config()),
+      "text_encoder": transformers.CLIPTextModel(
+          transformers.CLIPTextConfig(**models.tiny_text_config(tokenizer))),
+  }
+  for name, module in modules.items():
+    module.eval()
+    module.save_pretrained(path / name, safe_serialization=True)
+  (path / "scheduler").mkdir()
+  (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER_CONFIG))
+  (path / "model_index.json").write_text(json.dumps({
+      "_class_name": "StableDiffusionPipeline",
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+      "text_encoder": ["transformers", "CLIPTextModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"],
+      "scheduler": ["diffusers", "PNDMScheduler"],
+  }))
+  return path, dict(modules, tokenizer=tokenizer)
