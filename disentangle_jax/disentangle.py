@@ -6,6 +6,7 @@ and writes files; everything here is importable and tested.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -126,9 +127,25 @@ def _effective_loss(spec: EditSpec) -> optimize.LossConfig:
 
 
 def make_update_fn(prep: Prepared, spec: EditSpec):
-  tx = optimize.make_optimizer(spec.optimizer)
-  update = optimize.make_update_fn(prep.nets, _effective_loss(spec), spec.sampler_config, tx)
-  return update, tx
+  """(jitted update, optax transformation) for this problem's networks and the spec's static
+  choices; cached, so resuming or re-running in one process reuses the compiled program."""
+  return _cached_update(prep.nets, _effective_loss(spec), spec.sampler_config, spec.optimizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_update(nets, loss_cfg, sampler_cfg, optimizer_cfg):
+  tx = optimize.make_optimizer(optimizer_cfg)
+  return optimize.make_update_fn(nets, loss_cfg, sampler_cfg, tx), tx
+
+
+def initial_state(prep: Prepared, spec: EditSpec, tx) -> optimize.TrainState:
+  """The hard-switch initialisation, replicated over the mesh like the states update returns
+  (so the first call and the later ones share one compiled program)."""
+  return jax.device_put(optimize.init_state(spec.init_lambda(), tx), _replicated(prep))
+
+
+def _replicated(prep: Prepared):
+  return parallel.replicated(prep.problem.mask.sharding.mesh)
 
 
 def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
@@ -143,8 +160,7 @@ def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
   before that iteration's update), unpadded, as float [B, h, w, 3].
   """
   update, tx = make_update_fn(prep, spec)
-  mesh_sharding = parallel.replicated(prep.problem.mask.sharding.mesh)
-  state = jax.device_put(optimize.init_state(spec.init_lambda(), tx), mesh_sharding)
+  state = initial_state(prep, spec, tx)
   history, prev_lam = [], np.asarray(state.lam)
   if checkpointer is not None:
     restored = checkpointer.restore(state)
@@ -155,7 +171,7 @@ def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
             f"the checkpoints in {checkpointer.directory} belong to a run with other settings; "
             "use a new workdir, or delete its checkpoints to start over.")
       history, prev_lam = list(meta["history"]), np.asarray(meta["prev_lam"], np.float32)
-      state = jax.device_put(state, mesh_sharding)
+      state = jax.device_put(state, _replicated(prep))
       log(f"resumed from iteration {int(state.step)} of {spec.optimizer.iterations}")
   total = spec.optimizer.iterations
   times = []

@@ -135,7 +135,8 @@ def objective(lam, params, problem: EditProblem, nets: Networks, loss_cfg: LossC
   l_perc = losses.vgg_perceptual_loss(nets.vgg, params["vgg"], images, problem.reference,
                                       nets.vgg_input_size)
   w = problem.mask / jnp.sum(problem.mask)
-  l_dir, l_perc = jnp.sum(w * l_dir), jnp.sum(w * l_perc)
+  # where, not a product: a padded item can never leak in, not even as 0 * inf.
+  l_dir, l_perc = (jnp.sum(jnp.where(problem.mask > 0, w * l, 0)) for l in (l_dir, l_perc))
   loss = l_dir + loss_cfg.beta * l_perc
   return loss, {"l_dir": l_dir, "l_perc": l_perc, "images": images}
 

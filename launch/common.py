@@ -3,7 +3,22 @@ import contextlib
 import logging as std_logging
 import sys
 
+from absl import flags
 from absl import logging
+
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "",
+    "Directory of JAX's persistent compilation cache: a restarted or repeated run skips "
+    "compilation. Empty = off.")
+
+
+def setup_process() -> None:
+  """Process-wide settings every entry point applies before any JAX work."""
+  quiet_library_logs()
+  if _CACHE.value:
+    import jax  # noqa: PLC0415
+    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def quiet_library_logs() -> None:

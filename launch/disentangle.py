@@ -31,7 +31,7 @@ def main(argv):
   from disentangle_jax import weights_file, workdir  # noqa: PLC0415
 
   cfg = _CONFIG.value
-  common.quiet_library_logs()
+  common.setup_process()
   with common.user_errors():
     out_dir = workdir.ensure_writable(_WORKDIR.value)
     spec = common.edit_spec(cfg)

@@ -29,6 +29,7 @@ def main(argv):
   from disentangle_jax import images, pipeline, switch_grid, workdir  # noqa: PLC0415
 
   cfg = _CONFIG.value
+  common.setup_process()
   with common.user_errors():
     out_dir = workdir.ensure_writable(_WORKDIR.value)
     spec = switch_grid.GridSpec(

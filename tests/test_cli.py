@@ -1,0 +1,101 @@
+"""The command lines end to end on the tiny model (subprocesses, as a user runs them)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """One persistent compilation cache for every process of this module (also tested here)."""
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _cmd(module, workdir, cache, *overrides):
+  return [sys.executable, "-m", f"launch.{module}", f"--workdir={workdir}",
+          f"--compilation_cache={cache}", *overrides]
+
+
+def _run(*args, **kw):
+  return subprocess.run(_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        **kw)
+
+
+def test_switch_grid(tmp_path, cache):
+  out = _run("switch", tmp_path, cache, "--config.num_steps=4", "--config.t_stars=1,3",
+             "--config.seeds=5,6,7")
+  assert out.returncode == 0, out.stderr[-3000:]
+  grid = Image.open(tmp_path / "grid.png")
+  assert grid.width > 4 * 64 and grid.height > 3 * 64  # 3 seeds x [c0, T*=1, T*=3, c1]
+  assert len(os.listdir(tmp_path / "images")) == 12
+  lambdas = json.loads((tmp_path / "lambdas.json").read_text())
+  assert lambdas["T*=1"] == [0.0, 1.0, 1.0, 1.0] and lambdas["c0"] == [0.0] * 4
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging")]
+
+
+DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
+               "--config.t_star=2", "--config.optimizer.iterations=6")
+
+
+def test_disentangle_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cache):
+  full = _run("disentangle", tmp_path / "full", cache, *DISENTANGLE)
+  assert full.returncode == 0, full.stderr[-3000:]
+  expected = json.loads((tmp_path / "full" / "weights.json").read_text())
+  for name in ("original.png", "edited.png", "pair.png", "strip.png", "lambda.png", "losses.png",
+               "metrics.jsonl", "config.json"):
+    assert (tmp_path / "full" / name).is_file(), name
+  assert "iteration 6/6" in full.stderr and "ETA" in full.stderr
+
+  # Kill as soon as the first iteration is reported: wherever the kill lands (before, during
+  # or after a checkpoint), the same command must finish with the same lambda.
+  proc = subprocess.Popen(_cmd("disentangle", tmp_path / "killed", cache, *DISENTANGLE),
+                          cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  for line in proc.stderr:
+    if "iteration 1/6" in line:
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait(timeout=600)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "killed" / "weights.json").exists()  # nothing final was published
+  again = _run("disentangle", tmp_path / "killed", cache, *DISENTANGLE)
+  assert again.returncode == 0, again.stderr[-3000:]
+  got = json.loads((tmp_path / "killed" / "weights.json").read_text())
+  assert got["lambda"] == expected["lambda"]  # bit-identical
+  assert got["loss_history"] == expected["loss_history"]
+  rows = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().split("\n")
+          if l]
+  assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert got["num_steps"] == 4 and got["sampler"] == "ddim" and got["seeds"] == [42]
+  assert got["target_prompt"] == "A photo of church exterior, covered by snow"
+  assert np.asarray(got["lambda"]).shape == (4,)
+
+
+@pytest.mark.parametrize("module,overrides,message", [
+    ("switch", ["--config.model.path=/nonexistent/sd"], "/nonexistent/sd"),
+    ("switch", ["--config.num_steps=0"], "num_steps=0"),
+    ("switch", ["--config.t_stars=3,70"], "t_star=70"),
+    ("switch", ["--config.image_size=72"], "multiple of 16"),
+    ("switch", ["--config.seeds=1,1"], "duplicates"),
+    ("disentangle", ["--config.t_star=51"], "t_star=51"),
+    ("disentangle", ["--config.optimizer.iterations=0"], "iterations"),
+])
+def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, cache, module, overrides,
+                                                            message):
+  out = _run(module, tmp_path / "wd", cache, *overrides)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "error: " in out.stderr and message in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert os.listdir(tmp_path / "wd") == []
+
+
+def test_unwritable_workdir(tmp_path, cache):
+  (tmp_path / "file").write_text("x")
+  out = _run("switch", tmp_path / "file" / "wd", cache)
+  assert out.returncode == 2 and "not writable" in out.stderr, out.stderr[-2000:]

@@ -1,0 +1,136 @@
+"""Optimising lambda: loss goes down, one compile, masking, exact resume, the weights file."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from disentangle_jax import checkpoint, disentangle, loss_models, optimize, parallel, weights_file
+
+NUM_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+  lm = loss_models.load_loss_models(loss_models.LossModelConfig(), tokenizer=tiny_model.tokenizer)
+  spec = disentangle.EditSpec(
+      prompt="a photo of person", attribute=", smiling", seeds=(3,), t_star=2,
+      num_steps=NUM_STEPS, optimizer=optimize.OptimizerConfig(iterations=3))
+  prep = disentangle.prepare(tiny_model, lm, spec, (8, 8, 4), parallel.make_mesh())
+  return tiny_model, lm, spec, prep
+
+
+def test_loss_decreases_and_lambda_moves(setup):
+  _, _, spec, prep = setup
+  lam, history, prev_lam = disentangle.optimise(prep, spec, log=lambda s: None)
+  assert [h["iteration"] for h in history] == [1, 2, 3]
+  assert history[-1]["loss"] < history[0]["loss"]
+  assert lam.dtype == np.float32 and lam.shape == (NUM_STEPS,)
+  assert not np.allclose(lam, spec.init_lambda())
+  assert not np.array_equal(lam, prev_lam)
+
+
+def test_update_step_compiles_once(setup):
+  _, _, spec, prep = setup
+  update, tx = disentangle.make_update_fn(prep, spec)
+  state = disentangle.initial_state(prep, spec, tx)
+  for _ in range(3):
+    state, _, _ = update(state, prep.params, prep.problem)
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_padding_is_masked_out_of_loss_and_gradient(setup):
+  _, _, spec, prep = setup
+  loss_cfg, scfg = spec.loss, spec.sampler_config
+  grad_fn = jax.jit(jax.value_and_grad(optimize.objective, has_aux=True), static_argnums=(3, 4, 5))
+  lam = jnp.asarray(spec.init_lambda())
+  p = prep.problem
+
+  def padded(junk):  # item 0 is real; item 1 is padding filled with junk
+    return p._replace(x_T=jnp.concatenate([p.x_T, junk * jnp.ones_like(p.x_T)]),
+                      noise=parallel.pad_batch(p.noise, 2, 1),
+                      reference=jnp.concatenate([p.reference, 1 - p.reference]),
+                      mask=jnp.asarray(parallel.mask(1, 2)))
+
+  (loss_a, _), g_a = grad_fn(lam, prep.params, padded(3.0), prep.nets, loss_cfg, scfg)
+  (loss_b, _), g_b = grad_fn(lam, prep.params, padded(-50.0), prep.nets, loss_cfg, scfg)
+  # Same program, different padding: bit for bit the same.
+  assert float(loss_a) == float(loss_b)
+  np.testing.assert_array_equal(g_a, g_b)
+  assert np.all(np.isfinite(g_a)) and np.any(g_a != 0)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_resume_after_a_kill_ends_bit_identical(setup, tmp_path):
+  _, _, spec, prep = setup
+  full = checkpoint.Checkpointer(str(tmp_path / "full"))
+  lam_full, hist_full, _ = disentangle.optimise(prep, spec, full, log=lambda s: None)
+  full.close()
+
+  def die_at_2(k, metrics, images):
+    if k == 2:
+      raise _Killed()
+
+  first = checkpoint.Checkpointer(str(tmp_path / "killed"))
+  with pytest.raises(_Killed):
+    disentangle.optimise(prep, spec, first, die_at_2, log=lambda s: None)
+  first.wait()
+  first.close()
+  logs = []
+  again = checkpoint.Checkpointer(str(tmp_path / "killed"))
+  lam, hist, _ = disentangle.optimise(prep, spec, again, log=logs.append)
+  again.close()
+  assert "resumed from iteration 1 of 3" in logs[0]
+  np.testing.assert_array_equal(lam, lam_full)
+  assert hist == hist_full
+
+  other = dataclasses.replace(spec, t_star=1)
+  with pytest.raises(ValueError, match="other settings"):
+    disentangle.optimise(prep, other, checkpoint.Checkpointer(str(tmp_path / "killed")),
+                         log=lambda s: None)
+
+
+def test_faithful_reference_is_8_bit(setup):
+  model, lm, spec, _ = setup
+  prep = disentangle.prepare(model, lm, dataclasses.replace(spec, faithful=True), (8, 8, 4),
+                             parallel.make_mesh())
+  levels = np.asarray(prep.problem.reference) * 255
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+
+
+def _weights(**kw):
+  base = dict(lam=(0.0, 0.0, 1.0, float(np.float32(1.1))), prompt="a", target_prompt="a, b", num_steps=4,
+              sampler="ddim", eta=0.0, guidance=7.5, schedule={"beta_start": 0.00085},
+              seeds=(1, 2), loss_history=({"iteration": 1, "loss": 0.5},))
+  base.update(kw)
+  return weights_file.LearnedWeights(**base)
+
+
+def test_weights_file_round_trip_and_compatibility(tmp_path):
+  path = str(tmp_path / "w.json")
+  weights_file.write(path, _weights())
+  back = weights_file.read(path)
+  assert back == _weights()
+  np.testing.assert_array_equal(weights_file.check_compatible(back, 4, "ddim"),
+                                np.float32([0, 0, 1, 1.1]))
+  with pytest.raises(ValueError, match="learned for 4 steps, this run uses 50"):
+    weights_file.check_compatible(back, 50, "ddim")
+  with pytest.raises(ValueError, match="'ddim' sampler, this run uses 'plms'"):
+    weights_file.check_compatible(back, 4, "plms")
+
+
+def test_weights_file_errors(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    weights_file.read(str(tmp_path / "nope.json"))
+  (tmp_path / "list.json").write_text("[0, 1]")
+  with pytest.raises(ValueError, match="not a disentangle_jax.weights file"):
+    weights_file.read(str(tmp_path / "list.json"))
+  bad = _weights().to_json()
+  bad["lambda"] = [0, 1]
+  (tmp_path / "short.json").write_text(__import__("json").dumps(bad))
+  with pytest.raises(ValueError, match="shape"):
+    weights_file.read(str(tmp_path / "short.json"))
