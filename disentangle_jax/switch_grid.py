@@ -6,6 +6,7 @@ from the same x_T and noise. All columns of a seed are one batch of the compiled
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Callable, Sequence
 
@@ -31,6 +32,8 @@ class GridSpec:
   lambda_late: float = 1.0
   rng_seed: int = 0
   batch_size: int = 8
+  # Extra columns: (label, lambda [T]) pairs, e.g. weights learned by launch.disentangle.
+  learned: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
   def __post_init__(self):
     if not isinstance(self.num_steps, int) or self.num_steps < 1:
@@ -42,6 +45,8 @@ class GridSpec:
     if self.sampler == "plms" and self.eta != 0:
       raise ValueError(f"eta={self.eta} with sampler='plms': PLMS is deterministic; set eta=0 or "
                        "use sampler='ddim'.")
+    for label, lam in self.learned:
+      mixing.check_lambda(lam, self.num_steps, name=f"lambda of column {label!r}")
     if self.batch_size < 1:
       raise ValueError(f"batch_size={self.batch_size} must be >= 1.")
     if not self.prompt.strip():
@@ -60,7 +65,28 @@ class GridSpec:
     cols += [(f"T*={t}", mixing.hard_switch(self.num_steps, t, self.lambda_late))
              for t in self.t_stars]
     cols.append(("c1", mixing.constant(self.num_steps, 1.0)))
+    cols += [(label, np.asarray(lam, np.float32)) for label, lam in self.learned]
     return cols
+
+
+def load_columns(paths, num_steps: int, sampler_kind: str) -> tuple[tuple[str, tuple], ...]:
+  """Grid columns from lambda files: exported weights files (checked against the run's step
+  count and sampler) or plain lists (.json/.npy/.txt, length-checked)."""
+  from disentangle_jax import weights_file  # noqa: PLC0415
+  cols = []
+  for path in paths:
+    try:
+      weights = weights_file.read(path)
+    except ValueError as e:
+      if "is not a" not in str(e):
+        raise
+      lam = mixing.load(path, num_steps)
+    else:
+      lam = weights_file.check_compatible(weights, num_steps, sampler_kind,
+                                          source=f"weights file {path!r}")
+    label = os.path.splitext(os.path.basename(path))[0]
+    cols.append((label, tuple(float(v) for v in lam)))
+  return tuple(cols)
 
 
 def run(render_fn: Callable, params, prompts: pipeline.PromptPair, spec: GridSpec,

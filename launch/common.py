@@ -53,6 +53,15 @@ def as_tuple(value):
   return (value,)
 
 
+def as_paths(value) -> tuple[str, ...]:
+  """A config value given as one path, a tuple, or a comma-separated string -> tuple of paths."""
+  if not value:
+    return ()
+  if isinstance(value, str):
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+  return tuple(value)
+
+
 def load_model(model_cfg):
   from disentangle_jax import models  # noqa: PLC0415
   return models.load(models.ModelConfig(**model_cfg.to_dict()))

@@ -4,7 +4,8 @@ r"""Renders the hard-switch grid of METHOD.md section 1 (the paper's finding).
   python -m launch.switch --config=configs/switch.py:sd --config.model.path=PATH/sd-v1-5 \
       --config.seeds=42,7 --workdir=workdir/switch_sd
 
-Writes grid.png (rows = seeds; columns = pure c0, a switch after each T*, pure c1),
+Writes grid.png (rows = seeds; columns = pure c0, a switch after each T*, pure c1, then one
+column per file in lambda_files, e.g. weights.json learned by launch.disentangle),
 images/seed<S>_<column>.png, lambdas.json and config.json to the workdir.
 """
 import os
@@ -32,11 +33,13 @@ def main(argv):
   common.setup_process()
   with common.user_errors():
     out_dir = workdir.ensure_writable(_WORKDIR.value)
+    learned = switch_grid.load_columns(common.as_paths(cfg.lambda_files), cfg.num_steps,
+                                       cfg.sampler)
     spec = switch_grid.GridSpec(
         prompt=cfg.prompt, attribute=cfg.attribute, seeds=tuple(common.as_tuple(cfg.seeds)),
         t_stars=tuple(common.as_tuple(cfg.t_stars)), num_steps=cfg.num_steps,
         sampler=cfg.sampler, eta=cfg.eta, guidance=cfg.guidance, lambda_late=cfg.lambda_late,
-        rng_seed=cfg.rng_seed, batch_size=cfg.batch_size)
+        rng_seed=cfg.rng_seed, batch_size=cfg.batch_size, learned=learned)
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
   from disentangle_jax import models, sampler  # noqa: PLC0415

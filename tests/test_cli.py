@@ -99,3 +99,40 @@ def test_unwritable_workdir(tmp_path, cache):
   (tmp_path / "file").write_text("x")
   out = _run("switch", tmp_path / "file" / "wd", cache)
   assert out.returncode == 2 and "not writable" in out.stderr, out.stderr[-2000:]
+
+
+def _weights_file(path, num_steps=4, sampler="ddim"):
+  from disentangle_jax import weights_file  # pylint: disable=import-outside-toplevel
+  weights_file.write(str(path), weights_file.LearnedWeights(
+      lam=(0.0, 0.5, 1.0, 1.0)[:num_steps] + (1.0,) * max(0, num_steps - 4), prompt="p",
+      target_prompt="p, q", num_steps=num_steps, sampler=sampler, eta=0.0, guidance=7.5,
+      schedule={}))
+
+
+def test_switch_takes_learned_weights_as_columns(tmp_path, cache):
+  _weights_file(tmp_path / "learned.json")
+  out = _run("switch", tmp_path / "wd", cache, "--config.num_steps=4", "--config.t_stars=2",
+             "--config.seeds=5", f"--config.lambda_files={tmp_path / 'learned.json'}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  lambdas = json.loads((tmp_path / "wd" / "lambdas.json").read_text())
+  assert lambdas["learned"] == [0.0, 0.5, 1.0, 1.0]
+  assert (tmp_path / "wd" / "images" / "seed5_learned.png").is_file()
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("steps", "learned for 6 steps, this run uses 4"),
+    ("sampler", "'plms' sampler, this run uses 'ddim'"),
+    ("plain", "shape (3,) but the sampler runs 4 steps"),
+])
+def test_switch_refuses_mismatched_lambda_files(tmp_path, cache, kind, message):
+  path = tmp_path / "w.json"
+  if kind == "steps":
+    _weights_file(path, num_steps=6)
+  elif kind == "sampler":
+    _weights_file(path, sampler="plms")
+  else:
+    path.write_text("[0, 1, 1]")
+  out = _run("switch", tmp_path / "wd", cache, "--config.num_steps=4", "--config.t_stars=2",
+             f"--config.lambda_files={path}")
+  assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+  assert os.listdir(tmp_path / "wd") == []
