@@ -95,6 +95,8 @@ def median(values: Sequence[float]) -> float:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
   """A GitHub markdown table; floats are printed with 3 significant digits."""
   def cell(v):
+    if isinstance(v, float) and v != v:  # NaN: not measured
+      return "-"
     if isinstance(v, float):
       return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)

@@ -89,7 +89,7 @@ def describe(unet_cfg: dict, vae_cfg: dict, latent: int, params) -> str:
           f"{latent * 8}x{latent * 8}")
 
 
-class Models:
+class SharedWeights:
   """One set of weights as both a Flax ``StableDiffusion`` and PyTorch modules."""
 
   def __init__(self, unet_cfg: dict, vae_cfg: dict, latent: int):
@@ -161,7 +161,7 @@ def flax_fn(sd, steps: int, batch: int, x_T_nchw: np.ndarray):
   return run
 
 
-def torch_fn(ms: Models, steps: int, batch: int, x_T_nchw: np.ndarray, threads: int):
+def torch_fn(ms: SharedWeights, steps: int, batch: int, x_T_nchw: np.ndarray, threads: int):
   """diffusers' PyTorch StableDiffusionPipeline on the same weights, on ``threads`` threads."""
   sd = ms.sd
   pipe = diffusers.StableDiffusionPipeline(
@@ -181,7 +181,7 @@ def torch_fn(ms: Models, steps: int, batch: int, x_T_nchw: np.ndarray, threads: 
 
 def bench_size(size: str, steps: int, batch: int, repeats: int, impls) -> list[list]:
   unet_cfg, vae_cfg, latent = size_configs(size, _MID_LATENT.value)
-  ms = Models(unet_cfg, vae_cfg, latent)
+  ms = SharedWeights(unet_cfg, vae_cfg, latent)
   print(f"\n### size `{size}`: {describe(unet_cfg, vae_cfg, latent, ms.sd.params)}\n")
   ours, x_T = ours_fn(ms.sd, steps, batch)
   x_T_nchw = np.ascontiguousarray(np.transpose(x_T, (0, 3, 1, 2)))
@@ -196,6 +196,7 @@ def bench_size(size: str, steps: int, batch: int, repeats: int, impls) -> list[l
     diffs = {name: float(np.max(np.abs(fn() - reference))) for name, fn in fns.items()}
     times = harness.interleaved_medians(fns, repeats, warmup=0)  # the diff calls warmed up
   ours_s = harness.median(times["ours"])
+  print("  " + ", ".join(f"{n}: {harness.median(t):.3g} s" for n, t in times.items()), flush=True)
   rows = []
   for name, ts in times.items():
     med = harness.median(ts)
@@ -209,7 +210,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   unknown = set(_IMPLS.value) - {"ours", "flax", "pytorch"}
   if unknown:
-    sys.exit(f"--impls has unknown entries {sorted(unknown)}; use ours, flax, pytorch.")
+    sys.exit(f"error: --impls has {sorted(unknown)}; use ours, flax, pytorch.")
+  bad_sizes = set(_SIZES.value) - {"tiny", "mid"}
+  if bad_sizes:
+    sys.exit(f"error: --sizes has {sorted(bad_sizes)}; use tiny, mid.")
   print("## Sampling throughput\n")
   print(harness.machine_report())
   print(f"- job: T={_STEPS.value} DDIM steps (eta 0), CFG {GUIDANCE}, batch {_BATCH.value}, "

@@ -109,11 +109,12 @@ def mix(lam: jax.Array, c0: jax.Array, c1: jax.Array) -> jax.Array:
     c0, c1: [L, D] (or [B, L, D]) neutral and target prompt embeddings.
 
   Returns:
-    [T, L, D] if lam is [T] and c0 is [L, D], else [T, B, L, D]: c_i = lam[i] * c1 + (1 - lam[i]) * c0, in c0's dtype.
+    [T, L, D] if lam is [T] and c0 is [L, D], else [T, B, L, D], in c0's dtype: c_i = lam[i] * c1 + (1 - lam[i]) * c0, in c0's dtype.
   """
   if c0.shape != c1.shape:
     raise ValueError(f"c0 has shape {c0.shape} but c1 has shape {c1.shape}: they must match.")
-  lam = jnp.asarray(lam).astype(c0.dtype)
-  lam = lam[..., None, None]  # [T(, B), 1, 1] against [(B,) L, D]
+  # Mixed in at least float32 and cast once: a bfloat16 lambda would round 1.15 to 1.1484.
+  dtype = jnp.promote_types(c0.dtype, jnp.float32)
+  lam = jnp.asarray(lam).astype(dtype)[..., None, None]  # [T(, B), 1, 1] vs [(B,) L, D]
   # The convex form (not c0 + lam * (c1 - c0)) so lam = 0 / 1 give c0 / c1 exactly.
-  return lam * c1 + (1 - lam) * c0
+  return (lam * c1.astype(dtype) + (1 - lam) * c0.astype(dtype)).astype(c0.dtype)

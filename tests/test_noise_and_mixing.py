@@ -95,3 +95,13 @@ def test_load_errors(tmp_path):
   (tmp_path / "nolam.json").write_text('{"weights": [1]}')
   with pytest.raises(ValueError, match="without a 'lambda'"):
     mixing.load(str(tmp_path / "nolam.json"))
+
+
+def test_mix_keeps_lambda_precision_for_bfloat16_embeddings():
+  c0 = jnp.zeros((2, 3), jnp.bfloat16)
+  c1 = jnp.full((2, 3), 100.0, jnp.bfloat16)
+  # lambda = 1.003 rounded to bfloat16 is 1.0 (mix = 100); mixed in float32 it is 100.3,
+  # which bfloat16 stores as 100.5.
+  out = mixing.mix(jnp.asarray([1.003]), c0, c1)
+  assert out.dtype == jnp.bfloat16
+  assert float(out[0, 0, 0]) == 100.5

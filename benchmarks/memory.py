@@ -1,0 +1,331 @@
+r"""Peak memory of the lambda gradient at the real Stable Diffusion v1.x size, without weights.
+
+The program is OUR code path: ``pipeline.render`` (``mixing.mix`` -> ``sampler.sample`` CFG DDIM
+scan -> VAE decode) with ``models.make_eps_fn`` / ``models.make_decode_fn``, and
+
+    loss(lambda) = mean(decode(sample(x_T, noise, lambda)))     value_and_grad w.r.t. lambda [T]
+
+at 512 x 512 (latents 64x64x4, text 77x768, batch 1, guidance 7.5). The UNet and VAE are built
+from SD v1.5's published config.json values with abstract parameters (``jax.eval_shape``), and
+the program is only compiled: ``jax.jit(fn).lower(abstract args).compile()`` on XLA:CPU, whose
+``memory_analysis()`` gives the buffer assignment (arguments = weights + inputs, temporaries =
+the peak of everything else). XLA:CPU figures are estimates of a GPU/TPU run's needs, not
+measurements on one. ``cost_analysis()`` counts a loop body once, whatever the trip count.
+
+Variants (``--variants``):
+  none            no rematerialisation (measured at --none_steps and extrapolated per step)
+  step            jax.checkpoint around each sampling step (SamplerConfig remat="full")
+  step_bf16       + bfloat16 modules and weights (latents and the sampler stay float32)
+  step_chunked    + chunked attention (use_memory_efficient_attention=True)
+  step_bf16_chunked
+  step_chunked_split, step_bf16_chunked_split
+                  + the CFG batch of 2 run as two batch-1 UNet calls, each under its own
+                  jax.checkpoint (nested in the step's): the step's backward holds one half's
+                  activations at a time, for one extra UNet forward per step
+  step_chunked_vae, step_bf16_chunked_vae   + jax.checkpoint around the VAE decoder
+
+Usage:
+  DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error \
+      python benchmarks/memory.py --steps=50 --variants=none,step,step_bf16_chunked
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+import harness  # pylint: disable=g-bad-import-order
+
+harness.quiet_libraries()
+harness.add_repo_to_path()
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from disentangle_jax import models, pipeline, sampler, schedule
+# pylint: enable=g-import-not-at-top,g-bad-import-order
+
+ALL_VARIANTS = ("none", "step", "step_bf16", "step_chunked", "step_bf16_chunked",
+                "step_chunked_split", "step_bf16_chunked_split", "step_chunked_vae",
+                "step_bf16_chunked_vae")
+DEFAULT_VARIANTS = ALL_VARIANTS[:5]
+
+_STEPS = flags.DEFINE_integer("steps", 50, "Sampling steps T of the remat variants.")
+_NONE_STEPS = flags.DEFINE_list(
+    "none_steps", ["2", "4"],
+    "Step counts for the no-remat variant (its compile grows with T); the last two give the "
+    "per-step growth used to extrapolate to --steps.")
+_VARIANTS = flags.DEFINE_list("variants", list(DEFAULT_VARIANTS), f"Any of {ALL_VARIANTS}.")
+COMPONENT_VARIANTS = {"f32": "step", "f32_chunked": "step_chunked", "bf16": "step_bf16",
+                      "bf16_chunked": "step_bf16_chunked"}
+_COMPONENTS = flags.DEFINE_list(
+    "components", ["f32_chunked"],
+    "Variants (dtype/attention only: f32, f32_chunked, bf16, bf16_chunked) whose two parts are "
+    "also compiled alone, to show where the peak comes from: the gradient through one CFG UNet "
+    "call and through the VAE decoder. Empty to skip.")
+_TARGET_GIB = flags.DEFINE_float("target_gib", 8.0, "Target for weights + temporaries (GiB).")
+
+GUIDANCE = 7.5
+SCALING_FACTOR = 0.18215
+TEXT_LENGTH, TEXT_WIDTH = 77, 768
+LATENT = 64  # latent H = W of 512 x 512 images
+
+# runwayml/stable-diffusion-v1-5 unet/config.json (the keys the Flax class takes).
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+# runwayml/stable-diffusion-v1-5 vae/config.json.
+SD15_VAE = {
+    "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "scaling_factor": SCALING_FACTOR,
+}
+# The decoder is all the lambda gradient needs of the VAE.
+_DECODER_PARAMS = ("decoder", "post_quant_conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  remat: str  # SamplerConfig.remat
+  bf16: bool
+  chunked: bool
+  split_cfg: bool
+  vae_remat: bool
+
+  @classmethod
+  def parse(cls, name: str) -> "Variant":
+    if name not in ALL_VARIANTS:
+      raise ValueError(f"--variants has {name!r}; use any of {ALL_VARIANTS}.")
+    return cls(name=name, remat="none" if name == "none" else "full", bf16="bf16" in name,
+               chunked="chunked" in name, split_cfg=name.endswith("_split"),
+               vae_remat=name.endswith("_vae"))
+
+
+def build_modules(variant: Variant):
+  """(unet, vae, abstract params {"unet", "vae"}) at SD v1.5 size in the variant's dtype."""
+  dtype = jnp.bfloat16 if variant.bf16 else jnp.float32
+  unet = diffusers.FlaxUNet2DConditionModel.from_config(
+      SD15_UNET, dtype=dtype, use_memory_efficient_attention=variant.chunked)
+  vae = diffusers.FlaxAutoencoderKL.from_config(SD15_VAE, dtype=dtype)
+  key = jax.random.PRNGKey(0)
+  vae_shapes = jax.eval_shape(vae.init_weights, key)
+  params = {"unet": jax.eval_shape(unet.init_weights, key),
+            "vae": {k: vae_shapes[k] for k in _DECODER_PARAMS}}
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), params)
+  return unet, vae, params
+
+
+def abstract_inputs(steps: int, text_dtype):
+  """Abstract (x_T, noise, lam, prompts, guidance) and numpy tables for T steps, batch 1."""
+  latent = jax.ShapeDtypeStruct((1, LATENT, LATENT, 4), jnp.float32)
+  noise = jax.ShapeDtypeStruct((steps, 1, LATENT, LATENT, 4), jnp.float32)
+  lam = jax.ShapeDtypeStruct((steps,), jnp.float32)
+  emb = jax.ShapeDtypeStruct((TEXT_LENGTH, TEXT_WIDTH), text_dtype)
+  guidance = jax.ShapeDtypeStruct((), jnp.float32)
+  tables = schedule.step_tables(schedule.ScheduleConfig(), steps)
+  return latent, noise, lam, pipeline.PromptPair(emb, emb, emb), guidance, tables
+
+
+def split_cfg(eps_fn):
+  """eps_fn that runs its batch [2B] as two [B] calls, each rematerialised on its own."""
+  half = jax.checkpoint(eps_fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+  def fn(params, x, t, emb):
+    b = x.shape[0] // 2
+    return jnp.concatenate([half(params, x[:b], t, emb[:b]), half(params, x[b:], t, emb[b:])])
+  return fn
+
+
+def grad_program(unet, vae, variant: Variant):
+  """jit(value_and_grad of mean(render) w.r.t. lambda), our code path."""
+  decode = models.make_decode_fn(vae, SCALING_FACTOR)
+  if variant.vae_remat:
+    decode = jax.checkpoint(decode, policy=jax.checkpoint_policies.nothing_saveable)
+  eps_fn = models.make_eps_fn(unet)
+  if variant.split_cfg:
+    eps_fn = split_cfg(eps_fn)
+  render = functools.partial(pipeline.render, eps_fn, decode,
+                             config=sampler.SamplerConfig("ddim", remat=variant.remat))
+
+  def loss(lam, params, x_T, noise, prompts, guidance, tables):
+    images = render(params, x_T, noise, lam, prompts, guidance, tables)
+    return jnp.mean(images.astype(jnp.float32))
+
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def _flops(compiled_or_lowered) -> float:
+  cost = compiled_or_lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def measure(variant: Variant, steps: int) -> dict:
+  """Compiles the variant's gradient program at T steps; returns its memory and cost stats."""
+  unet, vae, params = build_modules(variant)
+  x_T, noise, lam, prompts, guidance, tables = abstract_inputs(
+      steps, jnp.bfloat16 if variant.bf16 else jnp.float32)
+  fn = grad_program(unet, vae, variant)
+  start = time.perf_counter()
+  compiled = fn.lower(lam, params, x_T, noise, prompts, guidance, tables).compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  return {
+      "variant": variant.name, "steps": steps,
+      "weights": sum(np.prod(p.shape) * p.dtype.itemsize for p in jax.tree.leaves(params)),
+      "arguments": mem.argument_size_in_bytes, "temps": mem.temp_size_in_bytes,
+      "outputs": mem.output_size_in_bytes, "alias": mem.alias_size_in_bytes,
+      "flops": _flops(compiled), "seconds": seconds,
+  }
+
+
+def forward_flops() -> tuple[float, float]:
+  """TFLOP of one CFG UNet call (batch 2) and one VAE decode at SD size, float32 (no compile)."""
+  unet, vae, params = build_modules(Variant.parse("step"))
+  eps_fn, decode = models.make_eps_fn(unet), models.make_decode_fn(vae, SCALING_FACTOR)
+  x = jax.ShapeDtypeStruct((2, LATENT, LATENT, 4), jnp.float32)
+  emb = jax.ShapeDtypeStruct((2, TEXT_LENGTH, TEXT_WIDTH), jnp.float32)
+  unet_lowered = jax.jit(eps_fn).lower(params["unet"], x, jnp.int32(500), emb)
+  vae_lowered = jax.jit(decode).lower(params["vae"], jax.ShapeDtypeStruct((1,) + x.shape[1:],
+                                                                          jnp.float32))
+  return _flops(unet_lowered) / 1e12, _flops(vae_lowered) / 1e12
+
+
+def component_rows(name: str) -> list[list]:
+  """Temporaries of the gradient through one CFG UNet call and through the decoder alone."""
+  variant = Variant.parse(COMPONENT_VARIANTS[name])
+  unet, vae, params = build_modules(variant)
+  eps_fn, decode = models.make_eps_fn(unet), models.make_decode_fn(vae, SCALING_FACTOR)
+  emb_dtype = jnp.bfloat16 if variant.bf16 else jnp.float32
+  x = jax.ShapeDtypeStruct((2, LATENT, LATENT, 4), jnp.float32)
+  emb = jax.ShapeDtypeStruct((2, TEXT_LENGTH, TEXT_WIDTH), emb_dtype)
+  z = jax.ShapeDtypeStruct((1, LATENT, LATENT, 4), jnp.float32)
+  parts = {
+      "one CFG UNet call (batch 2), grad w.r.t. x and emb": (
+          lambda x, emb, p: jnp.mean(eps_fn(p, x, 500, emb).astype(jnp.float32)),
+          (x, emb, params["unet"]), (0, 1)),
+      "VAE decoder, grad w.r.t. latents": (
+          lambda z, p: jnp.mean(decode(p, z).astype(jnp.float32)), (z, params["vae"]), 0),
+  }
+  rows = []
+  for part, (fn, args, argnums) in parts.items():
+    start = time.perf_counter()
+    compiled = jax.jit(jax.grad(fn, argnums=argnums)).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    rows.append([name, part, harness.gib(compiled.memory_analysis().temp_size_in_bytes),
+                 seconds])
+  return rows
+
+
+def row(stats: dict, note: str = "") -> list:
+  w, t = harness.gib(stats["arguments"]), harness.gib(stats["temps"])
+  return [stats["variant"], stats["steps"], w, t, w + t, harness.gib(stats["outputs"]),
+          stats["flops"] / 1e12, stats["seconds"], note]
+
+
+def none_rows(variant: Variant, steps: int) -> list[list]:
+  """Rows of the no-remat variant at --none_steps, plus its extrapolation to ``steps``."""
+  stats = [measure(variant, t) for t in (int(s) for s in _NONE_STEPS.value)]
+  for s in stats:
+    print(f"  measured {variant.name} at T={s['steps']} in {s['seconds']:.0f} s", flush=True)
+  rows = [row(s) for s in stats]
+  if len(stats) >= 2:
+    a, b = stats[-2], stats[-1]
+    per_step = (b["temps"] - a["temps"]) / (b["steps"] - a["steps"])
+    extrapolated = dict(b, steps=steps, temps=b["temps"] + per_step * (steps - b["steps"]),
+                        seconds=float("nan"), flops=float("nan"))
+    rows.append(row(extrapolated, f"extrapolated: +{harness.gib(per_step):.2f} GiB/step"))
+  return rows
+
+
+def print_header(steps: int) -> None:
+  print("## Peak memory of value_and_grad w.r.t. lambda, SD v1.5 size (XLA:CPU estimates)\n")
+  print(harness.machine_report())
+  print(f"- 512x512, latents 64x64x4, text 77x768, batch 1, CFG {GUIDANCE} DDIM + VAE decode, "
+        "abstract weights (nothing allocated); 'weights' = argument buffers (UNet + VAE decoder "
+        "params and the inputs); temporaries = XLA's temp allocation")
+  unet_tflop, vae_tflop = forward_flops()
+  print(f"- forward cost (cost_analysis of the lowered programs): one CFG UNet call (batch 2) "
+        f"{unet_tflop:.2f} TFLOP, one VAE decode {vae_tflop:.2f} TFLOP; a {steps}-step sample "
+        f"{steps * unet_tflop + vae_tflop:.1f} TFLOP. The 'TFLOP' column below is "
+        "cost_analysis of the gradient program, which counts each loop body once.\n", flush=True)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    variants = [Variant.parse(v) for v in _VARIANTS.value]
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  unknown = set(_COMPONENTS.value) - set(COMPONENT_VARIANTS)
+  if unknown:
+    sys.exit(f"error: --components has {sorted(unknown)}; use any of {list(COMPONENT_VARIANTS)}.")
+  steps = _STEPS.value
+  print_header(steps)
+
+  rows, best = [], None
+  for variant in variants:
+    if variant.remat == "none":
+      rows += none_rows(variant, steps)
+      continue
+    stats = measure(variant, steps)
+    rows.append(row(stats))
+    total = stats["arguments"] + stats["temps"]
+    if best is None or total < best[1]:
+      best = (variant.name, total)
+    print(f"  measured {variant.name}: {harness.gib(total):.2f} GiB in {stats['seconds']:.0f} s",
+          flush=True)
+  print()
+  print(harness.markdown_table(
+      ["variant", "T", "weights GiB", "temporaries GiB", "weights+temporaries GiB",
+       "outputs GiB", "TFLOP (loop bodies once)", "compile s", "note"], rows))
+  if best is not None:
+    verdict = "meets" if harness.gib(best[1]) <= _TARGET_GIB.value else "misses"
+    print(f"\nBest variant: {best[0]} with {harness.gib(best[1]):.2f} GiB weights + temporaries: "
+          f"{verdict} the target of <= {_TARGET_GIB.value:g} GiB (the reference release needs a "
+          "48 GB GPU).")
+  if any(v.bf16 for v in variants):
+    print("\nNote: XLA:CPU has no native bfloat16 convolutions/matmuls and runs them in float32 "
+          "(converts around each op), so its bf16 temporaries are NOT half of float32's; on "
+          "GPU/TPU expect roughly half. The bf16 weights figure is exact.")
+  if _COMPONENTS.value:
+    comp = [r for name in _COMPONENTS.value for r in component_rows(name)]
+    print("\nWhere the peak comes from (each part's gradient compiled alone; the step-remat "
+          "program cannot need much less than the larger of the two):\n")
+    print(harness.markdown_table(["dtype/attention", "part", "temporaries GiB", "compile s"],
+                                 comp))
+
+
+if __name__ == "__main__":
+  app.run(main)
