@@ -1,6 +1,7 @@
 """Pieces every entry point shares: user-error reporting and config -> library objects."""
 import contextlib
 import logging as std_logging
+import os
 import sys
 
 from absl import flags
@@ -10,6 +11,32 @@ _CACHE = flags.DEFINE_string(
     "compilation_cache", "",
     "Directory of JAX's persistent compilation cache: a restarted or repeated run skips "
     "compilation. Empty = off.")
+
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", os.environ.get("DISENTANGLE_COORDINATOR", ""),
+    "Multi-process runs: HOST:PORT of process 0 (every process passes the same), or 'auto' on "
+    "a TPU pod; empty = one process. Env: DISENTANGLE_COORDINATOR.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("DISENTANGLE_NUM_PROCESSES", "1")),
+    "Number of processes with --coordinator=HOST:PORT. Env: DISENTANGLE_NUM_PROCESSES.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ.get("DISENTANGLE_PROCESS_ID", "0")),
+    "This process's index in [0, num_processes). Env: DISENTANGLE_PROCESS_ID.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "init_timeout", 300, "Seconds to wait for the coordinator and every process to join.")
+
+
+def setup_distributed() -> None:
+  """Joins a multi-process run when --coordinator is set; call before any other JAX work."""
+  if _COORDINATOR.value:
+    import jax  # noqa: PLC0415
+    # Cross-process collectives between CPU devices (no effect on TPU/GPU devices).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  from disentangle_jax import parallel  # noqa: PLC0415
+  with user_errors():
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    _INIT_TIMEOUT.value)
 
 
 def setup_process() -> None:
@@ -79,16 +106,22 @@ def load_loss_models(loss_cfg, tokenizer):
                                       tokenizer=tokenizer)
 
 
-def edit_spec(cfg):
-  """configs/disentangle.py -> disentangle.EditSpec (validates every field)."""
+def edit_spec(cfg, **overrides):
+  """configs/disentangle.py (or configs/edit.py) -> disentangle.EditSpec, validating every
+  field; ``overrides`` replace fields a program fixes itself (edit: seeds, sampler, eta)."""
   from disentangle_jax import disentangle, optimize  # noqa: PLC0415
-  return disentangle.EditSpec(
-      prompt=cfg.prompt, attribute=cfg.attribute, seeds=as_tuple(cfg.seeds),
-      t_star=cfg.t_star, lambda_late=cfg.lambda_late, num_steps=cfg.num_steps,
-      sampler=cfg.sampler, remat=cfg.remat, eta=cfg.eta, guidance=cfg.guidance,
-      rng_seed=cfg.rng_seed, faithful=cfg.faithful,
+  fields = dict(
+      prompt=cfg.prompt, attribute=cfg.attribute, t_star=cfg.t_star,
+      lambda_late=cfg.lambda_late, num_steps=cfg.num_steps, remat=cfg.remat,
+      guidance=cfg.guidance, rng_seed=cfg.rng_seed, faithful=cfg.faithful,
       loss=optimize.LossConfig(beta=cfg.loss.beta, preprocess=cfg.loss.preprocess),
       optimizer=optimize.OptimizerConfig(**cfg.optimizer.to_dict()))
+  fields.update(overrides)
+  if "seeds" not in fields:
+    fields["seeds"] = as_tuple(cfg.seeds)
+  fields.setdefault("sampler", cfg.get("sampler"))
+  fields.setdefault("eta", cfg.get("eta"))
+  return disentangle.EditSpec(**fields)
 
 
 def learned_weights(spec, model, cfg, lam, history):

@@ -1,0 +1,69 @@
+r"""Edit a real image (METHOD.md section 5): invert it, then apply or learn the mixing weights.
+
+  python -m launch.edit --config=configs/edit.py --workdir=workdir/edit
+  python -m launch.edit --config=configs/edit.py:snow,sd --config.image=church.jpg \
+      --config.model.path=PATH/sd-v1-5 --config.loss_models.clip_path=PATH/clip-vit-base-patch32 \
+      --config.loss_models.vgg_path=PATH/vgg16.safetensors --workdir=workdir/church_snow
+  python -m launch.edit --config=configs/edit.py:snow,sd --config.image=church.jpg \
+      --config.weights=workdir/snow/weights.json --config.model.path=PATH/sd-v1-5 \
+      --workdir=workdir/church_snow_transfer
+
+The argument after ":" is a preset (PRESETS: the release's real-image example), optionally
+followed by ",sd" for Stable Diffusion v1.x settings (512 px); without ",sd" the built-in tiny
+model is used. ``image`` empty = a synthetic picture drawn in code (real_images.synthetic), for
+the demo and the tests. ``weights`` set = apply that exported lambda (its prompts are used);
+empty = learn lambda on this image (same losses and checkpoints as launch.disentangle).
+The sampler is DDIM with eta = 0 (the inversion's residuals replace the random noise).
+"""
+import ml_collections
+
+from configs import common
+
+# name: (c0, attribute appended to make c1, seed, T*, lambda_late) -- METHOD.md section 7.
+PRESETS = {
+    "snow": ("A photo of church exterior", ", covered by snow", 42, 10, 1.1),
+}
+
+
+def get_config(arg: str = "snow") -> ml_collections.ConfigDict:
+  name, _, size = arg.partition(",")
+  if name not in PRESETS:
+    raise ValueError(f"configs/edit.py has no preset {name!r}; presets: "
+                     f"{', '.join(sorted(PRESETS))}.")
+  if size not in ("", "sd"):
+    raise ValueError(f"configs/edit.py: unknown size {size!r} after the preset; use ',sd'.")
+  prompt, attribute, seed, t_star, late = PRESETS[name]
+  c = ml_collections.ConfigDict()
+  c.preset = name
+  c.model = common.model_config()
+  c.loss_models = common.loss_models_config()
+  c.image = ""  # path of the image to edit (any PIL format); "" = a synthetic picture
+  c.weights = ""  # weights.json to apply (launch.disentangle); "" = learn lambda on this image
+  c.prompt = prompt  # c0, the neutral prompt (also conditions the inversion)
+  c.attribute = attribute  # c1 = prompt + attribute
+  c.seed = seed  # keys the forward-noised targets of the inversion
+  c.rng_seed = 0  # base key; the seed's key is fold_in(key(rng_seed), seed)
+  c.num_steps = 50  # sampling steps T (one weight per step)
+  c.inject_steps = 33  # residuals injected in the first K steps; num_steps = exact reconstruction
+  c.pin = "next"  # reconstruction target: "next" (correct DDIM level) | "current" (the release's)
+  c.encode_sample = False  # encode a VAE posterior sample (keyed by seed) instead of its mean
+  c.guidance = 7.5  # classifier-free guidance scale (inversion, reconstruction and edit)
+  c.image_size = 0  # px of the square model input; 0 = the model's native size
+  c.t_star = t_star  # hard-switch initialisation: lambda = 0 for the first T* steps
+  c.lambda_late = late  # ... and lambda_late afterwards
+  c.remat = "full"  # rematerialise each sampling step: "none" | "full" | "dots" | "dots_no_batch"
+  c.faithful = False  # reproduce the release's quirks (uint8 reference, its CLIP resize, ...)
+  c.loss = ml_collections.ConfigDict(dict(
+      beta=0.05,  # weight of the VGG content loss (0.03 for some attributes)
+      preprocess="standard",  # CLIP preprocessing when not faithful: "standard" | "release"
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam",  # "adam" | "sgd" | "adamw"
+      learning_rate=0.05,  # the paper's
+      schedule="constant",  # "constant" | "cosine"
+      iterations=10,  # the paper's
+  ))
+  c.checkpoint_every = 1  # iterations between checkpoints (resume after a kill)
+  if size == "sd":
+    c.image_size = 512
+  return c

@@ -1,0 +1,128 @@
+r"""Edits a real image (METHOD.md section 5): invert it, then apply or learn lambda.
+
+  python -m launch.edit --config=configs/edit.py --workdir=workdir/edit
+  python -m launch.edit --config=configs/edit.py:snow,sd --config.image=church.jpg \
+      --config.weights=workdir/snow/weights.json --config.model.path=PATH/sd-v1-5 --workdir=out
+
+Writes to the workdir: input.png (the image as the model sees it, resized and cropped),
+reconstruction.png (the lambda = 0 run from the inverted inputs), edited.png, pair.png
+(input | edited), metrics.json (reconstruction error in latent and pixel space; the loss
+history when learning), config.json, and when learning weights.json and checkpoints/.
+Everything is validated and loaded before any computation; files are published only when
+complete.
+"""
+import dataclasses
+import hashlib
+import os
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from launch import common  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/edit.py", "Config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+
+SAMPLER = "ddim"  # the inversion is DDIM (eta = 0); its residuals only fit this sampler
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Light modules first: a bad image or weights file is refused within a second.
+  from disentangle_jax import images, inversion, noise, real_images, weights_file, workdir  # noqa
+
+  cfg = _CONFIG.value
+  common.setup_process()
+  with common.user_errors():  # validate and load everything before computing anything
+    out_dir = workdir.ensure_writable(_WORKDIR.value)
+    inv_cfg = inversion.InversionConfig(num_steps=cfg.num_steps, inject_steps=cfg.inject_steps,
+                                        pin=cfg.pin, guidance=cfg.guidance)
+    noise.check_seeds([cfg.seed])
+    loaded = real_images.load(cfg.image) if cfg.image else None
+    learned = weights_file.read(cfg.weights) if cfg.weights else None
+    if learned is not None:
+      lam = weights_file.check_compatible(learned, cfg.num_steps, SAMPLER,
+                                          f"weights file {cfg.weights!r}")
+      prompt, target, spec = learned.prompt, learned.target_prompt, None
+      if learned.guidance != cfg.guidance:
+        logging.warning("weights file %r was learned with guidance %s; this run uses %s.",
+                        cfg.weights, learned.guidance, cfg.guidance)
+    else:
+      spec = common.edit_spec(cfg, seeds=(cfg.seed,), sampler=SAMPLER, eta=0.0)
+      prompt, target = spec.prompt, spec.target_prompt
+    from disentangle_jax import checkpoint, disentangle, models, parallel, pipeline  # noqa
+    model = common.load_model(cfg.model)
+    shape = pipeline.latent_shape(model, cfg.image_size)
+    loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer) if spec else None
+  size = shape[0] * model.vae_scale_factor
+  if loaded is None:
+    pixels, notes = real_images.synthetic(size), ["no image given: a synthetic picture"]
+  else:
+    pixels, note = real_images.fit(loaded.pixels, size)
+    notes = list(loaded.notes) + ([note] if note else [])
+  for note in notes:
+    logging.info("input: %s", note)
+
+  prompts = common.encode_pair(model, prompt, target)
+  inverter = inversion.make_inverter(model, inv_cfg.pin)
+  inv = inversion.invert_images(inverter, model.params, pixels[None], prompts.c0, prompts.uncond,
+                                [cfg.seed], inv_cfg, model.schedule, cfg.rng_seed,
+                                cfg.encode_sample)
+  logging.info("inverted under c0=%r: %d steps, residuals in the first %d, pin=%s", prompt,
+               inv_cfg.num_steps, inv_cfg.inject_steps, inv_cfg.pin)
+  history = None
+  if spec is not None:
+    prep = disentangle.prepare(model, loss_models, spec, shape, parallel.make_mesh(),
+                               x_T=inv.run.x_T, run_noise=inv.run.noise)
+    # One checkpoint folder per (image, inversion): a changed image never resumes another's run.
+    key = hashlib.sha256(images.to_uint8(pixels).tobytes() + repr(
+        (inv_cfg, cfg.encode_sample, cfg.rng_seed, cfg.model.to_dict())).encode()).hexdigest()
+    ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints", key[:16]),
+                                   cfg.checkpoint_every)
+    with common.user_errors():
+      lam, history, prev_lam = disentangle.optimise(prep, spec, ckpt, log=logging.info)
+    ckpt.close()
+  use = prev_lam if spec is not None and spec.faithful else lam
+  edit = inversion.make_edit_fn(models.make_eps_fn(model.unet),
+                                models.make_decode_fn(model.vae, model.scaling_factor))
+  out = edit(model.params, inv.z0, inv.run, use, prompts, cfg.guidance, inv.tables)
+  metrics = {
+      "mode": "apply" if spec is None else "optimise", "prompt": prompt, "target_prompt": target,
+      "reconstruction": inversion.reconstruction_metrics(
+          inv.z0, out.z_rec, pixels[None], out.reconstruction, out.vae_roundtrip),
+      "inversion": dataclasses.asdict(inv_cfg) | {"seed": cfg.seed, "rng_seed": cfg.rng_seed,
+                                                  "encode_sample": cfg.encode_sample},
+      "input": {"path": cfg.image or None, "notes": notes,
+                "size": list(loaded.pixels.shape[1::-1]) if loaded else [size, size]},
+      "lambda": [float(v) for v in use],
+  }
+  if history is not None:
+    metrics["loss_history"] = history
+  logging.info("reconstruction: %s", metrics["reconstruction"])
+
+  inp = images.to_uint8(pixels)
+  rec, edited = (images.to_uint8(x)[0] for x in (out.reconstruction, out.edited))
+  with workdir.staged(out_dir) as staged:
+    staged.write_image("input.png", images.Image.fromarray(inp))
+    staged.write_image("reconstruction.png", images.Image.fromarray(rec))
+    staged.write_image("edited.png", images.Image.fromarray(edited))
+    staged.write_image("pair.png", images.grid([[inp, edited]], ["input", "edited"]))
+    staged.write_json("metrics.json", metrics)
+    staged.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
+    if spec is not None:
+      w = common.learned_weights(spec, model, cfg, lam, history)
+      w = dataclasses.replace(w, extra=w.extra | {"image": cfg.image or "synthetic",
+                                                  "inversion": metrics["inversion"]})
+      staged.write_json("weights.json", w.to_json())
+  print(os.path.join(out_dir, "edited.png"))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
