@@ -3,7 +3,9 @@
 Batches of seeds (or images) are split over the 'seeds' axis; weights and lambda are
 replicated. jit partitions the same single-device program (GSPMD), so batch-mean losses become
 all-reduces without any per-device code. A batch that does not divide the device count is
-padded (repeating the last item) and masked, never dropped.
+padded (repeating the last item) and masked, never dropped. Several processes (the hosts of a
+pod) join with ``initialize_distributed``; the mesh then spans every process's devices and the
+same program runs unchanged.
 """
 from __future__ import annotations
 
@@ -53,9 +55,106 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def _host_if_multiprocess(tree: Any) -> Any:
+  # Several processes each place their part of a global array from identical host values.
+  return jax.tree.map(np.asarray, tree) if jax.process_count() > 1 else tree
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
+  return jax.device_put(_host_if_multiprocess(tree), replicated(mesh))
 
 
 def shard(x, mesh: Mesh, axis: int = 0):
-  return jax.device_put(x, batch_sharding(mesh, np.ndim(x), axis))
+  return jax.device_put(_host_if_multiprocess(x), batch_sharding(mesh, np.ndim(x), axis))
+
+
+# ------------------------------------------------------------------------------------------
+# Several processes (one per host of a pod, or several on one machine)
+
+# Seconds between connection attempts while waiting for the coordinator.
+_PROBE_INTERVAL_S = 0.5
+
+
+def _split_address(coordinator: str) -> tuple[str, int]:
+  host, sep, port = coordinator.rpartition(":")
+  if not sep or not host or not port.isdigit():
+    raise ValueError(f"coordinator={coordinator!r} must be HOST:PORT (e.g. 10.0.0.2:8476, the "
+                     "address of process 0), or 'auto' on a TPU pod.")
+  return host, int(port)
+
+
+def wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
+  """Waits until something listens at HOST:PORT; a clear error after ``timeout_s`` seconds.
+
+  jax.distributed aborts the whole process (no Python exception) when it cannot reach the
+  coordinator, so processes other than 0 probe it first.
+  """
+  import socket  # noqa: PLC0415
+  import time  # noqa: PLC0415
+  host, port = _split_address(coordinator)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=_PROBE_INTERVAL_S):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ValueError(
+            f"coordinator {coordinator} is unreachable after {timeout_s:g}s ({e}): start "
+            "process 0 first on that host, check the address and port (and the firewall), or "
+            "raise the timeout.") from None
+      time.sleep(_PROBE_INTERVAL_S)
+
+
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int,
+                           timeout_s: float) -> None:
+  """Joins a multi-process JAX run; afterwards ``jax.devices()`` lists every process's devices.
+
+  Args:
+    coordinator: HOST:PORT of process 0's coordination service; "auto" lets JAX detect it
+      (TPU pods, SLURM); "" = a single process (nothing to do).
+    num_processes: how many processes take part (ignored with "auto").
+    process_id: this process's index in [0, num_processes) (ignored with "auto").
+    timeout_s: seconds to wait for the coordinator and for every process to join.
+
+  Call it before any other JAX work. Every process then runs the same program on the same
+  inputs; arrays are global (``shard``/``replicate`` place each process's part) and only
+  process 0 should write files.
+  """
+  if not coordinator:
+    if num_processes not in (0, 1):
+      raise ValueError(f"num_processes={num_processes} needs a coordinator: pass "
+                       "--coordinator=HOST:PORT (process 0's address) or --coordinator=auto.")
+    return
+  if coordinator == "auto":
+    jax.distributed.initialize(initialization_timeout=int(timeout_s))
+    return
+  _split_address(coordinator)
+  if not isinstance(num_processes, int) or num_processes < 1:
+    raise ValueError(f"num_processes={num_processes!r} must be an integer >= 1.")
+  if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id={process_id!r} must be in [0, {num_processes}) "
+                     f"(num_processes={num_processes}).")
+  if process_id != 0:
+    wait_for_coordinator(coordinator, timeout_s)
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id, initialization_timeout=int(timeout_s))
+
+
+def to_host(x) -> np.ndarray:
+  """The whole global array ``x`` as numpy on every process (gathered across processes)."""
+  if jax.process_count() == 1 or not isinstance(x, jax.Array):
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def agree(x: np.ndarray) -> np.ndarray:
+  """Process 0's value of the host array ``x`` on every process (e.g. which files exist when
+  the processes do not share a filesystem)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))

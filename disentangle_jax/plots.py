@@ -54,3 +54,28 @@ def loss_plot(history: Sequence[dict], beta: float) -> bytes:
   ax.set_xlabel("iteration")
   ax.legend(loc="best", fontsize=8)
   return _png(plt, fig)
+
+
+def study_plot(summary: Sequence[dict], metric_names: Sequence[str]) -> bytes:
+  """One panel per metric: each source's mean over all items with its 95% interval.
+
+  ``summary`` holds ``study.summarise`` records; only those with attribute "all" are drawn.
+  Returns PNG bytes.
+  """
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # noqa: PLC0415
+  recs = [r for r in summary if r["attribute"] == "all"]
+  sources = list(dict.fromkeys(r["source"] for r in recs))
+  fig, axes = plt.subplots(1, len(metric_names), figsize=(3.2 * len(metric_names), 3.2), dpi=100,
+                           squeeze=False)
+  for ax, name in zip(axes[0], metric_names):
+    mine = {r["source"]: r for r in recs if r["metric"] == name}
+    means = [mine[s]["mean"] for s in sources]
+    err = [[mine[s]["mean"] - mine[s]["ci95_low"] for s in sources],
+           [mine[s]["ci95_high"] - mine[s]["mean"] for s in sources]]
+    ax.bar(np.arange(len(sources)), means, yerr=err, capsize=3, color="C0")
+    ax.set_xticks(np.arange(len(sources)))
+    ax.set_xticklabels(sources, rotation=45, ha="right", fontsize=8)
+    ax.set_title(name, fontsize=9)
+  return _png(plt, fig)

@@ -1,0 +1,41 @@
+r"""The transfer study: lambda schedules x attributes x seeds, scored by CLIP and VGG metrics.
+
+  python -m launch.study --config=configs/study.py --workdir=workdir/study
+  python -m launch.study --config=configs/study.py:sd --config.model.path=PATH/sd-v1-5 \
+      --config.loss_models.clip_path=PATH/clip-vit-base-patch32 \
+      --config.loss_models.vgg_path=PATH/vgg16.safetensors \
+      --config.weights_files=workdir/smile/weights.json --workdir=workdir/study_sd
+
+Variants (the part after ":"): "tiny" (default; built-in random models, seconds) and "sd"
+(Stable Diffusion v1.x settings of the paper; set the model paths).
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  if arg not in ("tiny", "sd"):
+    raise ValueError(f"configs/study.py has no variant {arg!r}: use 'tiny' or 'sd'.")
+  c = ml_collections.ConfigDict()
+  c.model = common.model_config()
+  c.loss_models = common.loss_models_config()
+  c.weights_files = ""  # learned sources: weights.json files of launch.disentangle (comma list)
+  c.t_stars = (10, 20, 30)  # baseline sources: hard switch from c0 to c1 after T* steps
+  c.lambda_late = 1.0  # lambda after the baseline switches
+  c.include_c1 = True  # baseline source: pure c1 at every step
+  c.attributes = "smile,angry,young"  # preset names of configs/disentangle.py (comma list)
+  c.seeds = tuple(range(8))  # every (source, attribute) is scored on each seed
+  c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
+  c.num_steps = 50  # sampling steps T (weights files must match)
+  c.sampler = "ddim"  # "ddim" | "plms" (weights files must match)
+  c.eta = 0.0  # DDIM stochasticity
+  c.guidance = 7.5  # classifier-free guidance scale
+  c.image_size = 0  # px; 0 = the model's native size
+  c.preprocess = "standard"  # CLIP preprocessing of the metrics: "standard" | "release"
+  c.batch_size = 4  # (attribute, seed) units per compiled call and per resumable chunk
+  c.grid_seeds = 4  # sample images and grids are kept for the first this-many seeds
+  if arg == "sd":
+    c.image_size = 512
+    c.batch_size = 1
+  return c

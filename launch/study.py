@@ -1,0 +1,113 @@
+r"""Scores lambda schedules (learned weights files and hard-switch baselines) on many
+attributes x seeds: the transfer study.
+
+  python -m launch.study --config=configs/study.py --workdir=workdir/study
+  python -m launch.study --config=configs/study.py \
+      --config.weights_files=workdir/smile/weights.json --config.attributes=smile,angry \
+      --config.seeds=0,1,2,3 --workdir=workdir/study
+
+Writes to the workdir: rows.jsonl (one row per (source, attribute, seed) with every metric),
+summary.csv (mean, std, 95% interval per source, overall and per attribute), summary/<source>.csv,
+study.png (sources compared), grid_<attribute>.png (rows = seeds; columns = c0, each source),
+samples/, rows/ (one file per finished chunk) and config.json. Killed at any point, the same
+command resumes and ends with the same rows, each exactly once. Several processes (hosts of a
+pod): --coordinator, --num_processes, --process_id (see launch/tpu_pod.sh and the README).
+"""
+import json
+import os
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from launch import common  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/study.py", "Config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+
+
+def study_spec(cfg):
+  """configs/study.py -> study.StudySpec (reads the weights files; validates every field)."""
+  from configs import disentangle as presets  # noqa: PLC0415
+  from disentangle_jax import study  # noqa: PLC0415
+  attributes = []
+  for name in common.as_paths(cfg.attributes):
+    if name not in presets.PRESETS:
+      raise ValueError(f"attributes: {name!r} is not a preset of configs/disentangle.py; "
+                       f"presets: {', '.join(sorted(presets.PRESETS))}.")
+    prompt, attribute = presets.PRESETS[name][:2]
+    attributes.append(study.Attribute(name, prompt, attribute))
+  sources = study.load_sources(common.as_paths(cfg.weights_files), cfg.num_steps, cfg.sampler)
+  sources += study.baseline_sources(cfg.num_steps, common.as_tuple(cfg.t_stars),
+                                    cfg.lambda_late, cfg.include_c1)
+  return study.StudySpec(
+      sources=sources, attributes=tuple(attributes), seeds=common.as_tuple(cfg.seeds),
+      num_steps=cfg.num_steps, sampler=cfg.sampler, eta=cfg.eta, guidance=cfg.guidance,
+      rng_seed=cfg.rng_seed, batch_size=cfg.batch_size, preprocess=cfg.preprocess,
+      grid_seeds=cfg.grid_seeds)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # noqa: PLC0415
+  from disentangle_jax import images, metrics, models, parallel, pipeline, plots  # noqa
+  from disentangle_jax import sampler, study, workdir  # noqa: PLC0415
+
+  cfg = _CONFIG.value
+  common.setup_process()
+  common.setup_distributed()
+  write = jax.process_index() == 0  # every process computes; process 0 writes
+  with common.user_errors():
+    out_dir = workdir.ensure_writable(_WORKDIR.value)
+    spec = study_spec(cfg)
+    model = common.load_model(cfg.model)
+    shape = pipeline.latent_shape(model, cfg.image_size)
+    loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
+    if write:
+      study.check_manifest(out_dir, spec)  # the first write: everything above is validated
+  mesh = parallel.make_mesh()
+  inputs = study.prepare(model, loss_models, spec, mesh)
+  evaluate = study.make_evaluate_fn(
+      models.make_eps_fn(model.unet), models.make_decode_fn(model.vae, model.scaling_factor),
+      sampler.SamplerConfig(kind=spec.sampler),
+      metrics.from_loss_models(loss_models, spec.preprocess))
+  study.run(evaluate, inputs, spec, shape, mesh, out_dir, log=logging.info, write=write)
+  if not write:
+    return
+
+  rows = study.merge_rows(out_dir, spec)
+  summary = study.summarise(rows, spec)
+  labels = ["c0"] + [s.label for s in spec.sources]
+  grid_seeds = spec.seeds[:spec.grid_seeds]
+  with workdir.staged(out_dir) as out:
+    out.write_text("rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    out.write_text("summary.csv", study.summary_csv(summary))
+    for src in spec.sources:
+      out.write_text(f"summary/{study.file_label(src.label)}.csv",
+                     study.summary_csv([r for r in summary if r["source"] == src.label]))
+    for a in spec.attributes if grid_seeds else ():
+      cells = [[images.load_png(study.sample_path(out_dir, a.name, s, label)) for label in labels]
+               for s in grid_seeds]
+      out.write_image(f"grid_{a.name}.png",
+                      images.grid(cells, labels, [str(s) for s in grid_seeds]))
+    if plots.available():
+      out.write_bytes("study.png", plots.study_plot(summary, metrics.METRIC_NAMES))
+    else:
+      logging.warning("matplotlib is not installed: study.png is skipped (pip install "
+                      "matplotlib).")
+    out.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
+  for rec in summary:
+    if rec["attribute"] == "all":
+      logging.info("%-12s %-18s %.4f +- %.4f", rec["source"], rec["metric"], rec["mean"],
+                   rec["std"])
+  print(os.path.join(out_dir, "summary.csv"))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -1,0 +1,323 @@
+"""Metrics, the transfer study library, its sharding and its command line (tiny models)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from disentangle_jax import loss_models, losses, metrics, study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+  return loss_models.load_loss_models(loss_models.LossModelConfig(),
+                                      tokenizer=tiny_model.tokenizer)
+
+
+def test_metrics_match_the_losses_and_their_definitions(lm):
+  nets = metrics.from_loss_models(lm)
+  rng = np.random.default_rng(0)
+  original = jnp.asarray(rng.uniform(size=(3, 64, 64, 3)), jnp.float32)
+  edited = jnp.asarray(rng.uniform(size=(3, 64, 64, 3)), jnp.float32)
+  text = loss_models.encode_texts(lm, ["a photo of person", "a photo of person, smiling"])
+  t0, t1 = jnp.tile(text[:1], (3, 1)), jnp.tile(text[1:], (3, 1))
+  got = jax.jit(metrics.item_metrics, static_argnums=0)(nets, lm.params, original, edited, t0,
+                                                          t1)
+  assert set(got) == set(metrics.METRIC_NAMES)
+  f = losses.clip_image_features(lm.clip_image_apply, lm.params["clip"],
+                                 jnp.concatenate([original, edited]), "standard",
+                                 lm.clip_image_size)
+  l_dir = losses.directional_clip_loss(f[:3], f[3:], text[0], text[1])
+  np.testing.assert_allclose(got["directional_clip"], 1.0 - l_dir, rtol=1e-5, atol=1e-6)
+  f_edit, t = np.asarray(f[3:]), np.asarray(text[1])
+  want = f_edit @ t / (np.linalg.norm(f_edit, axis=1) * np.linalg.norm(t))
+  np.testing.assert_allclose(got["clip_score"], want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      got["content_distance"],
+      losses.vgg_perceptual_loss(lm.vgg_apply, lm.params["vgg"], edited, original,
+                                 lm.vgg_input_size), rtol=1e-5)
+  same = metrics.item_metrics(nets, lm.params, original, original, t0, t1)
+  np.testing.assert_allclose(same["content_distance"], 0.0, atol=1e-7)
+  np.testing.assert_allclose(same["directional_clip"], 0.0, atol=1e-7)  # no edit, no direction
+  with pytest.raises(ValueError, match=r"text0 .* must both be \[B, E\]"):
+    metrics.item_metrics(nets, lm.params, original, edited, text, text)
+
+
+def test_interval_and_summary():
+  rec = study.interval([1.0, 2.0, 3.0, 4.0])
+  assert rec["n"] == 4 and rec["mean"] == 2.5
+  assert math.isclose(rec["std"], np.std([1, 2, 3, 4], ddof=1))
+  assert math.isclose(rec["ci95_high"] - rec["mean"], 1.959963984540054 * rec["std"] / 2)
+  assert study.interval([5.0])["std"] == 0.0
+  spec = _spec(seeds=(0, 1))
+  rows = [{"source": s.label, "attribute": a.name, "seed": seed, "directional_clip": 1.0 * seed,
+           "clip_score": 0.5, "content_distance": 0.0}
+          for s in spec.sources for a in spec.attributes for seed in spec.seeds]
+  summary = study.summarise(rows, spec)
+  first = summary[0]
+  assert (first["source"], first["attribute"], first["metric"]) == ("T*=1", "all",
+                                                                     "directional_clip")
+  assert first["n"] == 4 and first["mean"] == 0.5
+  csv = study.summary_csv(summary).splitlines()
+  assert csv[0] == "source,attribute,metric,n,mean,std,ci95_low,ci95_high"
+  assert len(csv) == 1 + len(summary)
+
+
+def _spec(**kw):
+  args = dict(sources=study.baseline_sources(4, (1,)),
+              attributes=(study.Attribute("smile", "A photo of person", ", smiling"),
+                          study.Attribute("snow", "A church", ", covered by snow")),
+              seeds=(0, 1, 2), num_steps=4)
+  args.update(kw)
+  return study.StudySpec(**args)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(seeds=()), "seeds is empty"),
+    (dict(seeds=(1, 1)), "duplicates"),
+    (dict(sources=()), "no sources"),
+    (dict(sources=study.baseline_sources(4, (1, 1))), "appear twice"),
+    (dict(attributes=()), "attributes is empty"),
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(preprocess="x"), "preprocess='x'"),
+])
+def test_spec_validation(kw, message):
+  with pytest.raises(ValueError, match=message):
+    _spec(**kw)
+
+
+def test_chunks_cover_every_unit_once():
+  spec = _spec(batch_size=4)
+  assert spec.num_chunks == 2 and spec.num_items == 12
+  units = [u for i in range(spec.num_chunks) for u in spec.chunk(i)]
+  assert units == spec.units and len(set(units)) == 6
+  assert _spec().fingerprint() == _spec().fingerprint() != _spec(seeds=(0, 1)).fingerprint()
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import jax
+    from disentangle_jax import loss_models, metrics, models, parallel, sampler, study
+
+    model = models.build_tiny(models.ModelConfig())
+    lm = loss_models.load_loss_models(loss_models.LossModelConfig(), tokenizer=model.tokenizer)
+    spec = study.StudySpec(
+        sources=study.baseline_sources(4, (2,)),
+        attributes=(study.Attribute("smile", "A photo of person", ", smiling"),),
+        seeds=tuple(range(8)), num_steps=4, batch_size=3, grid_seeds=0)
+    evaluate = study.make_evaluate_fn(
+        models.make_eps_fn(model.unet), models.make_decode_fn(model.vae, model.scaling_factor),
+        sampler.SamplerConfig(), metrics.from_loss_models(lm))
+    out = {"devices": len(jax.devices())}
+    for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
+      mesh = parallel.make_mesh(devices)
+      inputs = study.prepare(model, lm, spec, mesh)
+      wd = os.path.join(sys.argv[1], name)
+      os.makedirs(wd)
+      study.check_manifest(wd, spec)
+      study.run(evaluate, inputs, spec, (8, 8, 4), mesh, wd, log=lambda s: None)
+      out[name] = study.merge_rows(wd, spec)
+    print("RESULT" + json.dumps(out))
+""")
+
+
+# The same study through the command line (see test_two_processes_match_one).
+SHARDED_CLI = ("--config.num_steps=4", "--config.t_stars=2", "--config.attributes=smile",
+               "--config.seeds=0,1,2,3,4,5,6,7", "--config.batch_size=3",
+               "--config.grid_seeds=0")
+
+# Images agree to float rounding (batch 3 vs 4 per call); the directional cosine of a small
+# edit divides by the short vector E_img(edited) - E_img(original) and amplifies it most.
+ATOL = {"directional_clip": 5e-3, "clip_score": 1e-5, "content_distance": 1e-4}
+
+
+def _assert_rows_close(got, want):
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    assert (a["source"], a["attribute"], a["seed"]) == (b["source"], b["attribute"], b["seed"])
+    for name in metrics.METRIC_NAMES:
+      assert abs(a[name] - b[name]) <= ATOL[name], (name, a, b)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+  """Rows of seeds 0..7 on 1 and on 4 fake devices (one subprocess)."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT,
+                         str(tmp_path_factory.mktemp("sharded"))], cwd=ROOT,
+                        capture_output=True, text=True, timeout=900, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.split("RESULT")[-1])
+
+
+def test_sharded_study_matches_single_device(sharded):
+  assert sharded["devices"] == 4
+  one, four = sharded["one"], sharded["four"]
+  # batch 3 on 4 devices: every chunk is padded to 4 and the copy is masked out.
+  assert len(one) == 2 * 8
+  _assert_rows_close(four, one)
+  assert sorted(r["seed"] for r in one if r["source"] == "c1") == list(range(8))
+
+
+# ------------------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+STUDY = ("--config.num_steps=4", "--config.t_stars=2", "--config.attributes=smile,snow",
+         "--config.seeds=0,1,2", "--config.batch_size=2", "--config.grid_seeds=2")
+
+
+def _cmd(workdir, cache, *overrides):
+  return [sys.executable, "-m", "launch.study", f"--workdir={workdir}",
+          f"--compilation_cache={cache}", *overrides]
+
+
+def _run(*args):
+  return subprocess.run(_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _rows(path):
+  return [json.loads(l) for l in path.read_text().splitlines() if l]
+
+
+def _weights_file(path, num_steps=4, sampler="ddim"):
+  from disentangle_jax import weights_file  # pylint: disable=import-outside-toplevel
+  weights_file.write(str(path), weights_file.LearnedWeights(
+      lam=(0.0,) + (1.0,) * (num_steps - 1), prompt="p", target_prompt="p, q",
+      num_steps=num_steps, sampler=sampler, eta=0.0, guidance=7.5, schedule={}))
+
+
+def test_study_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cache):
+  _weights_file(tmp_path / "learned.json")
+  args = STUDY + (f"--config.weights_files={tmp_path / 'learned.json'}",)
+  full = _run(tmp_path / "full", cache, *args)
+  assert full.returncode == 0, full.stderr[-3000:]
+  assert "chunk 3/3 done: 18/18 items" in full.stderr and "items/s, ETA" in full.stderr
+  expected = _rows(tmp_path / "full" / "rows.jsonl")
+  keys = [(r["source"], r["attribute"], r["seed"]) for r in expected]
+  assert len(keys) == len(set(keys)) == 3 * 2 * 3  # (learned, T*=2, c1) x 2 attributes x 3
+  assert {r["source"] for r in expected} == {"learned", "T*=2", "c1"}
+  summary = (tmp_path / "full" / "summary.csv").read_text().splitlines()
+  assert summary[0].startswith("source,attribute,metric,n,mean,std,ci95_low,ci95_high")
+  for name in ("grid_smile.png", "grid_snow.png", "config.json", "summary/learned.csv",
+               "summary/T2.csv", "samples/snow/seed1_c1.png"):
+    assert (tmp_path / "full" / name).is_file(), name
+  assert not (tmp_path / "full" / "samples" / "snow" / "seed2_c1.png").exists()  # grid_seeds=2
+  assert not [n for n in os.listdir(tmp_path / "full") if n.startswith(".staging")]
+
+  proc = subprocess.Popen(_cmd(tmp_path / "killed", cache, *args), cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True)
+  for line in proc.stderr:
+    if "chunk 1/3 done" in line:
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait(timeout=600)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "killed" / "rows.jsonl").exists()
+  again = _run(tmp_path / "killed", cache, *args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "to do" in again.stderr
+  assert _rows(tmp_path / "killed" / "rows.jsonl") == expected  # identical, each exactly once
+
+  other = _run(tmp_path / "killed", cache, *STUDY)  # a different study in the same workdir
+  assert other.returncode == 2 and "different study" in other.stderr, other.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind,overrides,message", [
+    ("steps", [], "learned for 6 steps, this run uses 4"),
+    ("sampler", [], "'plms' sampler, this run uses 'ddim'"),
+    (None, ["--config.seeds=()"], "seeds is empty"),
+    (None, ["--config.seeds=3,3"], "duplicates [3]"),
+    (None, ["--config.attributes=smiling"], "'smiling' is not a preset"),
+])
+def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, cache, kind, overrides,
+                                                            message):
+  if kind:
+    _weights_file(tmp_path / "w.json", num_steps=6 if kind == "steps" else 4,
+                  sampler="plms" if kind == "sampler" else "ddim")
+    overrides = overrides + [f"--config.weights_files={tmp_path / 'w.json'}"]
+  out = _run(tmp_path / "wd", cache, "--config.num_steps=4", "--config.t_stars=2", *overrides)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "error: " in out.stderr and message in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert os.listdir(tmp_path / "wd") == []
+
+
+def test_unwritable_workdir(tmp_path, cache):
+  (tmp_path / "file").write_text("x")
+  out = _run(tmp_path / "file" / "wd", cache, "--config.num_steps=4", "--config.t_stars=2")
+  assert out.returncode == 2 and "error: " in out.stderr and "not writable" in out.stderr, (
+      out.stderr[-2000:])
+  assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Several processes (localhost stands in for the hosts of a pod)
+
+def _free_port():
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, cache, sharded):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  coordinator = f"--coordinator=localhost:{_free_port()}"
+  procs = [subprocess.Popen(
+      _cmd(tmp_path, cache, *SHARDED_CLI, coordinator, "--num_processes=2",
+           f"--process_id={i}", "--init_timeout=120"),
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in (1, 0)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "4 device(s), batch 3 padded to 4" in outs[1][1]  # 2 processes x 2 devices
+  assert (tmp_path / "rows.jsonl").is_file()
+  _assert_rows_close(_rows(tmp_path / "rows.jsonl"), sharded["one"])
+
+
+def test_unreachable_coordinator_is_a_clear_error(tmp_path, cache):
+  out = _run(tmp_path / "wd", cache, f"--coordinator=localhost:{_free_port()}",
+             "--num_processes=2", "--process_id=1", "--init_timeout=2")
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "error: coordinator localhost:" in out.stderr and "unreachable after 2s" in out.stderr
+  assert not (tmp_path / "wd").exists()
+
+
+def test_tpu_pod_script_runs_the_command_on_every_worker(tmp_path):
+  fake = tmp_path / "gcloud"
+  fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", REPO_DIR="/srv/my repo")
+  out = subprocess.run(["bash", "launch/tpu_pod.sh", "my-pod", "us-central2-b", "python", "-m",
+                        "launch.study", "--config.attributes=smile,snow", "--workdir=/mnt/a b"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  args = out.stdout.splitlines()
+  assert args[:5] == ["compute", "tpu-vm", "ssh", "my-pod", "--zone=us-central2-b"]
+  assert "--worker=all" in args
+  command = args[-1]
+  assert command.startswith("--command=cd /srv/my\\ repo && python -m launch.study ")
+  assert "--workdir=/mnt/a\\ b" in command and command.endswith("--coordinator=auto")
+  bad = subprocess.run(["bash", "launch/tpu_pod.sh", "my-pod"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+  assert bad.returncode == 2 and "usage:" in bad.stderr
