@@ -48,5 +48,6 @@ def test_lambda_gradient_matches_central_differences(tiny64, kind, remat, eta):
   # Relative error of the gradient vector. Per component, central differences of a loss ~0.3
   # carry ~1e-12 of rounding noise, which is not small next to the smallest component (~1e-7).
   rel = np.linalg.norm(grad - fd) / np.linalg.norm(fd)
+  print(f"{kind} remat={remat}: |grad - fd| / |fd| = {rel:.2e}")
   assert rel <= 1e-5, f"relative error {rel:.2e}: grad {np.asarray(grad)} vs fd {fd}"
   np.testing.assert_allclose(grad, fd, rtol=1e-3, atol=1e-6 * np.abs(fd).max())

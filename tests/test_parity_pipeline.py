@@ -98,8 +98,10 @@ def test_sampling_matches_diffusers_step_by_step(setup, kind, eta):
       ref_traj.append(x.permute(0, 2, 3, 1).numpy())
   assert len(ref_traj) == NUM_STEPS
   errs = [_rel_err(traj[i], ref_traj[i]) for i in range(NUM_STEPS)]
+  img_err = _rel_err(images, _torch_decode(tm, x))
+  print(f"{kind} eta={eta}: max per-step latent rel. error {max(errs):.2e}, image {img_err:.2e}")
   assert max(errs) <= REL_TOL, f"per-step relative errors {errs}"
-  assert _rel_err(images, _torch_decode(tm, x)) <= REL_TOL
+  assert img_err <= REL_TOL
 
 
 def test_matches_diffusers_stable_diffusion_pipeline(setup):
@@ -131,5 +133,7 @@ def test_matches_diffusers_stable_diffusion_pipeline(setup):
                height=64, width=64, output_type="np", callback_on_step_end=on_step_end,
                callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).images
   errs = [_rel_err(traj[i], seen[i]) for i in range(NUM_STEPS)]
+  print(f"StableDiffusionPipeline: max per-step latent rel. error {max(errs):.2e}, image "
+        f"{_rel_err(images, out):.2e}")
   assert max(errs) <= REL_TOL, f"per-step relative errors {errs}"
   assert _rel_err(images, out) <= REL_TOL
