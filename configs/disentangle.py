@@ -8,6 +8,10 @@ r"""Learn the per-step mixing weights of one attribute edit (METHOD.md sections 
 The argument after ":" is a preset name from PRESETS (the 14 settings of the reference
 release), optionally followed by ",sd" for Stable Diffusion v1.x settings (512 px, batch 1);
 without ",sd" the built-in tiny model is used (a quick demo, random weights).
+
+Several attributes in one run (one lambda each, one compiled program, batch sharded):
+  python -m launch.disentangle --config=configs/disentangle.py --config.attributes=smile,snow \
+      --config.seeds=1,2,3 --workdir=workdir/multi
 """
 import ml_collections
 
@@ -48,6 +52,11 @@ def get_config(arg: str = "smile") -> ml_collections.ConfigDict:
   c.prompt = prompt  # c0, the neutral prompt
   c.attribute = attribute  # c1 = prompt + attribute
   c.seeds = (seed,)  # several seeds = one lambda learned on all of them (loss averaged)
+  # Preset names learned together in one compiled, sharded program: one lambda per preset
+  # (its own prompts, T*, lambda_late), each on all of `seeds`. Empty = the single edit above.
+  c.attributes = ()
+  c.presets = {name: dict(prompt=p, attribute=a, t_star=t, lambda_late=l)
+               for name, (p, a, _, t, l) in PRESETS.items()}  # read by `attributes`
   c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
   c.t_star = t_star  # hard-switch initialisation: lambda = 0 for the first T* steps
   c.lambda_late = late  # ... and lambda_late afterwards

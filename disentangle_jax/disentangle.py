@@ -68,6 +68,47 @@ class EditSpec:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Fields every edit of an EditSet must share (one compiled program, one optimiser).
+_SHARED_FIELDS = ("num_steps", "sampler", "remat", "eta", "guidance", "rng_seed", "faithful",
+                  "loss", "optimizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class EditSet:
+  """K edits (attributes) learned together: one lambda [K, T], each on its own seeds, in one
+  sharded, compiled program. Equivalent to K separate runs (no shared loss term; Adam is
+  elementwise). ``prepare``/``optimise``/``final_images`` accept it wherever an EditSpec goes.
+  """
+
+  specs: tuple[EditSpec, ...]
+
+  def __post_init__(self):
+    if not self.specs:
+      raise ValueError("an EditSet needs at least one edit (attributes is empty).")
+    first = self.specs[0]
+    for spec in self.specs[1:]:
+      for name in _SHARED_FIELDS:
+        if getattr(spec, name) != getattr(first, name):
+          raise ValueError(f"all edits learned together must share {name}: "
+                           f"{getattr(first, name)!r} vs {getattr(spec, name)!r}.")
+
+  def __getattr__(self, name):  # the shared fields and properties, from the first edit
+    if name in _SHARED_FIELDS or name == "sampler_config":
+      return getattr(self.specs[0], name)
+    raise AttributeError(name)
+
+  def init_lambda(self) -> np.ndarray:
+    return np.stack([spec.init_lambda() for spec in self.specs])  # [K, T]
+
+  def fingerprint(self) -> str:
+    blob = "".join(spec.fingerprint() for spec in self.specs)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _edits(spec) -> tuple[EditSpec, ...]:
+  return spec.specs if isinstance(spec, EditSet) else (spec,)
+
+
 class Prepared(NamedTuple):
   nets: optimize.Networks
   render: Callable  # jitted (sd_params, problem, lam) -> images, shared by reference and final
@@ -76,26 +117,34 @@ class Prepared(NamedTuple):
   num_items: int  # real (unpadded) batch size
 
 
-def prepare(model, loss_models, spec: EditSpec, latent_shape, mesh,
+def prepare(model, loss_models, spec: EditSpec | EditSet, latent_shape, mesh,
             x_T=None, run_noise=None) -> Prepared:
   """Encodes prompts, draws (or takes) x_T and noise, renders the reference, shards it all.
 
-  ``x_T`` [B,H,W,C] / ``run_noise`` [T,B,H,W,C] may be given (real-image editing: the
-  inversion's outputs); by default they are drawn from the spec's seeds.
+  Items are the seeds of each edit in order (edit 0's seeds, then edit 1's, ...).
+  ``x_T`` [B,H,W,C] / ``run_noise`` [T,B,H,W,C] may be given for a single edit (real-image
+  editing: the inversion's outputs); by default they are drawn from the seeds.
   """
   from disentangle_jax import loss_models as loss_models_lib  # noqa: PLC0415
   from disentangle_jax import models  # noqa: PLC0415
 
+  edits = _edits(spec)
   loss_cfg = _effective_loss(spec)
   tables = schedule.step_tables(model.schedule, spec.num_steps, spec.eta)
+  group = np.concatenate([np.full(len(e.seeds), k, np.int32) for k, e in enumerate(edits)])
   if x_T is None:
-    drawn = noise.draw(jax.random.key(spec.rng_seed), np.asarray(spec.seeds), latent_shape,
-                       tables.sigma)
+    seeds = np.concatenate([np.asarray(e.seeds) for e in edits])
+    drawn = noise.draw(jax.random.key(spec.rng_seed), seeds, latent_shape, tables.sigma)
     x_T, run_noise = drawn.x_T, drawn.noise
+  elif len(edits) != 1:
+    raise ValueError("x_T/run_noise can only be given for a single edit.")
+  else:
+    group = np.zeros((x_T.shape[0],), np.int32)
   n = x_T.shape[0]
   size = parallel.padded_size(n, mesh)
-  c0, c1, uncond = models.encode_prompts(model, [spec.prompt, spec.target_prompt, ""])
-  text0, text1 = loss_models_lib.encode_texts(loss_models, [spec.prompt, spec.target_prompt])
+  texts = [t for e in edits for t in (e.prompt, e.target_prompt)]
+  emb = models.encode_prompts(model, texts + [""])
+  feats = loss_models_lib.encode_texts(loss_models, texts)
   nets = optimize.Networks(
       eps=models.make_eps_fn(model.unet),
       decode=models.make_decode_fn(model.vae, model.scaling_factor),
@@ -106,21 +155,23 @@ def prepare(model, loss_models, spec: EditSpec, latent_shape, mesh,
                                "vgg": loss_models.params["vgg"]}, mesh)
   x_T = parallel.shard(parallel.pad_batch(x_T, size), mesh)
   run_noise = parallel.shard(parallel.pad_batch(run_noise, size, axis=1), mesh, axis=1)
-  prompts = parallel.replicate(pipeline.PromptPair(c0, c1, uncond), mesh)
+  prompts = parallel.replicate(pipeline.PromptPair(emb[0:-1:2], emb[1:-1:2], emb[-1]), mesh)
   guidance = jnp.asarray(spec.guidance, jnp.float32)
   tables = parallel.replicate(schedule.StepTables(*(jnp.asarray(t) for t in tables)), mesh)
   problem = optimize.EditProblem(
       x_T=x_T, noise=run_noise, prompts=prompts, guidance=guidance, tables=tables,
-      reference=None, text0=text0, text1=text1,
-      mask=parallel.shard(parallel.mask(n, size), mesh))
+      reference=None, text0=parallel.replicate(feats[0::2], mesh),
+      text1=parallel.replicate(feats[1::2], mesh),
+      mask=parallel.shard(parallel.mask(n, size), mesh),
+      group=parallel.shard(parallel.pad_batch(jnp.asarray(group), size), mesh))
   render = optimize.make_render_fn(nets, spec.sampler_config)
-  reference = render(params["sd"], problem, jnp.zeros((spec.num_steps,), jnp.float32))
+  reference = render(params["sd"], problem, jnp.zeros(spec.init_lambda().shape, jnp.float32))
   if loss_cfg.round_reference:  # the release saves the reference as 8-bit and reloads it
     reference = optimize.round_to_uint8_levels(reference)
   return Prepared(nets, render, params, problem._replace(reference=reference), n)
 
 
-def _effective_loss(spec: EditSpec) -> optimize.LossConfig:
+def _effective_loss(spec: EditSpec | EditSet) -> optimize.LossConfig:
   if spec.faithful:
     return dataclasses.replace(spec.loss, preprocess="release", round_reference=True)
   return spec.loss
@@ -181,7 +232,7 @@ def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
     t0 = time.perf_counter()
     state, metrics, images = update(state, prep.params, prep.problem)
     jax.block_until_ready(state)
-    metrics = {name: float(v) for name, v in metrics.items()}
+    metrics = _host_metrics(metrics, single=not isinstance(spec, EditSet))
     metrics["iteration"] = k + 1
     history.append(metrics)
     if on_iteration is not None:
@@ -194,12 +245,39 @@ def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
     per_it = float(np.mean(times[1:])) if len(times) > 1 else times[0]
     note = " (incl. compile)" if len(times) == 1 else ""
     log(f"iteration {k + 1}/{total}: loss={metrics['loss']:.4f} "
-        f"l_dir={metrics['l_dir']:.4f} l_perc={metrics['l_perc']:.4f} "
+        f"l_dir={_fmt(metrics['l_dir'])} l_perc={_fmt(metrics['l_perc'])} "
         f"|grad|={metrics['grad_norm']:.3g} {per_it:.2f}s/it{note} "
         f"ETA {per_it * (total - k - 1):.0f}s")
   if checkpointer is not None:
     checkpointer.wait()
   return np.asarray(state.lam), history, prev_lam
+
+
+def _host_metrics(metrics: dict, single: bool) -> dict:
+  """Device metrics -> JSON-able floats; per-edit [K] terms become lists (a float for one
+  EditSpec)."""
+  out = {}
+  for name, value in metrics.items():
+    value = np.asarray(value)
+    out[name] = (float(value.reshape(-1)[0]) if value.ndim == 0 or single
+                 else [float(v) for v in value])
+  return out
+
+
+def edit_history(history: list[dict], k: int, beta: float) -> list[dict]:
+  """The loss history of edit k of an EditSet run (per-edit terms picked out, loss recomputed
+  as that edit's L_dir + beta * L_perc); a single edit's history is returned unchanged."""
+  if not history or not isinstance(history[0]["l_dir"], list):
+    return history
+  return [{"iteration": h["iteration"], "l_dir": h["l_dir"][k], "l_perc": h["l_perc"][k],
+           "loss": h["l_dir"][k] + beta * h["l_perc"][k], "grad_norm": h["grad_norm"]}
+          for h in history]
+
+
+def _fmt(value) -> str:
+  if isinstance(value, list):
+    return "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
+  return f"{value:.4f}"
 
 
 def final_images(prep: Prepared, spec: EditSpec, lam, prev_lam) -> np.ndarray:

@@ -142,8 +142,8 @@ def directional_clip_loss(img_feat_orig: jax.Array, img_feat_edit: jax.Array,
   Args:
     img_feat_orig: [B, E] CLIP image features of the original (lambda = 0) images.
     img_feat_edit: [B, E] CLIP image features of the edited images.
-    txt_feat0: [E] CLIP text features of the neutral prompt c0.
-    txt_feat1: [E] CLIP text features of the target prompt c1.
+    txt_feat0: [E] (or [B, E], one per image) CLIP text features of the neutral prompt c0.
+    txt_feat1: [E] (or [B, E]) CLIP text features of the target prompt c1.
 
   d_img = orig - edit and d_txt = text0 - text1 (both "neutral minus target"), so the loss is
   0 when the edit moves the image exactly along the text direction and 2 when opposite.
@@ -154,13 +154,14 @@ def directional_clip_loss(img_feat_orig: jax.Array, img_feat_edit: jax.Array,
         f"{tuple(img_feat_edit.shape)} must both be [B, E] with the same shape.")
   width = img_feat_orig.shape[-1]
   for name, feat in (("txt_feat0", txt_feat0), ("txt_feat1", txt_feat1)):
-    if tuple(feat.shape) != (width,):
+    if tuple(feat.shape) not in ((width,), (img_feat_orig.shape[0], width)):
       raise ValueError(
           f"{name} has shape {tuple(feat.shape)}; expected [E] = ({width},) like the image "
-          "features (loss_models.encode_texts returns [N, E]: index one row).")
+          f"features, or [B, E] = {tuple(img_feat_orig.shape)} (one per image) "
+          "(loss_models.encode_texts returns [N, E]: index one row).")
   d_img = img_feat_orig - img_feat_edit
   d_txt = (txt_feat0 - txt_feat1).astype(d_img.dtype)
-  return 1.0 - cosine_similarity(d_img, d_txt[None, :])
+  return 1.0 - cosine_similarity(d_img, jnp.broadcast_to(d_txt, d_img.shape))
 
 
 def vgg_features(vgg_apply_fn: VggApplyFn, params, images: jax.Array,

@@ -9,6 +9,11 @@ into lambda (float32 [T]); nothing else is trained. With a batch of seeds the lo
 (masked) mean over the batch, so one lambda is learned for all of them; the batch may be
 sharded over devices (parallel.py) without changing this code.
 
+Several edits (K attributes, each with its own prompts and seeds) can be learned in one
+program: lambda is then [K, T], each batch item belongs to one edit (``EditProblem.group``),
+and the loss is the sum over edits of each edit's masked mean. The edits share no term and
+Adam is elementwise, so this equals K separate optimisations, in one compiled program.
+
 Everything traced lives in ``EditProblem`` (arrays) and the params; everything static (apply
 functions, sizes, sampler kind, loss weights, optimiser) lives in ``Objective`` and the optax
 transformation, so one program is compiled per shape and reused every iteration.
@@ -84,12 +89,13 @@ class EditProblem(NamedTuple):
 
   Attributes:
     x_T: [B, H, W, C]; noise: [T, B, H, W, C] (noise.draw, or an inversion's residuals).
-    prompts: c0, c1, uncond embeddings [L, D].
+    prompts: c0, c1 [K, L, D] of each of the K edits; uncond [L, D].
     guidance: [] CFG scale.
     tables: schedule.StepTables of T steps.
     reference: [B, h, w, 3] the pure-c0 images the loss compares against.
-    text0, text1: [E] CLIP text features of the neutral and the target prompt.
+    text0, text1: [K, E] CLIP text features of each edit's neutral and target prompt.
     mask: [B] 1 for real items, 0 for padding (parallel.pad_batch).
+    group: [B] int32, the edit (in [0, K)) each item belongs to.
   """
 
   x_T: jax.Array
@@ -101,6 +107,16 @@ class EditProblem(NamedTuple):
   text0: jax.Array
   text1: jax.Array
   mask: jax.Array
+  group: jax.Array
+
+
+def per_item(lam, prompts: pipeline.PromptPair, group):
+  """lambda [T] (one edit) or [K, T], prompts [K, L, D], group [B] -> ([T, B] lambda of each
+  item, per-item PromptPair with c0, c1 [B, L, D])."""
+  lam = jnp.asarray(lam)
+  lam_k = lam[None] if lam.ndim == 1 else lam
+  return lam_k[group].T, pipeline.PromptPair(c0=prompts.c0[group], c1=prompts.c1[group],
+                                             uncond=prompts.uncond)
 
 
 class TrainState(NamedTuple):
@@ -121,23 +137,29 @@ def round_to_uint8_levels(images: jax.Array) -> jax.Array:
 
 def objective(lam, params, problem: EditProblem, nets: Networks, loss_cfg: LossConfig,
               sampler_cfg: sampler.SamplerConfig):
-  """Returns (loss [], aux) with aux = {"l_dir", "l_perc" (masked means), "images" [B,...]}.
+  """Returns (loss [], aux) with aux = {"l_dir", "l_perc" [K] (each edit's masked mean),
+  "images" [B, h, w, 3]}; loss = sum over the K edits of L_dir + beta * L_perc.
 
-  params: {"sd": {"unet", "vae"}, "clip": ..., "vgg": ...}.
+  lam: [T] (one edit, K = 1) or [K, T]. params: {"sd": {"unet", "vae"}, "clip", "vgg"}.
   """
-  images = pipeline.render(nets.eps, nets.decode, params["sd"], problem.x_T, problem.noise, lam,
-                           problem.prompts, problem.guidance, problem.tables, sampler_cfg)
+  num_edits = 1 if jnp.ndim(lam) == 1 else lam.shape[0]
+  lam_items, prompts = per_item(lam, problem.prompts, problem.group)
+  images = pipeline.render(nets.eps, nets.decode, params["sd"], problem.x_T, problem.noise,
+                           lam_items, prompts, problem.guidance, problem.tables, sampler_cfg)
   f_ref = losses.clip_image_features(nets.clip_image, params["clip"], problem.reference,
                                      loss_cfg.preprocess, nets.clip_image_size)
   f_edit = losses.clip_image_features(nets.clip_image, params["clip"], images,
                                       loss_cfg.preprocess, nets.clip_image_size)
-  l_dir = losses.directional_clip_loss(f_ref, f_edit, problem.text0, problem.text1)
+  l_dir = losses.directional_clip_loss(f_ref, f_edit, problem.text0[problem.group],
+                                       problem.text1[problem.group])
   l_perc = losses.vgg_perceptual_loss(nets.vgg, params["vgg"], images, problem.reference,
                                       nets.vgg_input_size)
-  w = problem.mask / jnp.sum(problem.mask)
+  count = jax.ops.segment_sum(problem.mask, problem.group, num_segments=num_edits)
+  w = problem.mask / count[problem.group]
   # where, not a product: a padded item can never leak in, not even as 0 * inf.
-  l_dir, l_perc = (jnp.sum(jnp.where(problem.mask > 0, w * l, 0)) for l in (l_dir, l_perc))
-  loss = l_dir + loss_cfg.beta * l_perc
+  l_dir, l_perc = (jax.ops.segment_sum(jnp.where(problem.mask > 0, w * l, 0), problem.group,
+                                       num_segments=num_edits) for l in (l_dir, l_perc))
+  loss = jnp.sum(l_dir + loss_cfg.beta * l_perc)
   return loss, {"l_dir": l_dir, "l_perc": l_perc, "images": images}
 
 
@@ -149,7 +171,7 @@ def update_step(state: TrainState, params, problem: EditProblem, *, nets: Networ
   (loss, aux), grad = grad_fn(state.lam, params, problem, nets, loss_cfg, sampler_cfg)
   updates, opt_state = tx.update(grad, state.opt_state, state.lam)
   lam = optax.apply_updates(state.lam, updates)
-  metrics = {"loss": loss, "l_dir": aux["l_dir"], "l_perc": aux["l_perc"],
+  metrics = {"loss": loss, "l_dir": aux["l_dir"], "l_perc": aux["l_perc"],  # [K] per edit
              "grad_norm": jnp.linalg.norm(grad)}
   return TrainState(state.step + 1, lam, opt_state), metrics, aux["images"]
 
@@ -172,12 +194,13 @@ def make_render_fn(nets: Networks, sampler_cfg: sampler.SamplerConfig) -> Callab
   renders). It reads only the sampler inputs of ``problem``, so the reference images and the
   mask may change without a recompile."""
   @jax.jit
-  def _render(sd_params, x_T, noise, prompts, guidance, tables, lam):
-    return pipeline.render(nets.eps, nets.decode, sd_params, x_T, noise, lam, prompts, guidance,
-                           tables, sampler_cfg)
+  def _render(sd_params, x_T, noise, prompts, guidance, tables, group, lam):
+    lam_items, item_prompts = per_item(lam, prompts, group)
+    return pipeline.render(nets.eps, nets.decode, sd_params, x_T, noise, lam_items,
+                           item_prompts, guidance, tables, sampler_cfg)
 
   def render(sd_params, problem: EditProblem, lam):
     return _render(sd_params, problem.x_T, problem.noise, problem.prompts, problem.guidance,
-                   problem.tables, lam)
+                   problem.tables, problem.group, lam)
 
   return render

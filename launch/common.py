@@ -85,8 +85,9 @@ def as_paths(value) -> tuple[str, ...]:
   if not value:
     return ()
   if isinstance(value, str):
-    return tuple(p.strip() for p in value.split(",") if p.strip())
-  return tuple(value)
+    value = (value,)
+  # ml_collections may hand "a,b" over as the tuple ("a,b",): split every entry.
+  return tuple(p.strip() for v in value for p in str(v).split(",") if p.strip())
 
 
 def load_model(model_cfg):
@@ -122,6 +123,24 @@ def edit_spec(cfg, **overrides):
   fields.setdefault("sampler", cfg.get("sampler"))
   fields.setdefault("eta", cfg.get("eta"))
   return disentangle.EditSpec(**fields)
+
+
+def edit_set(cfg):
+  """configs/disentangle.py with `attributes` -> (names, disentangle.EditSet)."""
+  from disentangle_jax import disentangle  # noqa: PLC0415
+  names = as_paths(cfg.attributes)
+  unknown = [n for n in names if n not in cfg.presets]
+  if unknown:
+    raise ValueError(f"attributes {unknown} are not presets; choose from "
+                     f"{', '.join(sorted(cfg.presets))}.")
+  if len(set(names)) != len(names):
+    raise ValueError(f"attributes {list(names)} lists a preset twice.")
+  specs = []
+  for name in names:
+    p = cfg.presets[name]
+    specs.append(edit_spec(cfg, prompt=p.prompt, attribute=p.attribute, t_star=p.t_star,
+                           lambda_late=p.lambda_late))
+  return names, disentangle.EditSet(tuple(specs))
 
 
 def learned_weights(spec, model, cfg, lam, history):

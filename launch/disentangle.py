@@ -6,9 +6,15 @@ Writes to the workdir: original.png (pure c0), edited.png, pair.png (original | 
 seed), strip.png (the edited image at every iteration), lambda.png, losses.png, metrics.jsonl,
 weights.json (the exported lambda, for the other commands), config.json, and checkpoints/
 (orbax). Killed at any point, the same command resumes and ends with the same lambda.
+
+With --config.attributes=smile,snow,... the presets are learned together in one compiled,
+sharded program (one lambda each, every preset on all of `seeds`); each gets a folder
+<preset>/ with its original/edited/pair/lambda images and weights.json.
 """
 import json
 import os
+
+import numpy as np
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -34,13 +40,20 @@ def main(argv):
   common.setup_process()
   with common.user_errors():
     out_dir = workdir.ensure_writable(_WORKDIR.value)
-    spec = common.edit_spec(cfg)
+    if cfg.attributes:  # several edits learned together: one lambda [K, T]
+      names, spec = common.edit_set(cfg)
+      edits = spec.specs
+    else:
+      names, spec = ("",), common.edit_spec(cfg)
+      edits = (spec,)
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
   mesh = parallel.make_mesh()
-  logging.info("c0=%r c1=%r seeds=%s, %d steps, latents %s, %d device(s)", spec.prompt,
-               spec.target_prompt, spec.seeds, spec.num_steps, shape, mesh.size)
+  for e in edits:
+    logging.info("c0=%r c1=%r seeds=%s", e.prompt, e.target_prompt, e.seeds)
+  logging.info("%d edit(s), %d steps, latents %s, %d device(s)", len(edits), spec.num_steps,
+               shape, mesh.size)
   prep = disentangle.prepare(model, loss_models, spec, shape, mesh)
   iter_dir = os.path.join(out_dir, "iterations")
   os.makedirs(iter_dir, exist_ok=True)
@@ -56,28 +69,45 @@ def main(argv):
   ckpt.close()
   edited = images.to_uint8(disentangle.final_images(prep, spec, lam, prev_lam))
   original = images.to_uint8(prep.problem.reference[:prep.num_items])
+  lams = lam.reshape(len(edits), -1)
 
   with workdir.staged(out_dir) as out:
-    rows = [str(s) for s in spec.seeds]
-    out.write_image("original.png", images.grid([[o] for o in original], None, rows))
-    out.write_image("edited.png", images.grid([[e] for e in edited], None, rows))
-    out.write_image("pair.png", images.grid([[o, e] for o, e in zip(original, edited)],
-                                            ["original", "edited"], rows))
+    start = 0
+    for k, (name, e) in enumerate(zip(names, edits)):  # one folder per edit when several
+      sub = f"{name}/" if name else ""
+      items = slice(start, start + len(e.seeds))
+      start += len(e.seeds)
+      history_k = disentangle.edit_history(history, k, e.loss.beta)
+      _write_edit(out, sub, e, lams[k], original[items], edited[items], history_k)
+      out.write_json(sub + "weights.json",
+                     common.learned_weights(e, model, cfg, lams[k], history_k).to_json())
     strip = [images.load_png(os.path.join(iter_dir, f"iter_{k:03d}.png"))
              for k in range(1, len(history) + 1)]
     out.write_image("strip.png", images.grid([strip], [f"it {k}" for k in range(len(strip))]))
     out.write_text("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     if plots.available():
-      out.write_bytes("lambda.png", plots.lambda_plot(spec.init_lambda(), lam))
-      out.write_bytes("losses.png", plots.loss_plot(history, spec.loss.beta))
-    else:
-      logging.warning("matplotlib is not installed: lambda.png and losses.png are skipped "
-                      "(pip install matplotlib).")
+      total = [dict(h, l_dir=float(np.sum(h["l_dir"])), l_perc=float(np.sum(h["l_perc"])))
+               for h in history]
+      out.write_bytes("losses.png", plots.loss_plot(total, spec.loss.beta))
     out.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
-    out.write_json("weights.json", common.learned_weights(spec, model, cfg, lam, history)
-                   .to_json())
-  logging.info("learned lambda: %s", [round(float(v), 3) for v in lam])
-  print(os.path.join(out_dir, "weights.json"))
+  for name, lam_k in zip(names, lams):
+    logging.info("learned lambda%s: %s", f" ({name})" if name else "",
+                 [round(float(v), 3) for v in lam_k])
+  print(os.path.join(out_dir, f"{names[0]}/weights.json" if names[0] else "weights.json"))
+
+
+def _write_edit(out, sub, spec, lam, original, edited, history):
+  """original / edited / pair / lambda plot of one edit (prefix ``sub``)."""
+  from disentangle_jax import images, plots  # noqa: PLC0415
+  rows = [str(s) for s in spec.seeds]
+  out.write_image(sub + "original.png", images.grid([[o] for o in original], None, rows))
+  out.write_image(sub + "edited.png", images.grid([[e] for e in edited], None, rows))
+  out.write_image(sub + "pair.png", images.grid([[o, e] for o, e in zip(original, edited)],
+                                                ["original", "edited"], rows))
+  if plots.available():
+    out.write_bytes(sub + "lambda.png", plots.lambda_plot(spec.init_lambda(), lam))
+  else:
+    logging.warning("matplotlib is not installed: plots are skipped (pip install matplotlib).")
 
 
 if __name__ == "__main__":

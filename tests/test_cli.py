@@ -136,3 +136,26 @@ def test_switch_refuses_mismatched_lambda_files(tmp_path, cache, kind, message):
              f"--config.lambda_files={path}")
   assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
   assert os.listdir(tmp_path / "wd") == []
+
+
+def test_disentangle_several_attributes_in_one_run(tmp_path, cache):
+  out = _run("disentangle", tmp_path, cache, "--config.attributes=smile,snow",
+             "--config.seeds=1,2", "--config.num_steps=24", "--config.optimizer.iterations=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "2 edit(s)" in out.stderr
+  for name, target, t_star in (("smile", "A photo of person, smiling", 20),
+                               ("snow", "A photo of church exterior, covered by snow", 12)):
+    w = json.loads((tmp_path / name / "weights.json").read_text())
+    assert w["target_prompt"] == target and w["seeds"] == [1, 2] and len(w["lambda"]) == 24
+    assert w["init_lambda"] == [0.0] * t_star + [1.0] * (24 - t_star)
+    assert [h["iteration"] for h in w["loss_history"]] == [1, 2]
+    for image in ("original.png", "edited.png", "pair.png"):
+      assert (tmp_path / name / image).is_file()
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().split("\n") if l]
+  assert len(rows) == 2 and len(rows[0]["l_dir"]) == 2
+
+
+def test_disentangle_unknown_attribute_is_refused(tmp_path, cache):
+  out = _run("disentangle", tmp_path / "wd", cache, "--config.attributes=smile,frowning")
+  assert out.returncode == 2 and "['frowning'] are not presets" in out.stderr, out.stderr[-2000:]
+  assert os.listdir(tmp_path / "wd") == []

@@ -125,9 +125,19 @@ def test_directional_loss_finite_when_edit_equals_original():
 def test_directional_loss_shape_errors():
   with pytest.raises(ValueError, match="img_feat_orig .* must both be"):
     losses.directional_clip_loss(jnp.zeros((2, 4)), jnp.zeros((3, 4)), jnp.zeros(4), jnp.zeros(4))
-  with pytest.raises(ValueError, match=r"txt_feat1 has shape \(2, 4\)"):
+  with pytest.raises(ValueError, match=r"txt_feat1 has shape \(3, 4\)"):
     losses.directional_clip_loss(jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.zeros(4),
-                                 jnp.zeros((2, 4)))
+                                 jnp.zeros((3, 4)))
+
+
+def test_directional_loss_takes_per_image_text_features():
+  rng = np.random.default_rng(0)
+  f0, f1 = (jnp.asarray(rng.standard_normal((2, 4)), jnp.float32) for _ in range(2))
+  t0, t1 = (jnp.asarray(rng.standard_normal((2, 4)), jnp.float32) for _ in range(2))
+  per_image = losses.directional_clip_loss(f0, f1, t0, t1)
+  for i in range(2):
+    np.testing.assert_allclose(per_image[i], losses.directional_clip_loss(
+        f0[i:i + 1], f1[i:i + 1], t0[i], t1[i])[0], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- tiny networks
