@@ -22,3 +22,21 @@ def loss_models_config() -> ml_collections.ConfigDict:
       allow_pickle=False,  # allow a pickled .pth VGG16 file
       tiny_seed=0,  # seed of the tiny random CLIP / VGG
   ))
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """The objective's weights (-> optimize.LossConfig)."""
+  return ml_collections.ConfigDict(dict(
+      beta=0.05,  # weight of the VGG content loss (0.03 for some attributes)
+      preprocess="standard",  # CLIP preprocessing when not faithful: "standard" | "release"
+  ))
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """The optimiser of lambda (-> optimize.OptimizerConfig)."""
+  return ml_collections.ConfigDict(dict(
+      name="adam",  # "adam" | "sgd" | "adamw"
+      learning_rate=0.05,  # the paper's
+      schedule="constant",  # "constant" | "cosine"
+      iterations=10,  # the paper's
+  ))

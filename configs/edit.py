@@ -53,16 +53,8 @@ def get_config(arg: str = "snow") -> ml_collections.ConfigDict:
   c.lambda_late = late  # ... and lambda_late afterwards
   c.remat = "full"  # rematerialise each sampling step: "none" | "full" | "dots" | "dots_no_batch"
   c.faithful = False  # reproduce the release's quirks (uint8 reference, its CLIP resize, ...)
-  c.loss = ml_collections.ConfigDict(dict(
-      beta=0.05,  # weight of the VGG content loss (0.03 for some attributes)
-      preprocess="standard",  # CLIP preprocessing when not faithful: "standard" | "release"
-  ))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam",  # "adam" | "sgd" | "adamw"
-      learning_rate=0.05,  # the paper's
-      schedule="constant",  # "constant" | "cosine"
-      iterations=10,  # the paper's
-  ))
+  c.loss = common.loss_config()
+  c.optimizer = common.optimizer_config()
   c.checkpoint_every = 1  # iterations between checkpoints (resume after a kill)
   if size == "sd":
     c.image_size = 512

@@ -1,6 +1,6 @@
 """The finding of METHOD.md section 1: condition the first T* steps on c0, the rest on c1.
 
-  python -m launch.switch --config=configs/switch.py --workdir=/tmp/switch
+  python -m launch.switch --config=configs/switch.py --workdir=workdir/switch
   python -m launch.switch --config=configs/switch.py:sd --config.model.path=/models/sd-v1-5 \
       --workdir=out/switch
 
