@@ -76,8 +76,19 @@ class StudySpec:
   batch_size: int = 4  # units (attribute, seed) per compiled call = per chunk
   preprocess: str = "standard"  # CLIP preprocessing of the metrics
   grid_seeds: int = 4  # sample images are kept for this many seeds (the first ones)
+  # Real-image mode: the units' "seeds" are indices into these image files, each inverted
+  # (DDIM, under the attribute's c0) instead of drawn from noise.
+  images: tuple[str, ...] = ()
+  inject_steps: int = 33  # inversion residuals injected in the first K steps
+  pin: str = "next"  # inversion target: "next" (correct) | "current" (the release's)
 
   def __post_init__(self):
+    if self.images:
+      if tuple(self.seeds) != tuple(range(len(self.images))):
+        raise ValueError("with images, seeds must be their indices 0..N-1 (set by the launcher).")
+      if self.sampler != "ddim" or self.eta != 0:
+        raise ValueError(f"sampler={self.sampler!r}, eta={self.eta}: real images are inverted "
+                         "with DDIM (eta = 0); set sampler='ddim' and eta=0.")
     if not isinstance(self.num_steps, int) or self.num_steps < 1:
       raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1 (50 in the paper).")
     noise.check_seeds(self.seeds)
@@ -301,17 +312,48 @@ def chunk_rows(spec: StudySpec, units: Sequence[tuple[int, int]],
   for j, (a, seed) in enumerate(units):
     for k, src in enumerate(spec.sources):
       row = {"source": src.label, "attribute": spec.attributes[a].name, "seed": seed}
+      if spec.images:
+        row["image"] = os.path.basename(spec.images[seed])
       row.update({name: float(values[name][j, k]) for name in metrics.METRIC_NAMES})
       rows.append(row)
   return rows
 
 
+def image_inputs(inverter, sd_params, pixels, inputs: StudyInputs, spec: StudySpec,
+                 sched: schedule.ScheduleConfig) -> Callable:
+  """Real-image mode's ``unit_inputs`` for ``run``: (attribute, image index) units ->
+  RunNoise, each image inverted under its attribute's c0 (inversion.invert_images).
+
+  pixels: [N, h, w, 3] in [0, 1], the study's images fitted to the model's size.
+  """
+  from disentangle_jax import inversion  # noqa: PLC0415
+  config = inversion.InversionConfig(num_steps=spec.num_steps, inject_steps=spec.inject_steps,
+                                     pin=spec.pin, guidance=spec.guidance)
+  c0, uncond = parallel.to_host(inputs.c0), parallel.to_host(inputs.uncond)
+
+  def unit_inputs(units) -> noise.RunNoise:
+    found = {}
+    for a in sorted({a for a, _ in units}):
+      idx = sorted({i for aa, i in units if aa == a})  # padding repeats units: invert once
+      inv = inversion.invert_images(inverter, sd_params, pixels[idx], c0[a], uncond, idx,
+                                    config, sched, spec.rng_seed)
+      for j, i in enumerate(idx):
+        found[(a, i)] = (inv.run.x_T[j], inv.run.noise[:, j])
+    return noise.RunNoise(x_T=jnp.stack([found[u][0] for u in units]),
+                          noise=jnp.stack([found[u][1] for u in units], axis=1))
+
+  return unit_inputs
+
+
 def run(evaluate: Callable, inputs: StudyInputs, spec: StudySpec, latent_shape, mesh,
-        out_dir: str, log: Callable[[str], None] = print, write: bool = True) -> int:
+        out_dir: str, log: Callable[[str], None] = print, write: bool = True,
+        unit_inputs: Callable | None = None) -> int:
   """Processes every chunk without a rows file; returns the number of chunks computed.
 
   ``write``: whether this process writes files (process 0 of a multi-host run); every process
   must still call ``evaluate`` on every chunk, since the computation is global.
+  ``unit_inputs(units) -> RunNoise``: x_T and noise of (attribute, seed) units; default: drawn
+  from the seeds (noise.draw); real images: ``image_inputs``.
   """
   size = parallel.padded_size(spec.batch_size, mesh)
   labels = ["c0"] + [s.label for s in spec.sources]
@@ -333,8 +375,11 @@ def run(evaluate: Callable, inputs: StudyInputs, spec: StudySpec, latent_shape, 
   for index in todo:
     units = spec.chunk(index)
     padded = units + [units[-1]] * (size - len(units))
-    drawn = noise.draw(jax.random.key(spec.rng_seed), np.asarray([s for _, s in padded]),
-                       latent_shape, sigma)
+    if unit_inputs is None:
+      drawn = noise.draw(jax.random.key(spec.rng_seed), np.asarray([s for _, s in padded]),
+                         latent_shape, sigma)
+    else:
+      drawn = unit_inputs(padded)
     values, rendered = evaluate(inputs, parallel.shard(np.asarray([a for a, _ in padded]), mesh),
                                 parallel.shard(np.asarray(drawn.x_T), mesh),
                                 parallel.shard(np.asarray(drawn.noise), mesh, axis=1))

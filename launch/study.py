@@ -30,7 +30,21 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/study.py", "Config 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
 
 
-def study_spec(cfg):
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder: str) -> tuple[str, ...]:
+  """The image files of ``folder`` (sorted; other files are ignored)."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"images_dir {folder!r} is not a folder: give a folder of images.")
+  files = tuple(os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                if n.lower().endswith(IMAGE_SUFFIXES))
+  if not files:
+    raise ValueError(f"images_dir {folder!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+  return files
+
+
+def study_spec(cfg, image_paths=()):
   """configs/study.py -> study.StudySpec (reads the weights files; validates every field)."""
   from configs import disentangle as presets  # noqa: PLC0415
   from disentangle_jax import study  # noqa: PLC0415
@@ -44,8 +58,10 @@ def study_spec(cfg):
   sources = study.load_sources(common.as_paths(cfg.weights_files), cfg.num_steps, cfg.sampler)
   sources += study.baseline_sources(cfg.num_steps, common.as_tuple(cfg.t_stars),
                                     cfg.lambda_late, cfg.include_c1)
+  seeds = tuple(range(len(image_paths))) if image_paths else common.as_tuple(cfg.seeds)
   return study.StudySpec(
-      sources=sources, attributes=tuple(attributes), seeds=common.as_tuple(cfg.seeds),
+      sources=sources, attributes=tuple(attributes), seeds=seeds, images=tuple(image_paths),
+      inject_steps=cfg.inject_steps, pin=cfg.pin,
       num_steps=cfg.num_steps, sampler=cfg.sampler, eta=cfg.eta, guidance=cfg.guidance,
       rng_seed=cfg.rng_seed, batch_size=cfg.batch_size, preprocess=cfg.preprocess,
       grid_seeds=cfg.grid_seeds)
@@ -56,7 +72,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # noqa: PLC0415
   from disentangle_jax import images, metrics, models, parallel, pipeline, plots  # noqa
-  from disentangle_jax import sampler, study, workdir  # noqa: PLC0415
+  from disentangle_jax import inversion, real_images, sampler, study, workdir  # noqa
+  import numpy as np  # noqa: PLC0415
 
   cfg = _CONFIG.value
   common.setup_process()
@@ -64,7 +81,9 @@ def main(argv):
   write = jax.process_index() == 0  # every process computes; process 0 writes
   with common.user_errors():
     out_dir = workdir.ensure_writable(_WORKDIR.value)
-    spec = study_spec(cfg)
+    paths = image_files(cfg.images_dir) if cfg.images_dir else ()
+    loaded = [real_images.load(p) for p in paths]  # every file checked before any compute
+    spec = study_spec(cfg, paths)
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
@@ -76,7 +95,18 @@ def main(argv):
       models.make_eps_fn(model.unet), models.make_decode_fn(model.vae, model.scaling_factor),
       sampler.SamplerConfig(kind=spec.sampler),
       metrics.from_loss_models(loss_models, spec.preprocess))
-  study.run(evaluate, inputs, spec, shape, mesh, out_dir, log=logging.info, write=write)
+  unit_inputs = None
+  if loaded:  # real images: fitted to the model's size, inverted per (attribute, image)
+    size = shape[0] * model.vae_scale_factor
+    fitted = [real_images.fit(im.pixels, size) for im in loaded]
+    for path, (_, note) in zip(paths, fitted):
+      if note:
+        logging.info("%s: %s", path, note)
+    unit_inputs = study.image_inputs(
+        inversion.make_inverter(model, spec.pin), model.params,
+        np.stack([px for px, _ in fitted]), inputs, spec, model.schedule)
+  study.run(evaluate, inputs, spec, shape, mesh, out_dir, log=logging.info, write=write,
+            unit_inputs=unit_inputs)
   if not write:
     return
 

@@ -10,6 +10,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from disentangle_jax import loss_models, losses, metrics, study
@@ -321,3 +322,35 @@ def test_tpu_pod_script_runs_the_command_on_every_worker(tmp_path):
   bad = subprocess.run(["bash", "launch/tpu_pod.sh", "my-pod"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
   assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+def test_study_of_a_folder_of_real_images(tmp_path, cache):
+  """Real images instead of seeds: each is inverted under each attribute's c0 and scored."""
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for name, size in (("b.png", (80, 64)), ("a.jpg", (64, 64))):
+    Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(folder / name)
+  (folder / "notes.txt").write_text("not an image: ignored")
+  out = _run(tmp_path / "wd", cache, "--config.num_steps=4", "--config.t_stars=2",
+             "--config.attributes=smile,snow", f"--config.images_dir={folder}",
+             "--config.inject_steps=4", "--config.batch_size=3", "--config.grid_seeds=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = _rows(tmp_path / "wd" / "rows.jsonl")
+  # 2 images x 2 attributes x 2 sources (T*=2, c1), each exactly once, images in name order.
+  assert len(rows) == 8
+  assert {(r["attribute"], r["image"], r["source"]) for r in rows} == {
+      (a, i, s) for a in ("smile", "snow") for i in ("a.jpg", "b.png") for s in ("T*=2", "c1")}
+  assert all(np.isfinite(r["content_distance"]) for r in rows)
+  assert "resized 64x80" in out.stderr  # b.png was fitted to the model's size, with a note
+
+
+def test_study_refuses_an_image_folder_with_plms_or_bad_images(tmp_path, cache):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+  out = _run(tmp_path / "wd", cache, f"--config.images_dir={folder}")
+  assert out.returncode == 2 and "broken.png" in out.stderr, out.stderr[-2000:]
+  assert os.listdir(tmp_path / "wd") == []
+  out = _run(tmp_path / "wd2", cache, f"--config.images_dir={tmp_path / 'nowhere'}")
+  assert out.returncode == 2 and "is not a folder" in out.stderr, out.stderr[-2000:]
