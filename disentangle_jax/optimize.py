@@ -15,8 +15,9 @@ and the loss is the sum over edits of each edit's masked mean. The edits share n
 Adam is elementwise, so this equals K separate optimisations, in one compiled program.
 
 Everything traced lives in ``EditProblem`` (arrays) and the params; everything static (apply
-functions, sizes, sampler kind, loss weights, optimiser) lives in ``Objective`` and the optax
-transformation, so one program is compiled per shape and reused every iteration.
+functions, sizes, sampler kind, loss weights, optimiser) lives in ``Networks``, ``LossConfig``,
+the sampler config and the optax transformation, so one program is compiled per shape and
+reused every iteration.
 """
 from __future__ import annotations
 
