@@ -40,3 +40,14 @@ def optimizer_config() -> ml_collections.ConfigDict:
       schedule="constant",  # "constant" | "cosine"
       iterations=10,  # the paper's
   ))
+
+
+def parse_preset_arg(arg: str, presets: dict, program: str) -> tuple[str, str]:
+  """"<preset>[,sd]" (the part after ":" in --config) -> (preset name, "" or "sd")."""
+  name, _, size = arg.partition(",")
+  if name not in presets:
+    raise ValueError(f"{program} has no preset {name!r}; presets: "
+                     f"{', '.join(sorted(presets))}.")
+  if size not in ("", "sd"):
+    raise ValueError(f"{program}: unknown size {size!r} after the preset; use ',sd'.")
+  return name, size

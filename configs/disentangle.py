@@ -38,12 +38,7 @@ PRESETS = {
 
 
 def get_config(arg: str = "smile") -> ml_collections.ConfigDict:
-  name, _, size = arg.partition(",")
-  if name not in PRESETS:
-    raise ValueError(f"configs/disentangle.py has no preset {name!r}; presets: "
-                     f"{', '.join(sorted(PRESETS))}.")
-  if size not in ("", "sd"):
-    raise ValueError(f"configs/disentangle.py: unknown size {size!r} after the preset; use ',sd'.")
+  name, size = common.parse_preset_arg(arg, PRESETS, "configs/disentangle.py")
   prompt, attribute, seed, t_star, late = PRESETS[name]
   c = ml_collections.ConfigDict()
   c.preset = name
