@@ -42,6 +42,12 @@ def optimizer_config() -> ml_collections.ConfigDict:
   ))
 
 
+def steps_of_50(c: ml_collections.ConfigDict, steps: int):
+  """A step count given for the paper's 50 steps that follows ``c.num_steps`` (rounded) until
+  it is set explicitly: --config.num_steps=10 alone moves T* = 20 to 4."""
+  return (c.get_ref("num_steps") * steps + 25) // 50
+
+
 def parse_preset_arg(arg: str, presets: dict, program: str) -> tuple[str, str]:
   """"<preset>[,sd]" (the part after ":" in --config) -> (preset name, "" or "sd")."""
   name, _, size = arg.partition(",")

@@ -18,11 +18,12 @@ The sampler is DDIM with eta = 0 (the inversion's residuals replace the random n
 import ml_collections
 
 from configs import common
+from configs import disentangle
 
-# name: (c0, attribute appended to make c1, seed, T*, lambda_late) -- METHOD.md section 7.
-PRESETS = {
-    "snow": ("A photo of church exterior", ", covered by snow", 42, 10, 1.1),
-}
+# name: (c0, attribute appended to make c1, seed, T*, lambda_late) -- METHOD.md section 7:
+# every preset of configs/disentangle.py; "snow" is the release's real-image example.
+PRESETS = dict(disentangle.PRESETS,
+               snow=("A photo of church exterior", ", covered by snow", 42, 10, 1.1))
 
 
 def get_config(arg: str = "snow") -> ml_collections.ConfigDict:
@@ -39,12 +40,16 @@ def get_config(arg: str = "snow") -> ml_collections.ConfigDict:
   c.seed = seed  # keys the forward-noised targets of the inversion
   c.rng_seed = 0  # base key; the seed's key is fold_in(key(rng_seed), seed)
   c.num_steps = 50  # sampling steps T (one weight per step)
-  c.inject_steps = 33  # residuals injected in the first K steps; num_steps = exact reconstruction
+  # residuals injected in the first K steps (33 of 50, scaled to num_steps); num_steps = exact
+  # reconstruction
+  c.inject_steps = common.steps_of_50(c, 33)
   c.pin = "next"  # reconstruction target: "next" (correct DDIM level) | "current" (the release's)
   c.encode_sample = False  # encode a VAE posterior sample (keyed by seed) instead of its mean
   c.guidance = 7.5  # classifier-free guidance scale (inversion, reconstruction and edit)
   c.image_size = 0  # px of the square model input; 0 = the model's native size
-  c.t_star = t_star  # hard-switch initialisation: lambda = 0 for the first T* steps
+  # hard-switch initialisation: lambda = 0 for the first T* steps (the preset's T* of 50 steps,
+  # scaled to num_steps)
+  c.t_star = common.steps_of_50(c, t_star)
   c.lambda_late = late  # ... and lambda_late afterwards
   c.remat = "full"  # rematerialise each sampling step: "none" | "full" | "dots" | "dots_no_batch"
   c.faithful = False  # reproduce the release's quirks (uint8 reference, its CLIP resize, ...)

@@ -20,17 +20,20 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = common.model_config()
   c.loss_models = common.loss_models_config()
+  c.num_steps = 50  # sampling steps T (weights files must match)
   c.weights_files = ""  # learned sources: weights.json files of launch.disentangle (comma list)
-  c.t_stars = (10, 20, 30)  # baseline sources: hard switch from c0 to c1 after T* steps
+  # baseline sources: hard switch from c0 to c1 after T* steps (comma list); "" = 10,20,30 of
+  # 50 steps, scaled to num_steps
+  c.t_stars = ""
   c.lambda_late = 1.0  # lambda after the baseline switches
   c.include_c1 = True  # baseline source: pure c1 at every step
   c.attributes = "smile,angry,young"  # preset names of configs/disentangle.py (comma list)
   c.seeds = tuple(range(8))  # every (source, attribute) is scored on each seed
   c.images_dir = ""  # a folder of real images: scored instead of seeds (inverted, DDIM only)
-  c.inject_steps = 33  # real images: inversion residuals injected in the first K steps
+  # real images: inversion residuals injected in the first K steps (33 of 50, scaled)
+  c.inject_steps = common.steps_of_50(c, 33)
   c.pin = "next"  # real images: inversion target "next" (correct) | "current" (the release's)
   c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
-  c.num_steps = 50  # sampling steps T (weights files must match)
   c.sampler = "ddim"  # "ddim" | "plms" (weights files must match)
   c.eta = 0.0  # DDIM stochasticity
   c.guidance = 7.5  # classifier-free guidance scale

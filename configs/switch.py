@@ -25,9 +25,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.sampler = "ddim"  # "ddim" | "plms" (the reference release's sampler)
   c.eta = 0.0  # DDIM stochasticity; the noise is fixed per seed either way
   c.guidance = 7.5  # classifier-free guidance scale
-  c.t_stars = (10, 20, 30)  # grid columns: switch from c0 to c1 after T* steps
+  # grid columns: switch from c0 to c1 after T* steps (comma list); "" = 10,20,30 of 50 steps,
+  # scaled to num_steps
+  c.t_stars = ""
   c.lambda_late = 1.0  # lambda after the switch (1.0-1.2 in the paper)
-  c.lambda_files = ()  # extra columns: weights.json from launch.disentangle, or .json/.npy/.txt
+  # extra columns (comma list): weights.json from launch.disentangle, or .json/.npy/.txt
+  c.lambda_files = ""
   c.image_size = 0  # output size in px; 0 = the model's native size
   c.batch_size = 8  # images per compiled sampler call
   if arg == "sd":

@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import mixing, noise, optimize, parallel, pipeline, sampler, schedule
+from disentangle_jax import errors, mixing, noise, optimize, parallel, pipeline, sampler
+from disentangle_jax import run_identity, schedule
+
+# |lambda_late| bound: lambda weights the target prompt; values far past 1 only extrapolate
+# the embedding into noise.
+MAX_LAMBDA = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +45,12 @@ class EditSpec:
   optimizer: optimize.OptimizerConfig = optimize.OptimizerConfig()
 
   def __post_init__(self):
-    if not isinstance(self.num_steps, int) or self.num_steps < 1:
-      raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1 (50 in the paper).")
+    sampler.check_settings(self.num_steps, self.sampler, self.eta, self.guidance)
     noise.check_seeds(self.seeds)
     mixing.check_t_star(self.num_steps, self.t_star)
     sampler.SamplerConfig(kind=self.sampler, remat=self.remat)
-    if self.sampler == "plms" and self.eta != 0:
-      raise ValueError(f"eta={self.eta} with sampler='plms': PLMS is deterministic; set eta=0.")
+    errors.check_number("lambda_late", self.lambda_late, low=-MAX_LAMBDA, high=MAX_LAMBDA,
+                        hint="1.0-1.2 in the paper.")
     if not self.prompt.strip() or not self.attribute.strip():
       raise ValueError("prompt and attribute must be non-empty (c1 = prompt + attribute).")
 
@@ -199,58 +203,118 @@ def _replicated(prep: Prepared):
   return parallel.replicated(prep.problem.mask.sharding.mesh)
 
 
+def run_identity_of(spec: EditSpec | EditSet, identity: dict | None = None) -> dict:
+  """The identity a checkpoint of this optimisation records: every spec field, plus what the
+  caller adds (the program's config: model, loss models, image size; run_identity.of_config)."""
+  return run_identity.flatten({"spec": dataclasses.asdict(spec)}) | dict(identity or {})
+
+
+def _check_meta(meta: dict, spec, current: dict, directory: str) -> None:
+  fix = f"use a new --workdir (or delete {directory} to start over)"
+  if "identity" in meta:
+    run_identity.check(meta["identity"], current, f"the checkpoints in {directory}", fix)
+  elif meta.get("fingerprint") != spec.fingerprint():
+    raise errors.RunMismatch(f"the checkpoints in {directory} belong to a run with other "
+                             f"settings: {fix}.")
+
+
+def check_resumable(checkpointer, spec: EditSpec | EditSet, identity: dict | None = None) -> None:
+  """Refuses, before any compilation, to resume checkpoints of a run with other settings
+  (errors.RunMismatch listing the fields). Unreadable checkpoints are left to ``optimise``."""
+  current = run_identity_of(spec, identity)
+  for step in reversed(checkpointer.steps()):
+    try:
+      meta = checkpointer.read_meta(step)
+    except Exception:  # noqa: BLE001 -- damaged: optimise reports and skips it
+      continue
+    _check_meta(meta, spec, current, checkpointer.directory)
+    return
+
+
 def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
              on_iteration: Callable[[int, dict, np.ndarray], None] | None = None,
-             log: Callable[[str], None] = print):
+             log: Callable[[str], None] = print, identity: dict | None = None):
   """Runs (or resumes) the optimisation. Returns (lambda [T], history, lambda before the last
   update).
 
   ``checkpointer`` (checkpoint.Checkpointer) saves after every iteration; a run restarted with
-  the same spec resumes from the latest checkpoint and ends with bit-identical lambda.
-  ``on_iteration(k, metrics, images)`` gets each iteration's images (rendered with the lambda
-  before that iteration's update), unpadded, as float [B, h, w, 3].
+  the same spec and ``identity`` resumes from the newest readable checkpoint and ends with
+  bit-identical lambda; one with other settings is refused (errors.RunMismatch, listing the
+  fields). ``on_iteration(k, metrics, images)`` gets each iteration's images (rendered with
+  the lambda before that iteration's update), unpadded, as float [B, h, w, 3].
+
+  NaN guard: an iteration whose loss, gradient or new lambda is not finite is never
+  checkpointed; the run stops with errors.NonFinite naming the iteration and the checkpoint
+  it kept.
   """
   update, tx = make_update_fn(prep, spec)
   state = initial_state(prep, spec, tx)
   history, prev_lam = [], np.asarray(state.lam)
+  current = run_identity_of(spec, identity)
   if checkpointer is not None:
-    restored = checkpointer.restore(state)
+    check_meta = functools.partial(_check_meta, spec=spec, current=current,
+                                   directory=checkpointer.directory)
+    restored = checkpointer.restore(state, check_meta=check_meta, log=log)
     if restored is not None:
       state, meta = restored
-      if meta.get("fingerprint") != spec.fingerprint():
-        raise ValueError(
-            f"the checkpoints in {checkpointer.directory} belong to a run with other settings; "
-            "use a new workdir, or delete its checkpoints to start over.")
       history, prev_lam = list(meta["history"]), np.asarray(meta["prev_lam"], np.float32)
       state = jax.device_put(state, _replicated(prep))
       log(f"resumed from iteration {int(state.step)} of {spec.optimizer.iterations}")
   total = spec.optimizer.iterations
   times = []
+  if int(state.step) < total:
+    log("compiling the update step (the first iteration includes it) ...")
   while int(state.step) < total:
     k = int(state.step)
-    prev_lam = np.asarray(state.lam)
+    prev_lam_next = np.asarray(state.lam)
     t0 = time.perf_counter()
     state, metrics, images = update(state, prep.params, prep.problem)
     jax.block_until_ready(state)
     metrics = _host_metrics(metrics, single=not isinstance(spec, EditSet))
+    _check_finite(k + 1, metrics, np.asarray(state.lam), checkpointer)
+    prev_lam = prev_lam_next
     metrics["iteration"] = k + 1
     history.append(metrics)
     if on_iteration is not None:
       on_iteration(k + 1, metrics, np.asarray(images)[:prep.num_items])
     if checkpointer is not None:
       checkpointer.save(k + 1, state, {"history": history, "prev_lam": prev_lam.tolist(),
-                                       "fingerprint": spec.fingerprint()})
+                                       "fingerprint": spec.fingerprint(), "identity": current})
     times.append(time.perf_counter() - t0)
-    # The first iteration of a process includes compilation: leave it out of the rate.
-    per_it = float(np.mean(times[1:])) if len(times) > 1 else times[0]
-    note = " (incl. compile)" if len(times) == 1 else ""
+    # The first iteration of a process includes compilation: it gives no rate and no ETA.
+    if len(times) == 1:
+      timing = f"{times[0]:.2f}s incl. compile, ETA after the next iteration"
+    else:
+      per_it = float(np.mean(times[1:]))
+      timing = f"{per_it:.2f}s/it ETA {per_it * (total - k - 1):.0f}s"
+    if k + 1 == total:
+      timing = timing.split(" ETA")[0] + ", done"
     log(f"iteration {k + 1}/{total}: loss={metrics['loss']:.4f} "
         f"l_dir={_fmt(metrics['l_dir'])} l_perc={_fmt(metrics['l_perc'])} "
-        f"|grad|={metrics['grad_norm']:.3g} {per_it:.2f}s/it{note} "
-        f"ETA {per_it * (total - k - 1):.0f}s")
+        f"|grad|={metrics['grad_norm']:.3g} {timing}")
   if checkpointer is not None:
     checkpointer.wait()
   return np.asarray(state.lam), history, prev_lam
+
+
+def _check_finite(iteration: int, metrics: dict, lam: np.ndarray, checkpointer) -> None:
+  bad = [name for name in ("loss", "l_dir", "l_perc", "grad_norm")
+         if not np.all(np.isfinite(metrics[name]))]
+  if not np.all(np.isfinite(lam)):
+    bad.append("lambda")
+  if not bad:
+    return
+  if checkpointer is not None:
+    checkpointer.wait()
+    last_good = checkpointer.latest_step()
+    kept = (f"the last good checkpoint, iteration {last_good}, is kept in "
+            f"{checkpointer.directory}" if last_good else "no checkpoint was written yet")
+  else:
+    kept = "nothing was saved"
+  raise errors.NonFinite(
+      f"iteration {iteration} produced a non-finite {', '.join(bad)} (diverged); {kept}. Lower "
+      "optimizer.learning_rate or loss.beta and run again (a rerun with other settings needs a "
+      "new --workdir).")
 
 
 def _host_metrics(metrics: dict, single: bool) -> dict:

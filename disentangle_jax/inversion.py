@@ -66,8 +66,7 @@ class InversionConfig:
     if self.pin not in PIN_MODES:
       raise ValueError(f"pin={self.pin!r} is unknown; use one of {PIN_MODES} ('next' = correct "
                        "DDIM target, 'current' = the release's).")
-    if not np.isfinite(self.guidance):
-      raise ValueError(f"guidance={self.guidance!r} must be a finite number (7.5 in the paper).")
+    sampler.check_settings(self.num_steps, "ddim", 0.0, self.guidance)
 
 
 def target_noise(base_key: jax.Array, seeds, num_steps: int, latent_shape,

@@ -32,7 +32,7 @@ from flax import traverse_util
 from transformers import modeling_flax_pytorch_utils
 from transformers.models.clip import modeling_flax_clip
 
-from disentangle_jax import losses
+from disentangle_jax import library_logs, losses
 
 Params = Any
 
@@ -297,6 +297,7 @@ def tiny_clip_config(tokenizer) -> transformers.CLIPConfig:
                                  projection_dim=TINY_CLIP_PROJECTION)
 
 
+@library_logs.quietly
 def _clip_shapes(config: transformers.CLIPConfig) -> tuple[nn.Module, dict]:
   """The Flax CLIP module and its flat {key tuple: ShapeDtypeStruct} (nothing is computed)."""
   module = modeling_flax_clip.FlaxCLIPModule(config)
@@ -451,6 +452,7 @@ def _load_tokenizer(path: str):
 # Both
 
 
+@library_logs.quietly
 def load_loss_models(cfg: LossModelConfig = LossModelConfig(), tokenizer=None) -> LossModels:
   """Builds CLIP and VGG16 from cfg (local files, or tiny random networks when paths are None).
 

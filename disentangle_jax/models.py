@@ -38,7 +38,7 @@ import safetensors.numpy
 import transformers
 from transformers.models.clip import tokenization_clip
 
-from disentangle_jax import convert
+from disentangle_jax import convert, library_logs
 from disentangle_jax import schedule as schedule_lib
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def make_eps_fn(unet) -> Callable:
 
   Closes over the module only. The output has the module's compute dtype.
   """
+  @library_logs.quietly
   def eps_fn(params, x, t, emb):
     if x.ndim != 4 or emb.ndim != 3 or emb.shape[0] != x.shape[0]:
       raise ValueError(f"eps_fn needs x [N, H, W, C] and emb [N, L, D] with the same N; got x "
@@ -152,6 +153,7 @@ def make_decode_fn(vae, scaling_factor: float) -> Callable:
   """
   channels = vae.config.latent_channels
 
+  @library_logs.quietly
   def decode(params, latents):
     if latents.ndim != 4 or latents.shape[-1] != channels:
       raise ValueError(f"decode needs latents [B, H, W, {channels}] (NHWC); got shape "
@@ -170,6 +172,7 @@ def make_encode_fn(vae, scaling_factor: float) -> Callable:
   """
   factor = vae_scale_factor(vae.config)
 
+  @library_logs.quietly
   def encode(params, images, key=None):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"encode needs images [B, h, w, 3] in [0, 1]; got shape "
@@ -193,6 +196,7 @@ def make_text_fn(text_encoder) -> Callable:
   """
   module = text_encoder.module
 
+  @library_logs.quietly
   def text_fn(params, ids):
     ids = jnp.asarray(ids, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
@@ -425,6 +429,7 @@ def _random_params(shape_tree, seed: Sequence[int]) -> dict:
   return traverse_util.unflatten_dict(out)
 
 
+@library_logs.quietly
 def build_tiny(config: ModelConfig = ModelConfig()) -> StableDiffusion:
   """A tiny random Stable Diffusion, deterministic in ``config.tiny_seed``; no files read.
 
@@ -576,6 +581,7 @@ def _load_dir(config: ModelConfig) -> StableDiffusion:
       scaling_factor=float(vae_cfg.get("scaling_factor", _SD_SCALING_FACTOR)))
 
 
+@library_logs.quietly
 def load(config: ModelConfig) -> StableDiffusion:
   """Loads the model at ``config.path`` (diffusers layout), or builds the tiny one if None."""
   if config.path is None:

@@ -28,7 +28,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from disentangle_jax import losses, pipeline, sampler, schedule
+from disentangle_jax import errors, losses, pipeline, sampler, schedule
+
+# Sane upper bounds of the objective's settings: lambda is O(1), so a larger learning rate or
+# content weight can only blow the run up (checked before any work; NaN guard in disentangle).
+MAX_LEARNING_RATE = 10.0
+MAX_BETA = 1e3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +48,8 @@ class LossConfig:
     if self.preprocess not in losses.PREPROCESS_MODES:
       raise ValueError(f"loss.preprocess={self.preprocess!r} is unknown; use one of "
                        f"{losses.PREPROCESS_MODES}.")
-    if not self.beta >= 0:
-      raise ValueError(f"loss.beta={self.beta!r} must be >= 0 (0.05 in the paper).")
+    errors.check_number("loss.beta", self.beta, low=0, high=MAX_BETA,
+                        hint="0.05 in the paper (0.03 for some attributes).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +66,10 @@ class OptimizerConfig:
       raise ValueError(f"optimizer.name={self.name!r} is unknown; use adam, sgd or adamw.")
     if self.schedule not in ("constant", "cosine"):
       raise ValueError(f"optimizer.schedule={self.schedule!r} is unknown; use constant or cosine.")
-    if not isinstance(self.iterations, int) or self.iterations < 1:
-      raise ValueError(f"optimizer.iterations={self.iterations!r} must be an integer >= 1.")
-    if not self.learning_rate > 0:
-      raise ValueError(f"optimizer.learning_rate={self.learning_rate!r} must be > 0.")
+    errors.check_number("optimizer.iterations", self.iterations, low=1, integer=True,
+                        hint="10 in the paper.")
+    errors.check_number("optimizer.learning_rate", self.learning_rate, low=0, low_open=True,
+                        high=MAX_LEARNING_RATE, hint="0.05 in the paper.")
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from disentangle_jax import errors
+
 SEEDS = "seeds"
 
 
@@ -83,11 +85,17 @@ def _split_address(coordinator: str) -> tuple[str, int]:
   return host, int(port)
 
 
-def wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
-  """Waits until something listens at HOST:PORT; a clear error after ``timeout_s`` seconds.
+_JOIN = b"disentangle-join "  # a peer's hello during the rendezvous: + its process id
+_ACK = b"ok"
+
+
+def wait_for_coordinator(coordinator: str, timeout_s: float, process_id: int = 1) -> None:
+  """Waits until process 0 answers at HOST:PORT; a clear error after ``timeout_s`` seconds.
 
   jax.distributed aborts the whole process (no Python exception) when it cannot reach the
-  coordinator, so processes other than 0 probe it first.
+  coordinator, so processes other than 0 first join process 0's rendezvous (``gather_peers``).
+  A server that answers anything else (JAX's coordination service, already running) counts
+  as reached too.
   """
   import socket  # noqa: PLC0415
   import time  # noqa: PLC0415
@@ -95,15 +103,59 @@ def wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
   deadline = time.monotonic() + timeout_s
   while True:
     try:
-      with socket.create_connection((host, port), timeout=_PROBE_INTERVAL_S):
-        return
+      with socket.create_connection((host, port), timeout=_PROBE_INTERVAL_S) as conn:
+        conn.sendall(_JOIN + str(process_id).encode())
+        conn.settimeout(max(1.0, _PROBE_INTERVAL_S))
+        if conn.recv(16) is not None:  # "ok", another server's bytes, or closed: reached
+          return
     except OSError as e:
       if time.monotonic() >= deadline:
-        raise ValueError(
+        raise errors.UserError(
             f"coordinator {coordinator} is unreachable after {timeout_s:g}s ({e}): start "
             "process 0 first on that host, check the address and port (and the firewall), or "
             "raise the timeout.") from None
       time.sleep(_PROBE_INTERVAL_S)
+
+
+def gather_peers(coordinator: str, num_processes: int, timeout_s: float) -> None:
+  """Process 0: waits on the coordinator's port until every other process has said hello
+  (``wait_for_coordinator``), then frees the port for JAX's coordination service. A missing
+  peer is a clear error after ``timeout_s`` seconds instead of JAX's abort."""
+  import socket  # noqa: PLC0415
+  import time  # noqa: PLC0415
+  _, port = _split_address(coordinator)
+  joined: set[int] = set()
+  deadline = time.monotonic() + timeout_s
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      server.bind(("", port))
+    except OSError as e:
+      raise errors.UserError(f"coordinator port {port} cannot be opened on this host ({e}): "
+                             "pick a free port in --coordinator.") from None
+    server.listen(max(8, num_processes))
+    while len(joined) < num_processes - 1:
+      left = deadline - time.monotonic()
+      if left <= 0:
+        raise errors.UserError(
+            f"only {len(joined)} of the {num_processes - 1} other processes joined within "
+            f"{timeout_s:g}s (joined: {sorted(joined) or 'none'}): start every process with "
+            "the same --coordinator and --num_processes and a distinct --process_id, or raise "
+            "--init_timeout.")
+      server.settimeout(min(left, _PROBE_INTERVAL_S))
+      try:
+        conn, _ = server.accept()
+      except socket.timeout:
+        continue
+      with conn:
+        conn.settimeout(_PROBE_INTERVAL_S)
+        try:
+          hello = conn.recv(64)
+          if hello.startswith(_JOIN) and hello[len(_JOIN):].isdigit():
+            joined.add(int(hello[len(_JOIN):]))
+            conn.sendall(_ACK)
+        except OSError:
+          pass
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int,
@@ -136,7 +188,9 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     raise ValueError(f"process_id={process_id!r} must be in [0, {num_processes}) "
                      f"(num_processes={num_processes}).")
   if process_id != 0:
-    wait_for_coordinator(coordinator, timeout_s)
+    wait_for_coordinator(coordinator, timeout_s, process_id)
+  elif num_processes > 1:
+    gather_peers(coordinator, num_processes, timeout_s)
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id, initialization_timeout=int(timeout_s))
 

@@ -48,13 +48,15 @@ def make_render_fn(eps_fn: sampler.EpsFn, decode_fn: Callable,
   Only functions and the static sampler config are bound: weights stay arguments, so the
   program is compiled once per shape and never embeds parameters as constants.
   """
-  fn = functools.partial(render, eps_fn, decode_fn, config=config)
-  return jax.jit(fn)
+  jitted = jax.jit(functools.partial(render, eps_fn, decode_fn, config=config))
 
+  def render_fn(params, x_T, noise, lam, prompts, guidance, tables):
+    # One dtype for guidance: a Python int, a float and a numpy scalar would otherwise each
+    # compile their own program (weak int32 / weak float32 / float32).
+    return jitted(params, x_T, noise, lam, prompts, jnp.asarray(guidance, jnp.float32), tables)
 
-def repeat_for_columns(x_T, noise, num_columns: int):
-  """Repeats each seed's inputs for ``num_columns`` lambdas: [B,...] -> [B*K,...] (seed-major)."""
-  return (jnp.repeat(x_T, num_columns, axis=0), jnp.repeat(noise, num_columns, axis=1))
+  render_fn._cache_size = jitted._cache_size  # pylint: disable=protected-access
+  return render_fn
 
 
 def latent_shape(model, image_size: int) -> tuple[int, int, int]:

@@ -40,6 +40,7 @@ def lambda_plot(initial: Sequence[float], learned: Sequence[float]) -> bytes:
   ax.axhline(1, color="0.85", lw=0.8)
   ax.set_xlabel("sampling step (0 = noisiest)")
   ax.set_ylabel("lambda (weight on target prompt)")
+  ax.set_title("mixing weight per sampling step", fontsize=10)
   ax.legend(loc="best", fontsize=8)
   return _png(plt, fig)
 
@@ -51,7 +52,9 @@ def loss_plot(history: Sequence[dict], beta: float) -> bytes:
   ax.plot(it, [h["loss"] for h in history], marker="o", label="loss")
   ax.plot(it, [h["l_dir"] for h in history], marker=".", label="L_dir")
   ax.plot(it, [beta * h["l_perc"] for h in history], marker=".", label=f"{beta} x L_perc")
-  ax.set_xlabel("iteration")
+  ax.set_xlabel("iteration (loss of the lambda before that iteration's update)")
+  ax.set_ylabel("loss (summed over edits)")
+  ax.set_title(f"loss = L_dir + {beta} x L_perc", fontsize=10)
   ax.legend(loc="best", fontsize=8)
   return _png(plt, fig)
 
@@ -78,4 +81,7 @@ def study_plot(summary: Sequence[dict], metric_names: Sequence[str]) -> bytes:
     ax.set_xticks(np.arange(len(sources)))
     ax.set_xticklabels(sources, rotation=45, ha="right", fontsize=8)
     ax.set_title(name, fontsize=9)
+    ax.set_ylabel("mean over items", fontsize=8)
+  fig.suptitle("each source over all attributes and seeds; error bars: 95% interval of the mean "
+               "(mean +- 1.96 std / sqrt(n))", fontsize=8)
   return _png(plt, fig)

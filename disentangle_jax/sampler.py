@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from disentangle_jax import errors
 from disentangle_jax import schedule as schedule_lib
 
 EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -54,10 +55,26 @@ class SamplerConfig:
 
   def __post_init__(self):
     if self.kind not in SAMPLER_KINDS:
-      raise ValueError(f"sampler.kind={self.kind!r} is unknown; use one of {SAMPLER_KINDS}.")
+      raise errors.UserError(f"sampler.kind={self.kind!r} is unknown; use one of {SAMPLER_KINDS}.")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(
+      raise errors.UserError(
           f"sampler.remat={self.remat!r} is unknown; use one of {tuple(REMAT_POLICIES)}.")
+
+
+# Accepted ranges of the sampling settings (checked once, before any work).
+MAX_ETA = 1.0  # eta > 1 makes sqrt(1 - a_prev - sigma^2) imaginary (NaN latents)
+MAX_GUIDANCE = 100.0
+
+
+def check_settings(num_steps, kind: str = "ddim", eta=0.0, guidance=7.5) -> None:
+  """Validates the sampling settings every program shares; errors name the config field."""
+  errors.check_number("num_steps", num_steps, low=1, integer=True, hint="50 in the paper.")
+  SamplerConfig(kind=kind)
+  errors.check_number("eta", eta, low=0, high=MAX_ETA, hint="0 = deterministic DDIM.")
+  errors.check_number("guidance", guidance, low=0, high=MAX_GUIDANCE, hint="7.5 in the paper.")
+  if kind == "plms" and eta != 0:
+    raise errors.UserError(f"eta={eta} with sampler='plms': PLMS is deterministic; set eta=0 "
+                           "or use sampler='ddim'.")
 
 
 def cfg_eps(eps_fn: EpsFn, params, x, t, cond, uncond, guidance):

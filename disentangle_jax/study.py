@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from disentangle_jax import images, losses, metrics, mixing, noise, parallel, pipeline, sampler
-from disentangle_jax import schedule
+from disentangle_jax import errors, run_identity, schedule, workdir
 
 ROWS_DIR = "rows"
 SAMPLES_DIR = "samples"
@@ -89,16 +89,12 @@ class StudySpec:
       if self.sampler != "ddim" or self.eta != 0:
         raise ValueError(f"sampler={self.sampler!r}, eta={self.eta}: real images are inverted "
                          "with DDIM (eta = 0); set sampler='ddim' and eta=0.")
-    if not isinstance(self.num_steps, int) or self.num_steps < 1:
-      raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1 (50 in the paper).")
+    sampler.check_settings(self.num_steps, self.sampler, self.eta, self.guidance)
     noise.check_seeds(self.seeds)
-    sampler.SamplerConfig(kind=self.sampler)
-    if self.sampler == "plms" and self.eta != 0:
-      raise ValueError(f"eta={self.eta} with sampler='plms': PLMS is deterministic; set eta=0.")
     if not self.sources:
       raise ValueError("the study has no sources: give weights_files and/or t_stars "
                        "(or include_c1=True).")
-    labels = [s.label for s in self.sources]
+    labels = [file_label(s.label) for s in self.sources] + ["c0"]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
       raise ValueError(f"source labels {dup} appear twice: weights files need distinct file "
@@ -155,15 +151,18 @@ def baseline_sources(num_steps: int, t_stars: Sequence[int], lambda_late: float 
   return tuple(out)
 
 
-def load_sources(paths: Sequence[str], num_steps: int, sampler_kind: str) -> tuple[Source, ...]:
-  """Sources from exported weights files, each checked against the step count and sampler."""
+def load_sources(paths: Sequence[str], num_steps: int, sampler_kind: str,
+                 reserved: Sequence[str] = ()) -> tuple[Source, ...]:
+  """Sources from exported weights files, each checked against the step count and sampler;
+  labels are the file names, made distinct from each other and from ``reserved`` (the
+  baselines' labels) by weights_file.unique_labels."""
   from disentangle_jax import weights_file  # noqa: PLC0415
+  labels = weights_file.unique_labels(paths, reserved, key=file_label)
   out = []
-  for path in paths:
+  for path, label in zip(paths, labels):
     lam = weights_file.check_compatible(weights_file.read(path), num_steps, sampler_kind,
                                         source=f"weights file {path!r}")
-    out.append(Source(os.path.splitext(os.path.basename(path))[0],
-                      tuple(float(v) for v in lam)))
+    out.append(Source(label, tuple(float(v) for v in lam)))
   return tuple(out)
 
 
@@ -274,27 +273,50 @@ def sample_path(out_dir: str, attribute: str, seed: int, label: str) -> str:
   return os.path.join(out_dir, SAMPLES_DIR, attribute, f"seed{seed}_{file_label(label)}.png")
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+def check_manifest(out_dir: str, spec: StudySpec, identity: dict | None = None) -> None:
+  """Refuses a workdir holding rows of a different study; records this study's identity.
 
-
-def check_manifest(out_dir: str, spec: StudySpec) -> None:
-  """Refuses a workdir holding rows of a different study; records this study's fingerprint."""
+  ``identity`` (run_identity.of_config) adds what the spec does not hold: the model and loss
+  models (and their files' contents), image size, dtype. The spec's own fields are part of it.
+  """
   path = os.path.join(out_dir, ROWS_DIR, MANIFEST)
+  current = run_identity.flatten({"spec": dataclasses.asdict(spec)}) | dict(identity or {})
+  fix = (f"use a new --workdir (or delete {os.path.join(out_dir, ROWS_DIR)!r} to start the "
+         "study over)")
   if os.path.isfile(path):
-    with open(path) as f:
-      found = json.load(f).get("fingerprint")
-    if found != spec.fingerprint():
-      raise ValueError(f"workdir {out_dir!r} holds rows of a different study (fingerprint "
-                       f"{found}, this one {spec.fingerprint()}): use a new workdir or delete "
-                       f"{os.path.join(out_dir, ROWS_DIR)!r}.")
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+      saved["fingerprint"]  # noqa: B018 -- a manifest without it is damaged
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise errors.UserError(f"the study manifest {path!r} is damaged ({e}): {fix}.") from None
+    if "identity" in saved:
+      run_identity.check(saved["identity"], current,
+                         f"workdir {out_dir!r} holds rows of a different study: it", fix)
+    elif saved["fingerprint"] != spec.fingerprint():
+      raise errors.RunMismatch(f"workdir {out_dir!r} holds rows of a different study: {fix}.")
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  _write_atomic(path, json.dumps({"fingerprint": spec.fingerprint(),
-                                  "spec": dataclasses.asdict(spec)}, indent=2).encode())
+  workdir.write_atomic(path, json.dumps({"fingerprint": spec.fingerprint(),
+                                         "spec": dataclasses.asdict(spec),
+                                         "identity": current}, indent=2))
+
+
+def read_chunk(path: str, spec: StudySpec, index: int) -> list[dict[str, Any]] | None:
+  """The rows of a finished chunk, or None when its file is missing or damaged (edited,
+  truncated, rows of other units): such a chunk is computed again."""
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    keys = [(r["source"], r["attribute"], r["seed"]) for r in rows]
+    values_ok = all(isinstance(r[m], float) for r in rows for m in metrics.METRIC_NAMES)
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  expected = [(src.label, spec.attributes[a].name, seed) for a, seed in spec.chunk(index)
+              for src in spec.sources]
+  return rows if keys == expected and values_ok else None
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -360,8 +382,13 @@ def run(evaluate: Callable, inputs: StudyInputs, spec: StudySpec, latent_shape, 
   sigma = parallel.to_host(inputs.tables.sigma)
   grid_seeds = set(spec.seeds[:spec.grid_seeds])
   # Process 0's files decide (hosts of a pod need not share a filesystem).
-  finished = parallel.agree(np.asarray(
-      [os.path.isfile(chunk_path(out_dir, i)) for i in range(spec.num_chunks)]))
+  present = [os.path.isfile(chunk_path(out_dir, i)) for i in range(spec.num_chunks)]
+  valid = [read_chunk(chunk_path(out_dir, i), spec, i) is not None for i in range(spec.num_chunks)]
+  for i in range(spec.num_chunks):
+    if present[i] and not valid[i] and write:
+      log(f"{chunk_path(out_dir, i)} is damaged (not the rows this study writes): computing "
+          "that chunk again")
+  finished = parallel.agree(np.asarray(valid))
   todo = [i for i in range(spec.num_chunks) if not finished[i]]
   if write:
     os.makedirs(os.path.join(out_dir, ROWS_DIR), exist_ok=True)
@@ -393,9 +420,9 @@ def run(evaluate: Callable, inputs: StudyInputs, spec: StudySpec, latent_shape, 
         for c, label in enumerate(labels):
           path = sample_path(out_dir, spec.attributes[a].name, seed, label)
           os.makedirs(os.path.dirname(path), exist_ok=True)
-          _write_atomic(path, _png(pixels[j, c]))
+          workdir.write_atomic(path, _png(pixels[j, c]))
       rows = chunk_rows(spec, units, values)
-      _write_atomic(chunk_path(out_dir, index),
+      workdir.write_atomic(chunk_path(out_dir, index),
                     "".join(json.dumps(r) + "\n" for r in rows).encode())
     computed += 1
     done_items += len(units) * len(spec.sources)
@@ -414,12 +441,12 @@ def merge_rows(out_dir: str, spec: StudySpec) -> list[dict[str, Any]]:
   """Every row in the fixed order (chunk by chunk); checks that each item is there once."""
   rows = []
   for i in range(spec.num_chunks):
-    with open(chunk_path(out_dir, i)) as f:
-      rows += [json.loads(line) for line in f if line.strip()]
-  keys = [(r["source"], r["attribute"], r["seed"]) for r in rows]
-  if len(keys) != spec.num_items or len(set(keys)) != spec.num_items:
-    raise RuntimeError(f"{out_dir!r}: expected {spec.num_items} distinct rows, found "
-                       f"{len(keys)} ({len(set(keys))} distinct)")
+    chunk = read_chunk(chunk_path(out_dir, i), spec, i)
+    if chunk is None:
+      raise errors.UserError(
+          f"{chunk_path(out_dir, i)} is missing or damaged: rerun the same command to compute "
+          "it again.")
+    rows += chunk
   return rows
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import mixing, noise, pipeline, sampler, schedule
+from disentangle_jax import errors, mixing, noise, pipeline, sampler, schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,19 +36,19 @@ class GridSpec:
   learned: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
   def __post_init__(self):
-    if not isinstance(self.num_steps, int) or self.num_steps < 1:
-      raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1 (50 in the paper).")
+    sampler.check_settings(self.num_steps, self.sampler, self.eta, self.guidance)
     noise.check_seeds(self.seeds)
     for t in self.t_stars:
       mixing.check_t_star(self.num_steps, t)
-    sampler.SamplerConfig(kind=self.sampler)  # validates the name
-    if self.sampler == "plms" and self.eta != 0:
-      raise ValueError(f"eta={self.eta} with sampler='plms': PLMS is deterministic; set eta=0 or "
-                       "use sampler='ddim'.")
+    errors.check_number("lambda_late", self.lambda_late, hint="1.0-1.2 in the paper.")
     for label, lam in self.learned:
       mixing.check_lambda(lam, self.num_steps, name=f"lambda of column {label!r}")
-    if self.batch_size < 1:
-      raise ValueError(f"batch_size={self.batch_size} must be >= 1.")
+    names = [file_label(label) for label, _ in self.columns()]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      raise errors.UserError(f"grid columns {dup} appear twice (t_stars repeated, or a lambda "
+                             "file named like a built-in column): output names must be unique.")
+    errors.check_number("batch_size", self.batch_size, low=1, integer=True)
     if not self.prompt.strip():
       raise ValueError("prompt is empty: give the neutral prompt c0, e.g. 'A photo of person'.")
     if not self.attribute.strip():
@@ -69,24 +69,34 @@ class GridSpec:
     return cols
 
 
-def load_columns(paths, num_steps: int, sampler_kind: str) -> tuple[tuple[str, tuple], ...]:
+def load_columns(paths, num_steps: int, sampler_kind: str,
+                 reserved: Sequence[str] = ()) -> tuple[tuple[str, tuple], ...]:
   """Grid columns from lambda files: exported weights files (checked against the run's step
-  count and sampler) or plain lists (.json/.npy/.txt, length-checked)."""
+  count and sampler) or plain lists (.json/.npy/.txt, length-checked). Labels are the file
+  names, made distinct from each other and from ``reserved`` (weights_file.unique_labels)."""
   from disentangle_jax import weights_file  # noqa: PLC0415
+  labels = weights_file.unique_labels(paths, reserved, key=file_label)
   cols = []
-  for path in paths:
+  for path, label in zip(paths, labels):
     try:
       weights = weights_file.read(path)
-    except ValueError as e:
-      if "is not a" not in str(e):
-        raise
+    except errors.NotAWeightsFile:
       lam = mixing.load(path, num_steps)
     else:
       lam = weights_file.check_compatible(weights, num_steps, sampler_kind,
                                           source=f"weights file {path!r}")
-    label = os.path.splitext(os.path.basename(path))[0]
     cols.append((label, tuple(float(v) for v in lam)))
   return tuple(cols)
+
+
+def builtin_labels(t_stars: Sequence[int]) -> tuple[str, ...]:
+  """Labels of the built-in columns: pure c0, each hard switch, pure c1."""
+  return ("c0",) + tuple(f"T*={t}" for t in t_stars) + ("c1",)
+
+
+def file_label(label: str) -> str:
+  """A column label as a file name part ("T*=10" -> "T10")."""
+  return label.replace("*=", "")
 
 
 def run(render_fn: Callable, params, prompts: pipeline.PromptPair, spec: GridSpec,

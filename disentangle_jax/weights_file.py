@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 import disentangle_jax
-from disentangle_jax import mixing
+from disentangle_jax import errors, mixing, workdir
 
 FORMAT = mixing.WEIGHTS_FORMAT
 VERSION = 1
@@ -53,11 +52,7 @@ class LearnedWeights:
 
 def write(path: str, weights: LearnedWeights) -> None:
   """Writes the file atomically (temporary name + rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-    json.dump(weights.to_json(), f, indent=2)
-    f.write("\n")
-  os.replace(f.name, path)
+  workdir.write_atomic(path, json.dumps(weights.to_json(), indent=2) + "\n")
 
 
 def read(path: str) -> LearnedWeights:
@@ -70,7 +65,7 @@ def read(path: str) -> LearnedWeights:
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"weights file {path!r} is not valid JSON: {e}") from None
   if not isinstance(data, dict) or data.get("format") != FORMAT:
-    raise ValueError(f"weights file {path!r} is not a {FORMAT} file (no \"format\": "
+    raise errors.NotAWeightsFile(f"weights file {path!r} is not a {FORMAT} file (no \"format\": "
                      f"\"{FORMAT}\" entry); export one with launch.disentangle.")
   if data.get("version", 0) > VERSION:
     raise ValueError(f"weights file {path!r} has version {data['version']}, newer than this "
@@ -78,7 +73,9 @@ def read(path: str) -> LearnedWeights:
   missing = [k for k in ("lambda", "num_steps", "sampler", "prompt", "target_prompt")
              if k not in data]
   if missing:
-    raise ValueError(f"weights file {path!r} lacks the entries {missing}.")
+    raise errors.UserError(f"weights file {path!r} lacks the entries {missing}: export it "
+                           "again with launch.disentangle.")
+  _check_entries(path, data)
   lam = mixing.check_lambda(data["lambda"], int(data["num_steps"]), name=f"lambda in {path!r}")
   if data.get("convention", "target") == "reference":
     lam = mixing.from_reference(lam)
@@ -89,6 +86,53 @@ def read(path: str) -> LearnedWeights:
       guidance=float(data.get("guidance", 7.5)), schedule=data.get("schedule", {}),
       seeds=tuple(data.get("seeds", ())), init_lambda=tuple(data.get("init_lambda", ())),
       loss_history=tuple(data.get("loss_history", ())), extra=data.get("extra", {}))
+
+
+_ENTRY_TYPES = {"num_steps": int, "sampler": str, "prompt": str, "target_prompt": str,
+                "lambda": list, "eta": (int, float), "guidance": (int, float), "seeds": list,
+                "init_lambda": list, "loss_history": list, "schedule": dict, "extra": dict}
+
+
+def _check_entries(path: str, data: dict) -> None:
+  """Every known entry has its JSON type (a hand-edited file fails here, naming the entry)."""
+  for key, kind in _ENTRY_TYPES.items():
+    if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+      raise errors.UserError(
+          f"weights file {path!r}: entry {key!r} is {data[key]!r}, not a "
+          f"{getattr(kind, '__name__', 'number')}; export the file again with launch.disentangle.")
+  if data["num_steps"] < 1:
+    raise errors.UserError(f"weights file {path!r}: num_steps={data['num_steps']} must be >= 1.")
+  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data["lambda"]):
+    raise errors.UserError(f"weights file {path!r}: 'lambda' must be a list of numbers.")
+  if not all(isinstance(s, int) for s in data.get("seeds", [])):
+    raise errors.UserError(f"weights file {path!r}: 'seeds' must be a list of integers.")
+
+
+def unique_labels(paths: Sequence[str], reserved: Sequence[str] = (),
+                  key: Callable[[str], str] = lambda label: label) -> tuple[str, ...]:
+  """Labels (output-name parts) for user-given lambda files: the file name without its
+  extension, or, where names collide with each other or with ``reserved`` labels (built-in
+  columns such as "c0", "c1", "T*=10"), the parent folders joined in ("smile_weights").
+  ``key`` maps a label to the name it takes in files (collisions are judged on that).
+  Refuses paths whose labels cannot be made distinct."""
+  parts = [os.path.normpath(os.path.abspath(p)).split(os.sep)[1:] for p in paths]
+  for ps in parts:
+    ps[-1] = os.path.splitext(ps[-1])[0]
+  depth = [1] * len(paths)
+  taken = {key(r) for r in reserved}
+  while True:
+    labels = ["_".join(ps[-d:]) for ps, d in zip(parts, depth)]
+    keys = [key(label) for label in labels]
+    clash = [i for i, k in enumerate(keys) if k in taken or keys.count(k) > 1]
+    if not clash:
+      return tuple(labels)
+    if any(depth[i] >= len(parts[i]) for i in clash):
+      raise errors.UserError(
+          f"lambda files {[paths[i] for i in clash]} cannot get distinct output names (they "
+          f"clash with each other or with the built-in columns {list(reserved)}): rename or "
+          "copy them.")
+    for i in clash:
+      depth[i] += 1
 
 
 def check_compatible(weights: LearnedWeights, num_steps: int, sampler: str,

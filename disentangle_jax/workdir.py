@@ -1,35 +1,135 @@
-"""Safe outputs: check a workdir is writable up front, stage files, publish them by rename.
+"""Safe outputs: one writer per workdir, staged files published by rename, atomic writes.
 
-A run validates everything, computes everything, then writes into a staging folder inside the
-workdir and renames each finished file into place, so a failure never leaves half-written
-outputs behind (a crash during the final renames leaves only complete files).
+A run claims its workdir (an exclusive advisory lock that the kernel releases when the process
+dies, so a killed run never blocks its restart), validates everything, computes everything,
+then writes into a staging folder inside the workdir and renames each finished file into
+place, so a failure never leaves half-written outputs behind (a crash during the final renames
+leaves only complete files). Staging folders and temporary files of an earlier killed run are
+removed when the next run claims the workdir. A workdir the run created is removed again when
+the run is refused before writing anything.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from disentangle_jax import errors
 
 STAGING_PREFIX = ".staging-"
+TMP_MARKER = ".tmp-"  # write_atomic's temporary names: <name>.tmp-<pid>
+LOCK_FILE = ".lock"
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+  """Writes a whole file under a temporary name in its folder, then renames it into place."""
+  tmp = f"{path}{TMP_MARKER}{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def remove_stale(workdir: str, log: Callable[[str], None] = print) -> int:
+  """Removes staging folders and temporary files that a killed run left in ``workdir``
+  (call only while holding its lock). Returns how many were removed."""
+  removed = 0
+  for dirpath, dirnames, filenames in os.walk(workdir):
+    for name in list(dirnames):
+      if dirpath == workdir and name.startswith(STAGING_PREFIX):
+        shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
+        dirnames.remove(name)
+        removed += 1
+    for name in filenames:
+      if TMP_MARKER in name or (dirpath == workdir and name.startswith(STAGING_PREFIX)):
+        with contextlib.suppress(OSError):
+          os.remove(os.path.join(dirpath, name))
+          removed += 1
+  if removed:
+    log(f"removed {removed} unfinished file(s) of an earlier interrupted run in {workdir}")
+  return removed
+
+
+class Lock:
+  """An exclusive, non-blocking advisory lock on ``<workdir>/.lock`` (flock: released by the
+  kernel when the holder exits or is killed). The file records the holder's pid."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+      os.close(self._fd)
+      raise errors.WorkdirBusy(
+          f"workdir {workdir!r} is in use by another run (pid {holder}): wait for it to "
+          "finish, or use another --workdir.") from None
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+
+@contextlib.contextmanager
+def claim(workdir: str, lock: bool = True,
+          log: Callable[[str], None] = print) -> Iterator[str]:
+  """Creates ``workdir`` if needed, takes its lock, removes an earlier run's leftovers, and
+  yields its absolute path. If the run ends with an error and the workdir did not exist
+  before, it is removed again when nothing but the lock was written.
+
+  ``lock=False`` (processes other than 0 of a multi-process run): only checks the path.
+  """
+  existed = os.path.isdir(os.path.abspath(workdir)) if workdir else False
+  path = ensure_writable(workdir)
+  held = Lock(path) if lock else None
+  try:
+    if held is not None:
+      remove_stale(path, log)
+    yield path
+  except BaseException:
+    if held is not None and not existed:
+      _remove_if_empty(path)
+    raise
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _remove_if_empty(path: str) -> None:
+  """Removes a workdir that holds no file but the lock (empty folders do not count)."""
+  for dirpath, _, filenames in os.walk(path):
+    if any(not (dirpath == path and n == LOCK_FILE) for n in filenames):
+      return
+  shutil.rmtree(path, ignore_errors=True)
 
 
 def ensure_writable(workdir: str) -> str:
   """Creates ``workdir`` if needed and checks that files can be written there."""
   if not workdir:
-    raise ValueError("workdir is empty: pass --workdir=DIR (it is created if missing).")
+    raise errors.UserError("workdir is empty: pass --workdir=DIR (it is created if missing).")
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"workdir {workdir!r} exists and is not a directory: choose another path.")
+    raise errors.UserError(f"workdir {workdir!r} exists and is not a directory: choose another path.")
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=STAGING_PREFIX):
       pass
   except OSError as e:
-    raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}): choose a directory "
+    raise errors.UserError(f"workdir {workdir!r} is not writable ({e.strerror}): choose a directory "
                      "you can write to.") from None
   return workdir
 
@@ -49,6 +149,8 @@ class Staging:
     return path
 
   def write_bytes(self, name: str, data: bytes) -> None:
+    if name in self._names:
+      raise ValueError(f"two outputs are both named {name!r}: output names must be unique.")
     with open(self._target(name), "wb") as f:
       f.write(data)
 

@@ -1,11 +1,25 @@
-"""Pieces every entry point shares: user-error reporting and config -> library objects."""
+"""Pieces every entry point shares: flag parsing, user-error reporting, the workdir claim and
+config -> library objects.
+
+Every program is started with ``common.run(main)``: a bad flag, config field, preset or value,
+a user error (errors.UserError) or an OS error (missing file, full disk) anywhere in the run,
+and Ctrl-C each end in exactly one ``error: ...`` line (exit code 2; 130 for Ctrl-C) instead of
+a traceback. Errors from computation that are not the user's keep their traceback: they are
+bugs.
+"""
 import contextlib
+import difflib
+import errno
 import logging as std_logging
 import os
+import re
 import sys
 
+from absl import app
 from absl import flags
 from absl import logging
+
+from disentangle_jax import errors
 
 _CACHE = flags.DEFINE_string(
     "compilation_cache", "",
@@ -25,6 +39,173 @@ _PROCESS_ID = flags.DEFINE_integer(
     "This process's index in [0, num_processes). Env: DISENTANGLE_PROCESS_ID.")
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "init_timeout", 300, "Seconds to wait for the coordinator and every process to join.")
+_SHOW_CONFIG = flags.DEFINE_bool(
+    "show_config", False, "Print every config field with its value and comment, then exit.")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
+
+
+def run(main) -> None:
+  """``app.run(main)`` with one-line errors (see the module docstring) and --show_config.
+  Every program requires --workdir."""
+  flags.mark_flags_as_required(["workdir"])
+  app.run(_guarded(main), flags_parser=_parse_flags)
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+  """Prints ``error: message`` as one line and exits."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(code)
+
+
+def _parse_flags(argv):
+  try:
+    args = flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 -- absl/ml_collections raise many kinds
+    fail(_flag_error(e, argv))
+  if _SHOW_CONFIG.value:
+    print(describe_config(flags.FLAGS["config"]))
+    sys.exit(0)
+  return args
+
+
+def _flag_error(e: Exception, argv) -> str:
+  """One readable sentence for a flag-parsing failure."""
+  if isinstance(e, (KeyError, AttributeError)):  # an unknown --config.<field>
+    key = str(e.args[0]).split("\n")[0].strip("'\"") if e.args else "?"
+    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+             and a.split("=")[0].split(".")[-1] == key]
+    hint = re.search(r'Did you mean "([^"]+)"', str(e.args[0]) if e.args else "")
+    return (f"{given[0] if given else '--config.' + key}: the config has no field {key!r}"
+            f"{'; did you mean ' + repr(hint.group(1)) if hint else ''}. --show_config lists "
+            "every field.")
+  cause = e
+  while cause.__cause__ or cause.__context__:  # the config file's own error, if any
+    cause = cause.__cause__ or cause.__context__
+  if cause is not e and isinstance(cause, ValueError) and "Error while parsing" not in str(e):
+    return str(cause)
+  text = str(e)
+  if isinstance(e, flags.UnrecognizedFlagError):
+    name = getattr(e, "flagname", "")
+    close = difflib.get_close_matches(name, list(flags.FLAGS), n=1)
+    text = f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close else
+                                       "; --helpshort lists the flags.")
+  elif "Error while parsing string" in text and "as tuple" in text:
+    text = text.split(": Error while parsing")[0] + ": not a list; write a comma list without " \
+        "spaces, e.g. 1,2,3, or quote it."
+  return text
+
+
+def _guarded(main):
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except KeyboardInterrupt:
+      fail("interrupted (Ctrl-C); nothing unfinished was published. Run the same command "
+           "again to resume from the last checkpoint.", EXIT_INTERRUPTED)
+    except errors.UserError as e:
+      fail(str(e))
+    except OSError as e:
+      fail(_os_error(e))
+  return wrapped
+
+
+def _os_error(e: OSError) -> str:
+  where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+  if e.errno == errno.ENOSPC:
+    return (f"the disk is full (writing{where}): free space and run the same command again; "
+            "finished work (checkpoints, study chunks) is kept.")
+  if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    return f"permission denied{where}: choose a --workdir and files you can read and write."
+  return f"{e.strerror or e}{where}."
+
+
+def require_single_process(program: str) -> None:
+  """Refuses the multi-process flags in programs that run in one process."""
+  if _COORDINATOR.value or _NUM_PROCESSES.value != 1 or _PROCESS_ID.value != 0:
+    raise errors.UserError(
+        f"{program} runs in one process (its batch is sharded over this process's devices); "
+        "--coordinator, --num_processes and --process_id are for launch.study. Drop them (and "
+        "the DISENTANGLE_* environment variables).")
+
+
+def claim_workdir(path: str, lock: bool = True):
+  """The workdir, created if needed and locked for this run (workdir.claim)."""
+  from disentangle_jax import workdir  # noqa: PLC0415
+  return workdir.claim(path, lock=lock, log=logging.info)
+
+
+def identity(cfg, **extra) -> dict:
+  """The run identity of this program's config (run_identity.of_config)."""
+  from disentangle_jax import run_identity  # noqa: PLC0415
+  return run_identity.of_config(cfg.to_dict(), extra)
+
+
+def scaled_steps(steps_at_50: int, num_steps: int) -> int:
+  """A step index given for the paper's 50 steps, at ``num_steps`` (rounded)."""
+  return (steps_at_50 * num_steps + 25) // 50
+
+
+_FIELD = re.compile(r"^\s*(?:c\.)?(\w+)\s*=[^#]*(?:#\s*(.+))?$")
+_COMMENT = re.compile(r"^\s*#\s?(.*)$")
+_SECTION = re.compile(r"^def (\w+)_config\(")
+
+
+def config_comments(*paths: str) -> dict[str, str]:
+  """{field path: comment} from config files: the comment after ``c.field = ...`` or the
+  comment lines right above it; configs/common.py's section fields are "<section>.<field>"."""
+  out, above = {}, []
+  for path in paths:
+    section = ""
+    with open(path) as f:
+      for line in f:
+        m = _SECTION.match(line)
+        if m or line.startswith("def "):
+          section, above = (m.group(1) + "." if m else ""), []
+          continue
+        c = _COMMENT.match(line)
+        if c:
+          above.append(c.group(1).strip())
+          continue
+        m = _FIELD.match(line)
+        if m and (m.group(2) or above):
+          out.setdefault(section + m.group(1), m.group(2).strip() if m.group(2) else
+                         " ".join(above))
+        above = []
+  return out
+
+
+BASELINE_T_STARS = (10, 20, 30)  # the paper's hard switches, at 50 steps
+
+
+def t_stars(cfg) -> tuple[int, ...]:
+  """cfg.t_stars, or the paper's 10, 20, 30 of 50 steps scaled to cfg.num_steps."""
+  given = as_tuple(cfg.t_stars, "t_stars")
+  if given:
+    return given
+  scaled = tuple(sorted({scaled_steps(t, cfg.num_steps) for t in BASELINE_T_STARS}))
+  if cfg.num_steps != 50:
+    logging.info("t_stars: %s (the paper's %s of 50 steps, scaled to %d steps)", scaled,
+                 BASELINE_T_STARS, cfg.num_steps)
+  return scaled
+
+
+def describe_config(config_flag) -> str:
+  """Every field of the parsed config with its value and comment (for --show_config)."""
+  from ml_collections import config_flags  # noqa: PLC0415
+  from disentangle_jax import run_identity  # noqa: PLC0415
+  cfg = config_flag.value
+  filename = config_flags.get_config_filename(config_flag).split(":")[0]
+  common_path = os.path.join(os.path.dirname(os.path.abspath(filename)), "common.py")
+  comments = config_comments(filename, common_path)
+  lines = [f"# {filename} (override any field with --config.<field>=<value>)"]
+  for key, value in run_identity.flatten(cfg.to_dict()).items():
+    if key.startswith("presets."):
+      continue
+    comment = comments.get(key) or comments.get(key.split(".")[-1]) or ""
+    lines.append(f"{key} = {value!r}" + (f"  # {comment}" if comment else ""))
+  return "\n".join(lines)
 
 
 def setup_distributed() -> None:
@@ -49,9 +230,11 @@ def setup_process() -> None:
 
 
 def quiet_library_logs() -> None:
-  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+  """Keeps orbax's per-save INFO chatter and JAX's "Unable to initialize backend 'tpu'" probe
+  lines out of the progress log (warnings still show)."""
   logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+      lambda r: r.levelno >= std_logging.WARNING or not (
+          "/orbax/" in r.pathname or r.pathname.endswith("xla_bridge.py")))
 
 
 @contextlib.contextmanager
@@ -68,16 +251,17 @@ def user_errors():
     sys.exit(2)
 
 
-def as_tuple(value):
+def as_tuple(value, name: str = "value"):
   """A config value given as one number, a tuple or a comma string -> tuple of ints."""
-  if isinstance(value, str):
+  items = as_paths(value) if isinstance(value, (str, list, tuple)) else (value,)
+  out = []
+  for v in items:
     try:
-      return tuple(int(v) for v in value.replace(",", " ").split())
+      out.append(int(v) if isinstance(v, str) else v)
     except ValueError:
-      raise ValueError(f"{value!r} is not a list of integers: write e.g. 42,43.") from None
-  if isinstance(value, (list, tuple)):
-    return tuple(value)
-  return (value,)
+      raise errors.UserError(f"{name}={value!r} is not a list of integers: write e.g. "
+                             "42,43.") from None
+  return tuple(out)
 
 
 def as_paths(value) -> tuple[str, ...]:
@@ -119,10 +303,14 @@ def edit_spec(cfg, **overrides):
       optimizer=optimize.OptimizerConfig(**cfg.optimizer.to_dict()))
   fields.update(overrides)
   if "seeds" not in fields:
-    fields["seeds"] = as_tuple(cfg.seeds)
+    fields["seeds"] = as_tuple(cfg.seeds, "seeds")
   fields.setdefault("sampler", cfg.get("sampler"))
   fields.setdefault("eta", cfg.get("eta"))
-  return disentangle.EditSpec(**fields)
+  spec = disentangle.EditSpec(**fields)
+  if spec.num_steps != 50:
+    logging.info("num_steps=%d: t_star=%d (step-indexed defaults follow the step count; "
+                 "--config.t_star sets it)", spec.num_steps, spec.t_star)
+  return spec
 
 
 def edit_set(cfg):
@@ -138,7 +326,8 @@ def edit_set(cfg):
   specs = []
   for name in names:
     p = cfg.presets[name]
-    specs.append(edit_spec(cfg, prompt=p.prompt, attribute=p.attribute, t_star=p.t_star,
+    specs.append(edit_spec(cfg, prompt=p.prompt, attribute=p.attribute,
+                           t_star=scaled_steps(p.t_star, cfg.num_steps),
                            lambda_late=p.lambda_late))
   return names, disentangle.EditSet(tuple(specs))
 
@@ -166,8 +355,5 @@ def png(image) -> bytes:
 
 def write_atomic(path: str, data) -> None:
   """Writes a whole file under a temporary name, then renames it into place."""
-  import os  # noqa: PLC0415
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data.encode() if isinstance(data, str) else data)
-  os.replace(tmp, path)
+  from disentangle_jax import workdir  # noqa: PLC0415
+  workdir.write_atomic(path, data)

@@ -33,13 +33,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if mi
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from disentangle_jax import checkpoint, disentangle, images, parallel, pipeline, plots  # noqa
-  from disentangle_jax import weights_file, workdir  # noqa: PLC0415
-
   cfg = _CONFIG.value
   common.setup_process()
+  common.require_single_process("launch.disentangle")
+  with common.claim_workdir(_WORKDIR.value) as out_dir:
+    _run(cfg, out_dir)
+
+
+def _run(cfg, out_dir):
+  from disentangle_jax import checkpoint, disentangle, images, parallel, pipeline, plots  # noqa
   with common.user_errors():
-    out_dir = workdir.ensure_writable(_WORKDIR.value)
+    checkpoint.check_save_every(cfg.checkpoint_every)
     if cfg.attributes:  # several edits learned together: one lambda [K, T]
       names, spec = common.edit_set(cfg)
       edits = spec.specs
@@ -49,6 +53,9 @@ def main(argv):
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
+    ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint_every)
+    identity = common.identity(cfg, latent_shape=list(shape))
+    disentangle.check_resumable(ckpt, spec, identity)  # before any compilation
   mesh = parallel.make_mesh()
   for e in edits:
     logging.info("c0=%r c1=%r seeds=%s", e.prompt, e.target_prompt, e.seeds)
@@ -63,14 +70,15 @@ def main(argv):
                         common.png(images.grid([list(images.to_uint8(imgs))])))
     common.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.json"), json.dumps(metrics))
 
-  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint_every)
-  with common.user_errors():  # a checkpoint of another run is a user error
-    lam, history, prev_lam = disentangle.optimise(prep, spec, ckpt, on_iteration, logging.info)
+  lam, history, prev_lam = disentangle.optimise(
+      prep, spec, ckpt, on_iteration, logging.info,
+      identity=identity)
   ckpt.close()
   edited = images.to_uint8(disentangle.final_images(prep, spec, lam, prev_lam))
   original = images.to_uint8(prep.problem.reference[:prep.num_items])
   lams = lam.reshape(len(edits), -1)
 
+  from disentangle_jax import workdir  # noqa: PLC0415
   with workdir.staged(out_dir) as out:
     start = 0
     for k, (name, e) in enumerate(zip(names, edits)):  # one folder per edit when several
@@ -111,5 +119,4 @@ def _write_edit(out, sub, spec, lam, original, edited, history):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  common.run(main)

@@ -34,13 +34,19 @@ SAMPLER = "ddim"  # the inversion is DDIM (eta = 0); its residuals only fit this
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Light modules first: a bad image or weights file is refused within a second.
-  from disentangle_jax import images, inversion, noise, real_images, weights_file, workdir  # noqa
-
   cfg = _CONFIG.value
   common.setup_process()
+  common.require_single_process("launch.edit")
+  with common.claim_workdir(_WORKDIR.value) as out_dir:
+    _run(cfg, out_dir)
+
+
+def _run(cfg, out_dir):
+  # Light modules first: a bad image or weights file is refused within a second.
+  from disentangle_jax import images, inversion, noise, real_images, weights_file, workdir  # noqa
+  from disentangle_jax import checkpoint  # noqa: PLC0415
   with common.user_errors():  # validate and load everything before computing anything
-    out_dir = workdir.ensure_writable(_WORKDIR.value)
+    checkpoint.check_save_every(cfg.checkpoint_every)
     inv_cfg = inversion.InversionConfig(num_steps=cfg.num_steps, inject_steps=cfg.inject_steps,
                                         pin=cfg.pin, guidance=cfg.guidance)
     noise.check_seeds([cfg.seed])
@@ -83,10 +89,12 @@ def main(argv):
     # One checkpoint folder per (image, inversion): a changed image never resumes another's run.
     key = hashlib.sha256(images.to_uint8(pixels).tobytes() + repr(
         (inv_cfg, cfg.encode_sample, cfg.rng_seed, cfg.model.to_dict())).encode()).hexdigest()
-    ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints", key[:16]),
-                                   cfg.checkpoint_every)
     with common.user_errors():
-      lam, history, prev_lam = disentangle.optimise(prep, spec, ckpt, log=logging.info)
+      ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints", key[:16]),
+                                     cfg.checkpoint_every)
+    lam, history, prev_lam = disentangle.optimise(
+        prep, spec, ckpt, log=logging.info,
+        identity=common.identity(cfg, latent_shape=list(shape), image_key=key))
     ckpt.close()
   use = prev_lam if spec is not None and spec.faithful else lam
   edit = inversion.make_edit_fn(models.make_eps_fn(model.unet),
@@ -124,5 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  common.run(main)

@@ -55,10 +55,16 @@ def study_spec(cfg, image_paths=()):
                        f"presets: {', '.join(sorted(presets.PRESETS))}.")
     prompt, attribute = presets.PRESETS[name][:2]
     attributes.append(study.Attribute(name, prompt, attribute))
-  sources = study.load_sources(common.as_paths(cfg.weights_files), cfg.num_steps, cfg.sampler)
-  sources += study.baseline_sources(cfg.num_steps, common.as_tuple(cfg.t_stars),
-                                    cfg.lambda_late, cfg.include_c1)
-  seeds = tuple(range(len(image_paths))) if image_paths else common.as_tuple(cfg.seeds)
+  baselines = study.baseline_sources(cfg.num_steps, common.t_stars(cfg), cfg.lambda_late,
+                                     cfg.include_c1)
+  files = common.as_paths(cfg.weights_files)
+  sources = study.load_sources(files, cfg.num_steps, cfg.sampler,
+                               ["c0"] + [b.label for b in baselines])
+  for src, path in zip(sources, files):
+    logging.info("source %r: %s", src.label, path)
+  sources += baselines
+  seeds = (tuple(range(len(image_paths))) if image_paths
+           else common.as_tuple(cfg.seeds, "seeds"))
   return study.StudySpec(
       sources=sources, attributes=tuple(attributes), seeds=seeds, images=tuple(image_paths),
       inject_steps=cfg.inject_steps, pin=cfg.pin,
@@ -71,24 +77,28 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # noqa: PLC0415
-  from disentangle_jax import images, metrics, models, parallel, pipeline, plots  # noqa
-  from disentangle_jax import inversion, real_images, sampler, study, workdir  # noqa
-  import numpy as np  # noqa: PLC0415
 
   cfg = _CONFIG.value
   common.setup_process()
   common.setup_distributed()
-  write = jax.process_index() == 0  # every process computes; process 0 writes
+  write = jax.process_index() == 0  # every process computes; process 0 writes (and locks)
+  with common.claim_workdir(_WORKDIR.value, lock=write) as out_dir:
+    _run(cfg, out_dir, write)
+
+
+def _run(cfg, out_dir, write):
+  from disentangle_jax import images, inversion, metrics, models, parallel, pipeline  # noqa
+  from disentangle_jax import plots, real_images, sampler, study, workdir  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
   with common.user_errors():
-    out_dir = workdir.ensure_writable(_WORKDIR.value)
     paths = image_files(cfg.images_dir) if cfg.images_dir else ()
     loaded = [real_images.load(p) for p in paths]  # every file checked before any compute
     spec = study_spec(cfg, paths)
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
-    if write:
-      study.check_manifest(out_dir, spec)  # the first write: everything above is validated
+    if write:  # the first write: everything above is validated
+      study.check_manifest(out_dir, spec, common.identity(cfg, latent_shape=list(shape)))
   mesh = parallel.make_mesh()
   inputs = study.prepare(model, loss_models, spec, mesh)
   evaluate = study.make_evaluate_fn(
@@ -139,5 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  common.run(main)

@@ -27,17 +27,24 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if mi
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from disentangle_jax import images, pipeline, switch_grid, workdir  # noqa: PLC0415
-
   cfg = _CONFIG.value
   common.setup_process()
+  common.require_single_process("launch.switch")
+  with common.claim_workdir(_WORKDIR.value) as out_dir:
+    _run(cfg, out_dir)
+
+
+def _run(cfg, out_dir):
+  from disentangle_jax import images, pipeline, switch_grid, workdir  # noqa: PLC0415
   with common.user_errors():
-    out_dir = workdir.ensure_writable(_WORKDIR.value)
+    t_stars = common.t_stars(cfg)
     learned = switch_grid.load_columns(common.as_paths(cfg.lambda_files), cfg.num_steps,
-                                       cfg.sampler)
+                                       cfg.sampler, switch_grid.builtin_labels(t_stars))
+    for (label, _), path in zip(learned, common.as_paths(cfg.lambda_files)):
+      logging.info("column %r: %s", label, path)
     spec = switch_grid.GridSpec(
-        prompt=cfg.prompt, attribute=cfg.attribute, seeds=tuple(common.as_tuple(cfg.seeds)),
-        t_stars=tuple(common.as_tuple(cfg.t_stars)), num_steps=cfg.num_steps,
+        prompt=cfg.prompt, attribute=cfg.attribute, seeds=common.as_tuple(cfg.seeds, "seeds"),
+        t_stars=t_stars, num_steps=cfg.num_steps,
         sampler=cfg.sampler, eta=cfg.eta, guidance=cfg.guidance, lambda_late=cfg.lambda_late,
         rng_seed=cfg.rng_seed, batch_size=cfg.batch_size, learned=learned)
     model = common.load_model(cfg.model)
@@ -57,7 +64,7 @@ def main(argv):
   with workdir.staged(out_dir) as out:
     for s, seed in enumerate(spec.seeds):
       for k, label in enumerate(labels):
-        out.write_image(f"images/seed{seed}_{label.replace('*=', '')}.png",
+        out.write_image(f"images/seed{seed}_{switch_grid.file_label(label)}.png",
                         images.Image.fromarray(pixels[s, k]))
     out.write_image("grid.png", images.grid(pixels, labels, [str(s) for s in spec.seeds]))
     out.write_json("lambdas.json", {label: lam.tolist() for label, lam in spec.columns()})
@@ -67,5 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  common.run(main)

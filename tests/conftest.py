@@ -70,3 +70,41 @@ def torch_sd_dir(tmp_path_factory):
       "scheduler": ["diffusers", "PNDMScheduler"],
   }))
   return path, dict(modules, tokenizer=tokenizer)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Cli:
+  """Runs the programs as a user does (``python -m launch.<module>`` from the repo root), all
+  sharing one persistent compilation cache, so a program compiled once in a test run is not
+  compiled again by later subprocesses."""
+
+  def __init__(self, cache: str):
+    self.cache = cache
+
+  def cmd(self, module, workdir, *overrides) -> list[str]:
+    import sys  # pylint: disable=g-import-not-at-top
+    return [sys.executable, "-m", f"launch.{module}", f"--workdir={workdir}",
+            f"--compilation_cache={self.cache}", *overrides]
+
+  def run(self, module, workdir, *overrides, timeout=600):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    return subprocess.run(self.cmd(module, workdir, *overrides), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+  def popen(self, module, workdir, *overrides):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="session")
+def cli(tmp_path_factory):
+  """The shared command-line runner (one compilation cache per test session)."""
+  return Cli(str(tmp_path_factory.mktemp("xla_cache")))
+
+
+def error_lines(stderr: str) -> list[str]:
+  """The ``error:`` lines a program printed."""
+  return [line for line in stderr.splitlines() if line.startswith("error:")]

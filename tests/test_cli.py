@@ -92,7 +92,7 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, cache, mod
   assert out.returncode == 2, out.stderr[-2000:]
   assert "error: " in out.stderr and message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
-  assert os.listdir(tmp_path / "wd") == []
+  assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
 
 
 def test_unwritable_workdir(tmp_path, cache):
@@ -135,7 +135,7 @@ def test_switch_refuses_mismatched_lambda_files(tmp_path, cache, kind, message):
   out = _run("switch", tmp_path / "wd", cache, "--config.num_steps=4", "--config.t_stars=2",
              f"--config.lambda_files={path}")
   assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
-  assert os.listdir(tmp_path / "wd") == []
+  assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
 
 
 def test_disentangle_several_attributes_in_one_run(tmp_path, cache):
@@ -158,4 +158,4 @@ def test_disentangle_several_attributes_in_one_run(tmp_path, cache):
 def test_disentangle_unknown_attribute_is_refused(tmp_path, cache):
   out = _run("disentangle", tmp_path / "wd", cache, "--config.attributes=smile,frowning")
   assert out.returncode == 2 and "['frowning'] are not presets" in out.stderr, out.stderr[-2000:]
-  assert os.listdir(tmp_path / "wd") == []
+  assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind

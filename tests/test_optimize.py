@@ -160,3 +160,27 @@ def test_several_edits_in_one_program_equal_separate_runs(setup):
   np.testing.assert_allclose(hist[0]["loss"], hist_a[0]["loss"] + hist_b[0]["loss"], rtol=1e-3)
   with pytest.raises(ValueError, match="must share num_steps"):
     disentangle.EditSet((spec_a, dataclasses.replace(spec_b, num_steps=5)))
+
+
+def test_a_non_finite_iteration_is_never_checkpointed(setup, tmp_path):
+  from disentangle_jax import errors  # pylint: disable=import-outside-toplevel
+  _, _, spec, prep = setup
+
+  def die_at_2(k, metrics, images):
+    if k == 2:
+      raise _Killed()
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  with pytest.raises(_Killed):  # iteration 1 is checkpointed, then the run dies
+    disentangle.optimise(prep, spec, ckpt, die_at_2, log=lambda s: None)
+  ckpt.wait()
+  # The same compiled program, driven non-finite from iteration 2 on (guidance = inf).
+  diverging = prep._replace(problem=prep.problem._replace(
+      guidance=jnp.asarray(jnp.inf, prep.problem.guidance.dtype)))
+  with pytest.raises(errors.NonFinite, match=r"iteration 2 produced a non-finite .*loss.*; the "
+                     r"last good checkpoint, iteration 1, is kept"):
+    disentangle.optimise(diverging, spec, ckpt, log=lambda s: None)
+  assert ckpt.steps() == [1]
+  lam, hist, _ = disentangle.optimise(prep, spec, ckpt, log=lambda s: None)  # resumes from 1
+  ckpt.close()
+  assert [h["iteration"] for h in hist] == [1, 2, 3] and np.all(np.isfinite(lam))

@@ -259,7 +259,7 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, cache, kin
   assert out.returncode == 2, out.stderr[-2000:]
   assert "error: " in out.stderr and message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
-  assert os.listdir(tmp_path / "wd") == []
+  assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
 
 
 def test_unwritable_workdir(tmp_path, cache):
@@ -351,6 +351,6 @@ def test_study_refuses_an_image_folder_with_plms_or_bad_images(tmp_path, cache):
   (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
   out = _run(tmp_path / "wd", cache, f"--config.images_dir={folder}")
   assert out.returncode == 2 and "broken.png" in out.stderr, out.stderr[-2000:]
-  assert os.listdir(tmp_path / "wd") == []
+  assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
   out = _run(tmp_path / "wd2", cache, f"--config.images_dir={tmp_path / 'nowhere'}")
   assert out.returncode == 2 and "is not a folder" in out.stderr, out.stderr[-2000:]

@@ -1,0 +1,113 @@
+"""What a run IS: every setting and input file that changes its results, as a flat dict.
+
+A resumable program stores its identity beside its saved state (checkpoint metadata, the
+study's manifest) and refuses to resume when the identity differs, listing the differing
+fields. Settings are the flattened config (``model.path``, ``loss.beta``, ...); every setting
+that names a file or folder also gets a content fingerprint (``model.path#content``), so a
+model folder replaced in place is noticed too. Settings that cannot change results
+(``checkpoint_every``, the preset table) are left out.
+
+Fingerprints are cheap on multi-GiB weights: per file its relative path, size and the SHA-256
+of its first and last MiB (the whole file when smaller).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+from disentangle_jax import errors
+
+# Config leaves that never change results (only how often state is saved, or lookup tables
+# whose chosen entries already appear as their own fields).
+NEUTRAL_FIELDS = ("checkpoint_every", "presets", "grid_seeds")
+# Config leaves that name files or folders whose contents matter.
+FILE_FIELDS = ("path", "clip_path", "vgg_path", "tokenizer_path", "config_path", "image",
+               "images_dir", "weights", "weights_files")
+_EDGE_BYTES = 1 << 20
+_MAX_LISTED = 12
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}; leaves become JSON-stable values (tuples -> lists)."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = json.loads(json.dumps(value, default=str))
+  return out
+
+
+def file_fingerprint(path: str) -> str:
+  """A content fingerprint of a file or of every file below a folder ("missing" if neither)."""
+  if os.path.isfile(path):
+    files = [(os.path.basename(path), path)]
+  elif os.path.isdir(path):
+    files = sorted((os.path.relpath(os.path.join(d, n), path), os.path.join(d, n))
+                   for d, _, names in os.walk(path) for n in names)
+  else:
+    return "missing"
+  h = hashlib.sha256()
+  for rel, full in files:
+    size = os.path.getsize(full)
+    h.update(f"{rel}\0{size}\0".encode())
+    with open(full, "rb") as f:
+      h.update(f.read(_EDGE_BYTES))
+      if size > 2 * _EDGE_BYTES:
+        f.seek(-_EDGE_BYTES, os.SEEK_END)
+        h.update(f.read())
+      elif size > _EDGE_BYTES:
+        h.update(f.read())
+  return h.hexdigest()[:16]
+
+
+def _paths(value) -> Iterable[str]:
+  if isinstance(value, str):
+    return [p.strip() for p in value.split(",") if p.strip()]
+  if isinstance(value, (list, tuple)):
+    return [p for v in value for p in _paths(v)]
+  return []
+
+
+def of_config(config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict:
+  """The identity of a run configured by ``config`` (a ConfigDict's ``to_dict()`` or any
+  nested mapping) plus ``extra`` settings the program derives itself."""
+  flat = {k: v for k, v in flatten(config).items()
+          if k.split(".")[0] not in NEUTRAL_FIELDS and k.split(".")[-1] not in NEUTRAL_FIELDS}
+  for key in sorted(flat):
+    if key.split(".")[-1] in FILE_FIELDS:
+      paths = list(_paths(flat[key]))
+      if paths:
+        flat[key + "#content"] = [file_fingerprint(p) for p in paths]
+  flat.update(flatten(dict(extra or {})))
+  return flat
+
+
+def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """'field: saved X, now Y' for every field whose value differs (or exists on one side)."""
+  out = []
+  for key in sorted(set(stored) | set(current)):
+    old, new = stored.get(key, "<unset>"), current.get(key, "<unset>")
+    if old != new:
+      out.append(f"{key}: saved {_short(old)}, now {_short(new)}")
+  return out
+
+
+def check(stored: Mapping[str, Any], current: Mapping[str, Any], what: str, fix: str) -> None:
+  """Raises RunMismatch listing the differences between two identities (none: returns)."""
+  diff = differences(stored, current)
+  if not diff:
+    return
+  shown = "; ".join(diff[:_MAX_LISTED]) + (f"; ... {len(diff) - _MAX_LISTED} more"
+                                           if len(diff) > _MAX_LISTED else "")
+  raise errors.RunMismatch(
+      f"{what} belongs to a run with other settings ({shown}). Either rerun with the saved "
+      f"settings to resume it, or {fix}.")
+
+
+def _short(value) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= 60 else text[:57] + "..."

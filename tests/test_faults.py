@@ -1,0 +1,344 @@
+"""Trust: a run never mixes settings, never loses another run's output, never keeps a NaN,
+and every mistake is one ``error:`` line (exit code 2) with no traceback and nothing
+half-written.
+
+The command-line cases run the programs as a user does; they share one compilation cache
+(conftest.cli) and refuse before compiling wherever the program can.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import error_lines
+
+
+def _refused(out, message):
+  """Exit code 2, exactly one error line that contains ``message``, no traceback."""
+  assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+  lines = error_lines(out.stderr)
+  assert len(lines) == 1 and message in lines[0], out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def _snapshot(folder) -> dict[str, str]:
+  """{relative path: sha256} of every file below ``folder`` except the lock (it records the
+  pid of the last run that claimed the workdir)."""
+  out = {}
+  for dirpath, _, names in os.walk(folder):
+    for name in names:
+      if name == ".lock":
+        continue
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+# ------------------------------------------------------------------------------------------
+# Bad flags, config values and presets: refused before any work, no workdir left behind.
+
+@pytest.mark.parametrize("module,args,message", [
+    ("disentangle", ["--config.num_step=10"], "did you mean 'num_steps'"),
+    ("disentangle", ["--config=configs/disentangle.py:smiel"], "no preset 'smiel'; presets: "),
+    ("edit", ["--config=configs/edit.py:smiel"], "no preset 'smiel'"),
+    ("disentangle", ["--config.num_steps=abc"], "--config.num_steps=abc"),
+    ("disentangle", ["--config.loss.beta=inf"], "loss.beta=inf must be finite"),
+    ("disentangle", ["--config.optimizer.learning_rate=1e30"], "optimizer.learning_rate=1e+30"),
+    ("disentangle", ["--config.checkpoint_every=0"], "checkpoint_every=0"),
+    ("switch", ["--config.eta=nan"], "eta=nan must be finite"),
+    ("switch", ["--config.eta=2.0"], "eta=2.0 is out of range"),
+    ("study", ["--config.guidance=inf"], "guidance=inf must be finite"),
+    ("switch", ["--config.seeds=1,a"], "seeds='1,a' is not a list of integers"),
+    ("disentangle", ["--coordinator=localhost:1", "--num_processes=2"], "runs in one process"),
+    ("switch", ["--nosuchflag=1"], "unknown flag --nosuchflag"),
+])
+def test_bad_settings_are_one_line_and_leave_no_workdir(tmp_path, cli, module, args, message):
+  out = cli.run(module, tmp_path / "wd", *args)
+  _refused(out, message)
+  assert not (tmp_path / "wd").exists()
+
+
+def test_show_config_lists_fields_with_values_and_comments(tmp_path, cli):
+  out = cli.run("disentangle", tmp_path / "wd", "--show_config", "--config.num_steps=10")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "loss.beta = 0.05  # weight of the VGG content loss" in out.stdout
+  assert "t_star = 4  # hard-switch initialisation" in out.stdout  # 20 of 50, at 10 steps
+  assert "num_steps = 10" in out.stdout
+  assert not (tmp_path / "wd").exists()
+
+
+def test_refused_run_keeps_an_existing_workdir_and_clears_stale_files(tmp_path, cli):
+  wd = tmp_path / "wd"
+  (wd / ".staging-abc" / "sub").mkdir(parents=True)
+  (wd / ".staging-abc" / "sub" / "edited.png").write_bytes(b"half")
+  (wd / "weights.json.tmp-999").write_text("{")
+  (wd / "keep.txt").write_text("mine")
+  out = cli.run("disentangle", wd, "--config.loss.beta=-1")
+  _refused(out, "loss.beta=-1")
+  assert sorted(os.listdir(wd)) == [".lock", "keep.txt"]
+
+
+def test_malformed_weights_files_are_one_line(tmp_path, cli):
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"format": "disentangle_jax.weights", "lambda": "0,1",
+                             "num_steps": 2, "sampler": "ddim", "prompt": "p",
+                             "target_prompt": "p, q"}))
+  out = cli.run("switch", tmp_path / "wd", "--config.num_steps=2", f"--config.lambda_files={bad}")
+  _refused(out, "entry 'lambda'")
+  assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"num_steps": "2"}, "entry 'num_steps'"),
+    ({"lambda": [0, "x"]}, "'lambda' must be a list of numbers"),
+    ({"lambda": [0, float("nan")]}, "non-finite"),
+    ({"seeds": [1.5]}, "'seeds' must be a list of integers"),
+    ({"eta": None}, "entry 'eta'"),
+    ({"sampler": None}, "entry 'sampler'"),
+])
+def test_weights_file_fields_are_validated(tmp_path, data, message):
+  from disentangle_jax import errors, weights_file  # pylint: disable=import-outside-toplevel
+  good = {"format": "disentangle_jax.weights", "lambda": [0.0, 1.0], "num_steps": 2,
+          "sampler": "ddim", "prompt": "p", "target_prompt": "p, q"}
+  path = tmp_path / "w.json"
+  path.write_text(json.dumps(good | data))
+  with pytest.raises(errors.UserError, match=message) as e:
+    weights_file.read(str(path))
+  assert str(path) in str(e.value)
+
+
+def test_process_zero_without_its_peer_is_one_line(tmp_path, cli):
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  start = time.monotonic()
+  out = cli.run("study", tmp_path / "wd", f"--coordinator=localhost:{port}", "--num_processes=2",
+                "--process_id=0", "--init_timeout=2")
+  _refused(out, "only 0 of the 1 other processes joined within 2s")
+  assert time.monotonic() - start < 60
+  assert not (tmp_path / "wd").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# One writer per workdir; a resumed run never mixes settings; a damaged checkpoint falls back.
+
+DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=2",
+               "--config.optimizer.iterations=3")
+
+
+def test_one_writer_identity_on_resume_and_checkpoint_fallback(tmp_path, cli):
+  wd = tmp_path / "wd"
+  first = cli.popen("disentangle", wd, *DISENTANGLE)
+  for line in first.stderr:  # the first run holds the lock from its start
+    if "c0=" in line:
+      break
+  start = time.monotonic()
+  second = cli.run("disentangle", wd, *DISENTANGLE, "--config.optimizer.learning_rate=0.1")
+  _refused(second, f"is in use by another run (pid {first.pid})")
+  assert time.monotonic() - start < 60  # refused at once (the imports are most of it)
+  rest = first.stderr.read()
+  assert first.wait(timeout=600) == 0, rest[-3000:]
+  expected = json.loads((wd / "weights.json").read_text())
+  before = _snapshot(wd)
+
+  for change, field in (("--config.model.tiny_seed=1", "model.tiny_seed"),
+                        ("--config.loss_models.tiny_seed=1", "loss_models.tiny_seed"),
+                        ("--config.num_steps=3", "num_steps: saved 2, now 3"),
+                        ("--config.image_size=128", "image_size: saved 0, now 128")):
+    out = cli.run("disentangle", wd, *DISENTANGLE, change)
+    _refused(out, field)
+    assert "belongs to a run with other settings" in out.stderr
+    assert "rerun with the saved settings" in out.stderr and "new --workdir" in out.stderr
+    assert _snapshot(wd) == before, change  # the refused run changed nothing
+
+  shutil.rmtree(wd / "checkpoints" / "3" / "state")  # the newest checkpoint is damaged
+  again = cli.run("disentangle", wd, *DISENTANGLE)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "checkpoint 3" in again.stderr and "unreadable" in again.stderr
+  assert "resumed from iteration 2 of 3" in again.stderr
+  got = json.loads((wd / "weights.json").read_text())
+  assert got["lambda"] == expected["lambda"] and got["loss_history"] == expected["loss_history"]
+
+  for step in os.listdir(wd / "checkpoints"):  # every checkpoint damaged: one line, the fix
+    shutil.rmtree(wd / "checkpoints" / step / "state")
+  out = cli.run("disentangle", wd, *DISENTANGLE, "--config.optimizer.iterations=4")
+  _refused(out, "can be read")
+  assert f"delete {wd / 'checkpoints'}" in out.stderr
+
+
+def test_ctrl_c_is_one_line_saying_the_run_resumes(tmp_path, cli):
+  proc = cli.popen("disentangle", tmp_path / "wd", *DISENTANGLE)
+  for line in proc.stderr:
+    if "c0=" in line:
+      proc.send_signal(signal.SIGINT)
+      break
+  rest = proc.stderr.read()
+  assert proc.wait(timeout=600) == 130, rest[-3000:]
+  lines = error_lines(rest)
+  assert len(lines) == 1 and "run the same command again to resume" in lines[0], rest[-3000:]
+  assert "Traceback" not in rest
+  assert not (tmp_path / "wd" / "weights.json").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Output names never collide; a study never mixes models; damaged chunks are recomputed.
+
+def _weights(path, lam, num_steps=2):
+  from disentangle_jax import weights_file  # pylint: disable=import-outside-toplevel
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  weights_file.write(str(path), weights_file.LearnedWeights(
+      lam=tuple(lam), prompt="p", target_prompt="p, q", num_steps=num_steps, sampler="ddim",
+      eta=0.0, guidance=7.5, schedule={}))
+
+
+def test_switch_columns_from_same_named_files_get_distinct_names(tmp_path, cli, monkeypatch):
+  _weights(tmp_path / "runs" / "a" / "weights.json", (0.0, 1.0))
+  _weights(tmp_path / "runs" / "b" / "weights.json", (0.5, 1.0))
+  (tmp_path / "runs" / "c0.json").write_text("[0.25, 0.75]")  # named like a built-in column
+  files = ",".join([str(tmp_path / "runs" / "a" / "weights.json"),  # absolute
+                    os.path.relpath(tmp_path / "runs" / "b" / "weights.json"),  # ../ relative
+                    str(tmp_path / "runs" / "c0.json")])
+  out = cli.run("switch", tmp_path / "wd", "--config.num_steps=2", "--config.t_stars=1",
+                "--config.seeds=5", f"--config.lambda_files={files}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  lambdas = json.loads((tmp_path / "wd" / "lambdas.json").read_text())
+  assert lambdas["c0"] == [0.0, 0.0] and lambdas["runs_c0"] == [0.25, 0.75]
+  assert lambdas["a_weights"] == [0.0, 1.0] and lambdas["b_weights"] == [0.5, 1.0]
+  names = sorted(os.listdir(tmp_path / "wd" / "images"))
+  assert names == sorted(f"seed5_{n}.png" for n in ("c0", "T1", "c1", "a_weights", "b_weights",
+                                                    "runs_c0"))
+
+
+def test_source_labels_avoid_the_baselines():
+  from disentangle_jax import errors, weights_file  # pylint: disable=import-outside-toplevel
+  from disentangle_jax import study  # pylint: disable=import-outside-toplevel
+  reserved = ["c0", "T*=10", "c1"]
+  labels = weights_file.unique_labels(["/x/run1/T10.json", "/x/run2/c1.json", "/x/w.json"],
+                                      reserved, key=study.file_label)
+  assert labels == ("run1_T10", "run2_c1", "w")
+  with pytest.raises(errors.UserError, match="cannot get distinct output names"):
+    weights_file.unique_labels(["/c1.json"], reserved, key=study.file_label)
+
+
+STUDY = ("--config.num_steps=2", "--config.t_stars=1", "--config.include_c1=False",
+         "--config.attributes=smile", "--config.seeds=0,1", "--config.batch_size=1")
+
+
+def test_study_refuses_another_model_and_recomputes_damaged_chunks(tmp_path, cli):
+  wd = tmp_path / "wd"
+  first = cli.run("study", wd, *STUDY)
+  assert first.returncode == 0, first.stderr[-3000:]
+  rows = (wd / "rows.jsonl").read_text()
+  before = _snapshot(wd)
+  other = cli.run("study", wd, *STUDY, "--config.model.tiny_seed=1")
+  _refused(other, "model.tiny_seed: saved 0, now 1")
+  assert "different study" in other.stderr
+  assert _snapshot(wd) == before
+
+  (wd / "rows" / "chunk_00001.jsonl").write_text('{"source": "T*=1", "attr')  # tampered
+  again = cli.run("study", wd, *STUDY)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "chunk_00001.jsonl is damaged" in again.stderr and "1 to do" in again.stderr
+  assert (wd / "rows.jsonl").read_text() == rows
+
+
+# ------------------------------------------------------------------------------------------
+# In-process pieces: the error formatter, the notices, recompiles, configs.
+
+def test_os_errors_and_ctrl_c_in_a_program_are_one_line(capsys):
+  import errno  # pylint: disable=import-outside-toplevel
+  from launch import common  # pylint: disable=import-outside-toplevel
+
+  def full_disk(argv):
+    raise OSError(errno.ENOSPC, "No space left on device", "/w/edited.png")
+
+  def interrupted(argv):
+    raise KeyboardInterrupt
+
+  for main, code, message in ((full_disk, 2, "the disk is full"),
+                              (interrupted, 130, "to resume")):
+    with pytest.raises(SystemExit) as e:
+      common._guarded(main)(["prog"])  # pylint: disable=protected-access
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and message in err
+
+
+def test_library_calls_drop_the_deprecation_notices_only_inside(tiny_model):
+  import logging  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from disentangle_jax import models  # pylint: disable=import-outside-toplevel
+
+  records = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      records.append(record.getMessage())
+
+  handler = Keep()
+  logging.getLogger("diffusers").addHandler(handler)
+  try:
+    eps = models.make_eps_fn(tiny_model.unet)
+    x = jnp.zeros((1, 8, 8, 4))
+    emb = jnp.zeros((1, 77, tiny_model.params["text_encoder"]["text_model"]["embeddings"]
+                     ["token_embedding"]["embedding"].shape[1]))
+    jax.eval_shape(eps, tiny_model.params["unet"], x, 1, emb)  # traces every Flax module
+    assert not [r for r in records if "deprecated" in r]
+    logging.getLogger("diffusers.models").warning("Flax classes are deprecated (outside)")
+    assert records == ["Flax classes are deprecated (outside)"]  # untouched outside our calls
+  finally:
+    logging.getLogger("diffusers").removeHandler(handler)
+
+
+def test_guidance_as_int_or_numpy_scalar_does_not_recompile(tiny_model):
+  import jax  # pylint: disable=import-outside-toplevel
+  from disentangle_jax import mixing, models, noise, pipeline, sampler  # noqa  # pylint: disable=import-outside-toplevel
+  from disentangle_jax import schedule  # pylint: disable=import-outside-toplevel
+  c0, c1, uncond = models.encode_prompts(tiny_model, ["a photo", "a photo, smiling", ""])
+  tables = schedule.step_tables(tiny_model.schedule, 2, eta=0.0)
+  run = noise.draw(jax.random.key(0), [1], (8, 8, 4), tables.sigma)
+  render = pipeline.make_render_fn(models.make_eps_fn(tiny_model.unet),
+                                   models.make_decode_fn(tiny_model.vae,
+                                                         tiny_model.scaling_factor),
+                                   sampler.SamplerConfig("ddim"))
+  lam = mixing.hard_switch(2, 1)
+  prompts = pipeline.PromptPair(c0, c1, uncond)
+  outs = [render(tiny_model.params, run.x_T, run.noise, lam, prompts, g, tables)
+          for g in (7.5, 7, np.float64(7.0), np.int64(7))]
+  assert render._cache_size() == 1  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(outs[1]), np.asarray(outs[2]))
+
+
+def _config(name, arg):
+  import importlib  # pylint: disable=import-outside-toplevel
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def test_step_indexed_defaults_follow_num_steps_until_set():
+  cfg = _config("disentangle", "smile")
+  assert (cfg.num_steps, cfg.t_star) == (50, 20)
+  cfg.num_steps = 10
+  assert cfg.t_star == 4
+  cfg.t_star = 7
+  cfg.num_steps = 20
+  assert cfg.t_star == 7  # set explicitly: it stays
+  edit = _config("edit", "snow")
+  edit.num_steps = 10
+  assert (edit.t_star, edit.inject_steps) == (2, 7)  # 10 and 33 of 50
+
+
+def test_every_disentangle_preset_works_in_edit():
+  from configs import disentangle  # pylint: disable=import-outside-toplevel
+  for name, (prompt, attribute, _, t_star, _) in disentangle.PRESETS.items():
+    cfg = _config("edit", name)
+    assert cfg.prompt == prompt and cfg.attribute == attribute
+    if name != "snow":  # snow is the release's real-image example (T* = 10)
+      assert cfg.t_star == t_star
