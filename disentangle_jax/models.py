@@ -584,8 +584,9 @@ def _load_dir(config: ModelConfig) -> StableDiffusion:
 def load(config: ModelConfig) -> StableDiffusion:
   """Loads the model at ``config.path`` (a diffusers-layout folder or a single file), or builds
   the tiny one if None."""
-  if config.path is not None and (single_file.is_single_file(config.path) or
-                                  os.path.isfile(os.path.expanduser(config.path))):
+  path = None if config.path is None else os.path.expanduser(config.path)
+  if path is not None and (os.path.isfile(path) or
+                           (single_file.is_single_file(path) and not os.path.isdir(path))):
     return _load_single_file(config)
   if config.tokenizer_path is not None or config.config_path is not None:
     raise ValueError("model.tokenizer_path and model.config_path are only for a single-file "

@@ -244,3 +244,11 @@ def test_cli_error_line(files, tmp_path):
   assert out.returncode == 2, out.stderr[-2000:]
   errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and str(cut) in errors[0] and "Traceback" not in out.stderr
+
+
+def test_error_missing_or_unknown_file(files, tmp_path):
+  message = _error(_config(files, path=str(tmp_path / "none.safetensors")), FileNotFoundError)
+  assert "none.safetensors' does not exist" in message and "--config.model.path" in message
+  (tmp_path / "model.pt").write_bytes(b"x")
+  message = _error(_config(files, path=str(tmp_path / "model.pt")))
+  assert "model.pt' is a file but not a single-file checkpoint" in message
