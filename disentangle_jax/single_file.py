@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import pickle
 import re
 import numpy as np
 import safetensors
@@ -145,15 +146,24 @@ def read(path: pathlib.Path, allow_pickle: bool) -> dict[str, np.ndarray]:
       state = torch.load(path, map_location="cpu", weights_only=True)
       while isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoints
         state = state["state_dict"]
-      state = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-               for k, v in state.items() if hasattr(v, "numpy")}
+      state = {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy()
+               for k, v in state.items() if isinstance(v, torch.Tensor)}
+  except pickle.UnpicklingError as e:
+    raise ValueError(f"{path} holds Python objects that torch's safe loader (weights_only=True) "
+                     f"refuses ({_one_line(e)}); convert it to .safetensors with a tool you "
+                     "trust.") from None
   except Exception as e:  # pylint: disable=broad-except  # any reader's error: one message
     raise ValueError(f"{path} could not be read as {suffix[1:]} ({type(e).__name__}: "
-                     f"{str(e)[:200]}); is the file complete? Download or convert it "
+                     f"{_one_line(e)}); is the file complete? Download or convert it "
                      "again.") from None
   if not state:
     raise ValueError(f"{path} holds no weights. {_FIX_FILE}")
   return state
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+  """The error's text on one line, without terminal colour codes, at most ``limit`` chars."""
+  return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())[:limit]
 
 
 def _import_torch(path: pathlib.Path):

@@ -4,6 +4,7 @@ The tiny PyTorch model of conftest.torch_sd_dir is written as one LDM ``.safeten
 tests/ldm_layout.py (an independent inverse of diffusers' mapping); diffusers' own
 ``from_single_file`` reading that file back proves the layout is the real one.
 """
+import json
 import os
 import re
 import shutil
@@ -131,9 +132,31 @@ def test_real_sd_v1_architecture_is_read_from_the_shapes():
                               models._build_text_encoder(inferred["text_encoder"], config))
   # pylint: enable=protected-access
   parts = single_file.split(state, 2, 4, "sd-v1.safetensors")
+  _assert_same_as_diffusers_mapping(state, parts, inferred)
   for name, naming in (("unet", "diffusers"), ("vae", "diffusers"),
                        ("text_encoder", "transformers")):
     convert.torch_to_flax(parts[name], trees[name], naming, name)  # raises if anything is off
+
+
+def _assert_same_as_diffusers_mapping(state, parts, configs):
+  """Our LDM -> diffusers renaming equals diffusers' own single-file conversion functions."""
+  from diffusers.loaders import single_file_utils as ref  # pylint: disable=g-import-not-at-top
+  theirs = {"unet": ref.convert_ldm_unet_checkpoint(state, configs["unet"]),
+            "vae": ref.convert_ldm_vae_checkpoint(state, configs["vae"]),
+            "text_encoder": ref.convert_ldm_clip_checkpoint(state)}
+  for name, ours in parts.items():
+    assert set(ours) == set(theirs[name]), (name, sorted(set(ours) ^ set(theirs[name]))[:8])
+    for key, value in ours.items():
+      assert value.shape == theirs[name][key].shape and np.array_equal(value, theirs[name][key])
+
+
+def test_split_matches_diffusers_conversion_on_the_tiny_file(ldm_state, files):
+  base = {n: json.loads((files[1] / n / "config.json").read_text())
+          for n in ("unet", "vae", "text_encoder")}
+  base["scheduler"] = single_file.SD_V1_CONFIGS["scheduler"]
+  configs = single_file.infer_configs(ldm_state, base, "tiny")
+  parts = single_file.split(ldm_state, 1, 4, "tiny")
+  _assert_same_as_diffusers_mapping(ldm_state, parts, configs)
 
 
 def test_ckpt_loads_with_allow_pickle(files, ldm_state, pair, tmp_path):
@@ -144,6 +167,14 @@ def test_ckpt_loads_with_allow_pickle(files, ldm_state, pair, tmp_path):
     models.load(_config(files, path=str(ckpt)))
   loaded = models.load(_config(files, path=str(ckpt), allow_pickle=True))
   assert _trees_equal(loaded.params, pair[0].params)
+  # A pickle holding Python objects besides tensors: torch's safe loader refuses it, one line.
+  torch.save({"state_dict": {}, "callbacks": _NotATensor()}, tmp_path / "objects.ckpt")
+  message = _error(_config(files, path=str(tmp_path / "objects.ckpt"), allow_pickle=True))
+  assert "objects.ckpt holds Python objects" in message and "\x1b" not in message
+
+
+class _NotATensor:
+  pass
 
 
 def test_save_writes_a_diffusers_folder(pair, tmp_path):
