@@ -83,7 +83,7 @@ _TINY_WORDS = ("a", "photo", "of", "person", "face", "smiling", "church", "the",
 class ModelConfig:
   """Which Stable Diffusion to load and how to run it."""
 
-  path: str | None = None  # SD v1.x folder (diffusers layout) or one .safetensors/.ckpt; None = tiny
+  path: str | None = None  # SD v1.x folder (diffusers) or one .safetensors/.ckpt file; None = tiny
   allow_pickle: bool = False  # opt-in to read PyTorch .bin (pickle) weights (needs torch)
   dtype: str = "float32"  # compute and parameter dtype: float32 | bfloat16 | float64
   attention: str = "standard"  # "standard" | "chunked" (memory-efficient attention in the UNet)
@@ -629,6 +629,7 @@ def _load_single_file(config: ModelConfig) -> StableDiffusion:
   if not tokenizer_dir.is_dir():
     raise FileNotFoundError(f"model.tokenizer_path={config.tokenizer_path!r} is not a directory: "
                             "give a folder with vocab.json and merges.txt.")
+  dtype = _compute_dtype(config)
   base = _single_file_base_configs(config)
   state = single_file.read(path, config.allow_pickle)
   source = str(path)
@@ -651,7 +652,6 @@ def _load_single_file(config: ModelConfig) -> StableDiffusion:
                             len(vae.config.block_out_channels), source)
   del state
   trees = _shape_trees(unet, vae, text_encoder)
-  dtype = _compute_dtype(config)
   params = {name: _to_device(convert.torch_to_flax(parts.pop(name), trees[name], naming,
                                                    f"{source} ({name})"), dtype)
             for name, naming in (("unet", "diffusers"), ("vae", "diffusers"),
