@@ -6,7 +6,9 @@ from ml_collections import config_dict
 def model_config() -> ml_collections.ConfigDict:
   """The Stable Diffusion model section (-> models.ModelConfig)."""
   return ml_collections.ConfigDict(dict(
-      path=config_dict.placeholder(str),  # SD v1.x dir (diffusers layout); unset = built-in tiny model
+      path=config_dict.placeholder(str),  # SD v1.x dir (diffusers) or .safetensors/.ckpt; unset: tiny
+      tokenizer_path=config_dict.placeholder(str),  # single file: dir of vocab.json + merges.txt
+      config_path=config_dict.placeholder(str),  # single file: diffusers config dir, unset: SD v1
       allow_pickle=False,  # allow PyTorch .bin (pickle) weights; off by default: pickle can run code
       dtype="float32",  # compute dtype: float32 | bfloat16 | float64
       attention="standard",  # "standard" | "chunked" (memory-efficient attention)

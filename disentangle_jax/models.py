@@ -12,8 +12,10 @@ the weights as an argument, so jitted code never captures weights:
 Weights come from a local folder in diffusers layout (model_index.json, unet/, vae/,
 text_encoder/, tokenizer/, scheduler/); each component is read, in this order of preference,
 from Flax msgpack, safetensors (converted in numpy by ``convert``, no torch), or, only with
-``allow_pickle=True``, a PyTorch pickle ``.bin``. Nothing is ever downloaded. ``path=None``
-builds a tiny random model with the same structure (tests, smoke runs).
+``allow_pickle=True``, a PyTorch pickle ``.bin``. ``path`` may also be one file in the
+CompVis/LDM single-file layout (``.safetensors``; ``.ckpt`` with ``allow_pickle``), mapped by
+``single_file``, with its tokenizer from ``tokenizer_path``. Nothing is ever downloaded.
+``path=None`` builds a tiny random model with the same structure (tests, smoke runs).
 
 Shapes: B batch, N UNet batch (2B under CFG), H W C latent (NHWC), L tokens, D text width.
 """
@@ -40,6 +42,7 @@ from transformers.models.clip import tokenization_clip
 
 from disentangle_jax import convert, library_logs
 from disentangle_jax import schedule as schedule_lib
+from disentangle_jax import single_file
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +83,14 @@ _TINY_WORDS = ("a", "photo", "of", "person", "face", "smiling", "church", "the",
 class ModelConfig:
   """Which Stable Diffusion to load and how to run it."""
 
-  path: str | None = None  # local SD v1.x folder in diffusers layout; None = tiny random model
+  path: str | None = None  # SD v1.x folder (diffusers) or one .safetensors/.ckpt file; None = tiny
   allow_pickle: bool = False  # opt-in to read PyTorch .bin (pickle) weights (needs torch)
   dtype: str = "float32"  # compute and parameter dtype: float32 | bfloat16 | float64
   attention: str = "standard"  # "standard" | "chunked" (memory-efficient attention in the UNet)
   tiny_seed: int = 0  # seed of the tiny random model's weights
   tiny_latent_size: int = 8  # default latent H = W of the tiny model (images 8x larger)
+  tokenizer_path: str | None = None  # tokenizer folder (vocab.json, merges.txt) for a single file
+  config_path: str | None = None  # single file: diffusers-layout config folder; None = SD v1's
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
@@ -583,10 +588,85 @@ def _load_dir(config: ModelConfig) -> StableDiffusion:
 
 @library_logs.quietly
 def load(config: ModelConfig) -> StableDiffusion:
-  """Loads the model at ``config.path`` (diffusers layout), or builds the tiny one if None."""
+  """Loads the model at ``config.path`` (a diffusers-layout folder or a single file), or builds
+  the tiny one if None."""
+  path = None if config.path is None else os.path.expanduser(config.path)
+  if path is not None and (os.path.isfile(path) or
+                           (single_file.is_single_file(path) and not os.path.isdir(path))):
+    return _load_single_file(config)
+  if config.tokenizer_path is not None or config.config_path is not None:
+    raise ValueError("model.tokenizer_path and model.config_path are only for a single-file "
+                     f"model.path (.safetensors / .ckpt); model.path={config.path!r} is not one. "
+                     "Unset them (a diffusers folder has its own tokenizer/ and configs).")
   if config.path is None:
     return build_tiny(config)
   return _load_dir(config)
+
+
+def _single_file_base_configs(config: ModelConfig) -> dict:
+  """The configs whose non-shape fields a single file uses (see single_file's docstring)."""
+  if config.config_path is None:
+    return single_file.SD_V1_CONFIGS
+  root = pathlib.Path(os.path.expanduser(config.config_path))
+  if not root.is_dir():
+    raise FileNotFoundError(f"model.config_path={config.config_path!r} is not a directory: give "
+                            "a diffusers-layout folder (unet/, vae/, text_encoder/ config.json; "
+                            "weights not needed), or unset it for SD v1's standard config.")
+  base = {name: _read_json(root / name / "config.json")
+          for name in ("unet", "vae", "text_encoder")}
+  if base["text_encoder"].get("model_type") == "clip" and "text_config" in base["text_encoder"]:
+    base["text_encoder"] = base["text_encoder"]["text_config"]
+  scheduler_file = root / "scheduler" / "scheduler_config.json"
+  base["scheduler"] = (_read_json(scheduler_file) if scheduler_file.is_file()
+                       else single_file.SD_V1_CONFIGS["scheduler"])
+  return base
+
+
+def _load_single_file(config: ModelConfig) -> StableDiffusion:
+  """A CompVis/LDM single file (``single_file``) -> the same model as its diffusers folder."""
+  path = pathlib.Path(os.path.expanduser(config.path))
+  if config.tokenizer_path is None:  # checked first: before reading gigabytes
+    raise ValueError(
+        f"model.path={config.path!r} is a single-file checkpoint, which holds no tokenizer: set "
+        "--config.model.tokenizer_path to a folder with vocab.json and merges.txt (SD v1.x uses "
+        "CLIP ViT-L/14's tokenizer, e.g. the tokenizer/ folder of any SD v1.x diffusers "
+        "checkpoint).")
+  tokenizer_dir = pathlib.Path(os.path.expanduser(config.tokenizer_path))
+  if not tokenizer_dir.is_dir():
+    raise FileNotFoundError(f"model.tokenizer_path={config.tokenizer_path!r} is not a directory: "
+                            "give a folder with vocab.json and merges.txt.")
+  dtype = _compute_dtype(config)
+  base = _single_file_base_configs(config)
+  state = single_file.read(path, config.allow_pickle)
+  source = str(path)
+  single_file.detect_family(state, source)
+  cfgs = single_file.infer_configs(state, base, source)
+  schedule = schedule_lib.ScheduleConfig.from_diffusers_config(cfgs["scheduler"])
+  unet = _build_unet(cfgs["unet"], config, source)
+  vae = _build_vae(cfgs["vae"], config)
+  text_encoder = _build_text_encoder(cfgs["text_encoder"], config)
+  if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+    raise ValueError(f"{path}: the UNet's cross-attention width {unet.config.cross_attention_dim} "
+                     f"differs from the text encoder's width {text_encoder.config.hidden_size}: "
+                     "the file mixes components of different models.")
+  tokenizer = _load_tokenizer(tokenizer_dir, text_encoder.config.max_position_embeddings)
+  if len(tokenizer) > text_encoder.config.vocab_size:
+    raise ValueError(f"model.tokenizer_path={config.tokenizer_path!r} has {len(tokenizer)} "
+                     f"tokens but {path} embeds {text_encoder.config.vocab_size}: it is not this "
+                     "model's tokenizer.")
+  parts = single_file.split(state, unet.config.layers_per_block,
+                            len(vae.config.block_out_channels), source)
+  del state
+  trees = _shape_trees(unet, vae, text_encoder)
+  params = {name: _to_device(convert.torch_to_flax(parts.pop(name), trees[name], naming,
+                                                   f"{source} ({name})"), dtype)
+            for name, naming in (("unet", "diffusers"), ("vae", "diffusers"),
+                                 ("text_encoder", "transformers"))}
+  return StableDiffusion(
+      unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
+      schedule=schedule, latent_channels=int(vae.config.latent_channels),
+      latent_size=int(unet.config.sample_size), vae_scale_factor=vae_scale_factor(vae.config),
+      scaling_factor=float(cfgs["vae"].get("scaling_factor", _SD_SCALING_FACTOR)))
 
 
 def save(model: StableDiffusion, directory) -> None:
