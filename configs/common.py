@@ -2,6 +2,8 @@
 import ml_collections
 from ml_collections import config_dict
 
+from disentangle_jax import errors
+
 
 def model_config() -> ml_collections.ConfigDict:
   """The Stable Diffusion model section (-> models.ModelConfig)."""
@@ -54,8 +56,8 @@ def parse_preset_arg(arg: str, presets: dict, program: str) -> tuple[str, str]:
   """"<preset>[,sd]" (the part after ":" in --config) -> (preset name, "" or "sd")."""
   name, _, size = arg.partition(",")
   if name not in presets:
-    raise ValueError(f"{program} has no preset {name!r}; presets: "
+    raise errors.UserError(f"{program} has no preset {name!r}; presets: "
                      f"{', '.join(sorted(presets))}.")
   if size not in ("", "sd"):
-    raise ValueError(f"{program}: unknown size {size!r} after the preset; use ',sd'.")
+    raise errors.UserError(f"{program}: unknown size {size!r} after the preset; use ',sd'.")
   return name, size

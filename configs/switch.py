@@ -10,11 +10,12 @@ Variants (the part after ":"): "tiny" (default; built-in random model, a few sec
 import ml_collections
 
 from configs import common
+from disentangle_jax import errors
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg not in ("tiny", "sd"):
-    raise ValueError(f"configs/switch.py has no variant {arg!r}: use 'tiny' or 'sd'.")
+    raise errors.UserError(f"configs/switch.py has no variant {arg!r}: use 'tiny' or 'sd'.")
   c = ml_collections.ConfigDict()
   c.model = common.model_config()
   c.prompt = "A photo of person"  # c0, the neutral prompt

@@ -15,13 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from disentangle_jax import errors
+
 WEIGHTS_FORMAT = "disentangle_jax.weights"
 
 
 def check_t_star(num_steps: int, t_star: int) -> None:
   if isinstance(t_star, bool) or not isinstance(t_star, (int, np.integer)) or not (
       0 <= t_star <= num_steps):
-    raise ValueError(
+    raise errors.UserError(
         f"t_star={t_star!r} must be an integer in [0, {num_steps}] (the number of early steps "
         f"conditioned on the neutral prompt; {num_steps} = never switch).")
 
@@ -37,7 +39,7 @@ def hard_switch(num_steps: int, t_star: int, late: float = 1.0) -> np.ndarray:
 def constant(num_steps: int, value: float) -> np.ndarray:
   """The same weight at every step (0 = pure c0, 1 = pure c1). float32 [T]."""
   if num_steps < 1:
-    raise ValueError(f"num_steps={num_steps} must be >= 1.")
+    raise errors.UserError(f"num_steps={num_steps} must be >= 1.")
   return np.full((num_steps,), value, np.float32)
 
 
@@ -50,12 +52,12 @@ def check_lambda(lam, num_steps: int, name: str = "lambda") -> np.ndarray:
   """Validates a lambda vector against the step count; returns float32 [T]."""
   lam = np.asarray(lam, dtype=np.float32)
   if lam.ndim != 1 or lam.shape[0] != num_steps:
-    raise ValueError(
+    raise errors.UserError(
         f"{name} has shape {lam.shape} but the sampler runs {num_steps} steps: it needs "
         f"shape ({num_steps},), one weight per step. Re-learn it for this step count or change "
         "num_steps.")
   if not np.all(np.isfinite(lam)):
-    raise ValueError(f"{name} contains non-finite values: {lam.tolist()}")
+    raise errors.UserError(f"{name} contains non-finite values: {lam.tolist()}")
   return lam
 
 
@@ -75,7 +77,7 @@ def load(path: str, num_steps: int | None = None) -> np.ndarray:
         data = json.load(f)
       if isinstance(data, dict):
         if "lambda" not in data:
-          raise ValueError(f"lambda file {path!r} is a JSON object without a 'lambda' entry.")
+          raise errors.UserError(f"lambda file {path!r} is a JSON object without a 'lambda' entry.")
         lam = np.asarray(data["lambda"], np.float32)
         if data.get("convention") == "reference":
           lam = from_reference(lam)
@@ -88,14 +90,14 @@ def load(path: str, num_steps: int | None = None) -> np.ndarray:
         text = f.read().replace(",", " ")
       lam = np.asarray([float(v) for v in text.split()], np.float32)
     else:
-      raise ValueError(
+      raise errors.UserError(
           f"lambda file {path!r} has an unknown extension {ext!r}: use .json, .npy, .txt or .csv.")
+  except errors.UserError:
+    raise
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"lambda file {path!r} could not be parsed: {e}") from None
-  except ValueError as e:
-    if str(e).startswith("lambda file"):
-      raise
-    raise ValueError(f"lambda file {path!r} could not be parsed as numbers: {e}") from None
+    raise errors.UserError(f"lambda file {path!r} could not be parsed: {e}") from None
+  except (ValueError, TypeError) as e:  # numpy/float() on entries that are not numbers
+    raise errors.UserError(f"lambda file {path!r} could not be parsed as numbers: {e}") from None
   if num_steps is not None:
     lam = check_lambda(lam, num_steps, name=f"lambda from {path!r}")
   return lam
@@ -112,7 +114,7 @@ def mix(lam: jax.Array, c0: jax.Array, c1: jax.Array) -> jax.Array:
     [T, L, D] if lam is [T] and c0 is [L, D], else [T, B, L, D], in c0's dtype: c_i = lam[i] * c1 + (1 - lam[i]) * c0, in c0's dtype.
   """
   if c0.shape != c1.shape:
-    raise ValueError(f"c0 has shape {c0.shape} but c1 has shape {c1.shape}: they must match.")
+    raise errors.UserError(f"c0 has shape {c0.shape} but c1 has shape {c1.shape}: they must match.")
   # Mixed in at least float32 and cast once: a bfloat16 lambda would round 1.15 to 1.1484.
   dtype = jnp.promote_types(c0.dtype, jnp.float32)
   lam = jnp.asarray(lam).astype(dtype)[..., None, None]  # [T(, B), 1, 1] vs [(B,) L, D]

@@ -26,6 +26,7 @@ NEUTRAL_FIELDS = ("checkpoint_every", "presets", "grid_seeds")
 FILE_FIELDS = ("path", "clip_path", "vgg_path", "tokenizer_path", "config_path", "image",
                "images_dir", "weights", "weights_files")
 _EDGE_BYTES = 1 << 20
+_EMPTY = (None, "", [], {}, False)
 _MAX_LISTED = 12
 
 
@@ -91,6 +92,8 @@ def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
   out = []
   for key in sorted(set(stored) | set(current)):
     old, new = stored.get(key, "<unset>"), current.get(key, "<unset>")
+    if "<unset>" in (old, new) and (old in _EMPTY or new in _EMPTY):
+      continue  # a setting added since (or dropped), left at its empty default: no change
     if old != new:
       out.append(f"{key}: saved {_short(old)}, now {_short(new)}")
   return out
@@ -104,7 +107,7 @@ def check(stored: Mapping[str, Any], current: Mapping[str, Any], what: str, fix:
   shown = "; ".join(diff[:_MAX_LISTED]) + (f"; ... {len(diff) - _MAX_LISTED} more"
                                            if len(diff) > _MAX_LISTED else "")
   raise errors.RunMismatch(
-      f"{what} belongs to a run with other settings ({shown}). Either rerun with the saved "
+      f"{what} was saved by a run with other settings ({shown}). Either rerun with the saved "
       f"settings to resume it, or {fix}.")
 
 

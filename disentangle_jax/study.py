@@ -292,7 +292,7 @@ def check_manifest(out_dir: str, spec: StudySpec, identity: dict | None = None) 
       raise errors.UserError(f"the study manifest {path!r} is damaged ({e}): {fix}.") from None
     if "identity" in saved:
       run_identity.check(saved["identity"], current,
-                         f"workdir {out_dir!r} holds rows of a different study: it", fix)
+                         f"workdir {out_dir!r} holds rows of a different study; its manifest", fix)
     elif saved["fingerprint"] != spec.fingerprint():
       raise errors.RunMismatch(f"workdir {out_dir!r} holds rows of a different study: {fix}.")
     return

@@ -53,6 +53,18 @@ def run(main) -> None:
   app.run(_guarded(main), flags_parser=_parse_flags)
 
 
+def define_config(default: str):
+  """The --config flag. ml_collections reads --config.<field> overrides from sys.argv while
+  the flag is defined (at import), so a bad override is reported here, as one line."""
+  from ml_collections import config_flags  # noqa: PLC0415
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", default, "Config file[:arguments]; override fields with --config.<field>=v; "
+        "--show_config lists every field.")
+  except Exception as e:  # noqa: BLE001 -- absl/ml_collections raise many kinds
+    fail(_flag_error(e, sys.argv))
+
+
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
   """Prints ``error: message`` as one line and exits."""
   print("error: " + " ".join(str(message).split()), file=sys.stderr)
@@ -80,11 +92,13 @@ def _flag_error(e: Exception, argv) -> str:
     return (f"{given[0] if given else '--config.' + key}: the config has no field {key!r}"
             f"{'; did you mean ' + repr(hint.group(1)) if hint else ''}. --show_config lists "
             "every field.")
-  cause = e
-  while cause.__cause__ or cause.__context__:  # the config file's own error, if any
+  cause, own = e, None
+  while cause is not None:  # the config file's own error (e.g. an unknown preset), if any:
+    if isinstance(cause, errors.UserError):  # the innermost one (ml_collections re-raises it
+      own = cause  # with its traceback as the message)
     cause = cause.__cause__ or cause.__context__
-  if cause is not e and isinstance(cause, ValueError) and "Error while parsing" not in str(e):
-    return str(cause)
+  if own is not None:
+    return str(own)
   text = str(e)
   if isinstance(e, flags.UnrecognizedFlagError):
     name = getattr(e, "flagname", "")
@@ -162,7 +176,8 @@ def config_comments(*paths: str) -> dict[str, str]:
       for line in f:
         m = _SECTION.match(line)
         if m or line.startswith("def "):
-          section, above = (m.group(1) + "." if m else ""), []
+          section = m.group(1) + "." if m and m.group(1) != "get" else ""
+          above = []
           continue
         c = _COMMENT.match(line)
         if c:
@@ -259,8 +274,8 @@ def as_tuple(value, name: str = "value"):
     try:
       out.append(int(v) if isinstance(v, str) else v)
     except ValueError:
-      raise errors.UserError(f"{name}={value!r} is not a list of integers: write e.g. "
-                             "42,43.") from None
+      raise errors.UserError(f"{name}={','.join(map(str, items))} is not a list of integers: "
+                             "write e.g. 42,43.") from None
   return tuple(out)
 
 

@@ -21,11 +21,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from launch import common  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/edit.py", "Config file.")
+_CONFIG = common.define_config("configs/edit.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
 
 SAMPLER = "ddim"  # the inversion is DDIM (eta = 0); its residuals only fit this sampler

@@ -54,7 +54,7 @@ def _snapshot(folder) -> dict[str, str]:
     ("switch", ["--config.eta=nan"], "eta=nan must be finite"),
     ("switch", ["--config.eta=2.0"], "eta=2.0 is out of range"),
     ("study", ["--config.guidance=inf"], "guidance=inf must be finite"),
-    ("switch", ["--config.seeds=1,a"], "seeds='1,a' is not a list of integers"),
+    ("switch", ["--config.seeds=1,a"], "seeds=1,a is not a list of integers"),
     ("disentangle", ["--coordinator=localhost:1", "--num_processes=2"], "runs in one process"),
     ("switch", ["--nosuchflag=1"], "unknown flag --nosuchflag"),
 ])
@@ -122,7 +122,7 @@ def test_process_zero_without_its_peer_is_one_line(tmp_path, cli):
   out = cli.run("study", tmp_path / "wd", f"--coordinator=localhost:{port}", "--num_processes=2",
                 "--process_id=0", "--init_timeout=2")
   _refused(out, "only 0 of the 1 other processes joined within 2s")
-  assert time.monotonic() - start < 60
+  assert time.monotonic() - start < 120
   assert not (tmp_path / "wd").exists()
 
 
@@ -142,7 +142,7 @@ def test_one_writer_identity_on_resume_and_checkpoint_fallback(tmp_path, cli):
   start = time.monotonic()
   second = cli.run("disentangle", wd, *DISENTANGLE, "--config.optimizer.learning_rate=0.1")
   _refused(second, f"is in use by another run (pid {first.pid})")
-  assert time.monotonic() - start < 60  # refused at once (the imports are most of it)
+  assert time.monotonic() - start < 120  # refused at once (the imports are most of it)
   rest = first.stderr.read()
   assert first.wait(timeout=600) == 0, rest[-3000:]
   expected = json.loads((wd / "weights.json").read_text())
@@ -154,7 +154,7 @@ def test_one_writer_identity_on_resume_and_checkpoint_fallback(tmp_path, cli):
                         ("--config.image_size=128", "image_size: saved 0, now 128")):
     out = cli.run("disentangle", wd, *DISENTANGLE, change)
     _refused(out, field)
-    assert "belongs to a run with other settings" in out.stderr
+    assert "was saved by a run with other settings" in out.stderr
     assert "rerun with the saved settings" in out.stderr and "new --workdir" in out.stderr
     assert _snapshot(wd) == before, change  # the refused run changed nothing
 
@@ -168,7 +168,7 @@ def test_one_writer_identity_on_resume_and_checkpoint_fallback(tmp_path, cli):
 
   for step in os.listdir(wd / "checkpoints"):  # every checkpoint damaged: one line, the fix
     shutil.rmtree(wd / "checkpoints" / step / "state")
-  out = cli.run("disentangle", wd, *DISENTANGLE, "--config.optimizer.iterations=4")
+  out = cli.run("disentangle", wd, *DISENTANGLE)
   _refused(out, "can be read")
   assert f"delete {wd / 'checkpoints'}" in out.stderr
 
@@ -182,7 +182,7 @@ def test_ctrl_c_is_one_line_saying_the_run_resumes(tmp_path, cli):
   rest = proc.stderr.read()
   assert proc.wait(timeout=600) == 130, rest[-3000:]
   lines = error_lines(rest)
-  assert len(lines) == 1 and "run the same command again to resume" in lines[0], rest[-3000:]
+  assert len(lines) == 1 and "Run the same command again to resume" in lines[0], rest[-3000:]
   assert "Traceback" not in rest
   assert not (tmp_path / "wd" / "weights.json").exists()
 
@@ -208,6 +208,8 @@ def test_switch_columns_from_same_named_files_get_distinct_names(tmp_path, cli, 
   out = cli.run("switch", tmp_path / "wd", "--config.num_steps=2", "--config.t_stars=1",
                 "--config.seeds=5", f"--config.lambda_files={files}")
   assert out.returncode == 0, out.stderr[-3000:]
+  assert "Unable to initialize backend" not in out.stderr  # no TPU probe noise on a CPU host
+  assert "column 'a_weights'" in out.stderr  # the derived names are in the log
   lambdas = json.loads((tmp_path / "wd" / "lambdas.json").read_text())
   assert lambdas["c0"] == [0.0, 0.0] and lambdas["runs_c0"] == [0.25, 0.75]
   assert lambdas["a_weights"] == [0.0, 1.0] and lambdas["b_weights"] == [0.5, 1.0]
@@ -284,7 +286,10 @@ def test_library_calls_drop_the_deprecation_notices_only_inside(tiny_model):
       records.append(record.getMessage())
 
   handler = Keep()
-  logging.getLogger("diffusers").addHandler(handler)
+  root = logging.getLogger("diffusers")
+  level = root.level
+  root.setLevel(logging.WARNING)  # the tests' environment sets DIFFUSERS_VERBOSITY=error
+  root.addHandler(handler)
   try:
     eps = models.make_eps_fn(tiny_model.unet)
     x = jnp.zeros((1, 8, 8, 4))
@@ -295,7 +300,8 @@ def test_library_calls_drop_the_deprecation_notices_only_inside(tiny_model):
     logging.getLogger("diffusers.models").warning("Flax classes are deprecated (outside)")
     assert records == ["Flax classes are deprecated (outside)"]  # untouched outside our calls
   finally:
-    logging.getLogger("diffusers").removeHandler(handler)
+    root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def test_guidance_as_int_or_numpy_scalar_does_not_recompile(tiny_model):
