@@ -89,8 +89,9 @@ def main(argv):
       lam, history, prev_lam = disentangle.optimise(prep, spec, ckpt, log=logging.info)
     ckpt.close()
   use = prev_lam if spec is not None and spec.faithful else lam
-  edit = inversion.make_edit_fn(models.make_eps_fn(model.unet),
-                                models.make_decode_fn(model.vae, model.scaling_factor))
+  edit = inversion.make_edit_fn(
+      models.make_eps_fn(model.unet, model.config),
+      models.make_decode_fn(model.vae, model.scaling_factor, model.config))
   out = edit(model.params, inv.z0, inv.run, use, prompts, cfg.guidance, inv.tables)
   metrics = {
       "mode": "apply" if spec is None else "optimise", "prompt": prompt, "target_prompt": target,
