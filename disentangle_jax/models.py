@@ -88,7 +88,7 @@ class ModelConfig:
 
   path: str | None = None  # local SD v1.x folder in diffusers layout; None = tiny random model
   allow_pickle: bool = False  # opt-in to read PyTorch .bin (pickle) weights (needs torch)
-  dtype: str = "float32"  # compute and parameter dtype: float32 | bfloat16 | float64
+  dtype: str = "float32"  # networks' weights/activations: float32 | bfloat16 (mixed) | float64
   attention: str = "standard"  # "standard" | "chunked" (memory-efficient) | "dot_product" (jax.nn)
   conv: str = "fast"  # "fast" (fast_conv: custom_vjp, fast backward in loops) | "xla" (plain)
   block_remat: str = "none"  # remat inside UNet / VAE: a key of remat.LEVELS
@@ -182,7 +182,8 @@ def make_eps_fn(unet, config: ModelConfig = ModelConfig()) -> Callable:
 def make_decode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig()) -> Callable:
   """Wraps the VAE decoder as decode(params, latents [B,H,W,C]) -> images [B,8H,8W,3] in [0, 1].
 
-  images = clip(VAE.decode(latents / scaling_factor) / 2 + 0.5, 0, 1), in the compute dtype.
+  images = clip(VAE.decode(latents / scaling_factor) / 2 + 0.5, 0, 1), returned in float32 (or
+  float64 for a float64 model) whatever the compute dtype: the losses stay in float32.
   """
   channels = vae.config.latent_channels
 
@@ -193,15 +194,17 @@ def make_decode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig
     # FlaxAutoencoderKL.decode takes NHWC when the last axis has latent_channels entries.
     with run_options(config):
       x = vae.apply({"params": params}, latents / scaling_factor, method="decode").sample
-    return jnp.clip(jnp.transpose(x, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+    images = jnp.clip(jnp.transpose(x, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+    return images.astype(jnp.promote_types(images.dtype, jnp.float32))
   return decode
 
 
 def make_encode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig()) -> Callable:
   """Wraps the VAE encoder as encode(params, images [B,h,w,3] in [0,1], key=None) -> latents.
 
-  Returns [B, h/8, w/8, C]: the posterior mean (a posterior sample when ``key`` is given)
-  times ``scaling_factor``. h and w must be multiples of the VAE scale factor (8).
+  Returns [B, h/8, w/8, C] in float32 (float64 for a float64 model): the posterior mean (a
+  posterior sample when ``key`` is given) times ``scaling_factor``. h and w must be multiples of
+  the VAE scale factor (8).
   """
   factor = vae_scale_factor(vae.config)
 
@@ -218,7 +221,8 @@ def make_encode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig
     z = dist.mean
     if key is not None:
       z = z + dist.std * jax.random.normal(key, z.shape, z.dtype)
-    return z * scaling_factor
+    z = z * scaling_factor
+    return z.astype(jnp.promote_types(z.dtype, jnp.float32))
   return encode
 
 
