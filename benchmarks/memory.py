@@ -5,6 +5,10 @@ scan -> VAE decode) with ``models.make_eps_fn`` / ``models.make_decode_fn``, and
 
     loss(lambda) = mean(decode(sample(x_T, noise, lambda)))     value_and_grad w.r.t. lambda [T]
 
+or, with --objective=full, the method's whole objective (``optimize.objective``: the same render,
+then the directional CLIP loss through CLIP ViT-B/32 at 224 px and beta times the VGG16
+perceptual loss at 224 px against a reference image)
+
 at 512 x 512 (latents 64x64x4, text 77x768, batch 1, guidance 7.5). The UNet and VAE are built
 from SD v1.5's published config.json values with abstract parameters (``jax.eval_shape``), and
 the program is only compiled: ``jax.jit(fn).lower(abstract args).compile()`` on XLA:CPU, whose
@@ -23,6 +27,10 @@ Variants (``--variants``):
                   jax.checkpoint (nested in the step's): the step's backward holds one half's
                   activations at a time, for one extra UNet forward per step
   step_chunked_vae, step_bf16_chunked_vae   + jax.checkpoint around the VAE decoder
+  step_chunked_blocks, step_chunked_layers, step_bf16_chunked_layers
+                  + remat inside the UNet and the VAE decoder (model.block_remat "blocks":
+                  per down/mid/up block and transformer block; "layers": per ResNet,
+                  transformer and VAE attention block), see disentangle_jax/remat.py
 
 Usage:
   DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error \
@@ -46,17 +54,21 @@ harness.add_repo_to_path()
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 import diffusers
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 
-from disentangle_jax import models, pipeline, sampler, schedule
+from disentangle_jax import loss_models, losses, models, optimize, pipeline, sampler, schedule
+from sd_configs import SCALING_FACTOR, SD15_UNET, SD15_VAE
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 ALL_VARIANTS = ("none", "step", "step_bf16", "step_chunked", "step_bf16_chunked",
                 "step_chunked_split", "step_bf16_chunked_split", "step_chunked_vae",
-                "step_bf16_chunked_vae")
-DEFAULT_VARIANTS = ALL_VARIANTS[:5]
+                "step_bf16_chunked_vae", "step_chunked_blocks", "step_chunked_layers",
+                "step_bf16_chunked_layers")
+DEFAULT_VARIANTS = ("none", "step", "step_chunked", "step_chunked_blocks", "step_chunked_layers")
 
 _STEPS = flags.DEFINE_integer("steps", 50, "Sampling steps T of the remat variants.")
 _NONE_STEPS = flags.DEFINE_list(
@@ -65,49 +77,24 @@ _NONE_STEPS = flags.DEFINE_list(
     "per-step growth used to extrapolate to --steps.")
 _VARIANTS = flags.DEFINE_list("variants", list(DEFAULT_VARIANTS), f"Any of {ALL_VARIANTS}.")
 COMPONENT_VARIANTS = {"f32": "step", "f32_chunked": "step_chunked", "bf16": "step_bf16",
-                      "bf16_chunked": "step_bf16_chunked"}
+                      "bf16_chunked": "step_bf16_chunked",
+                      "f32_chunked_blocks": "step_chunked_blocks",
+                      "f32_chunked_layers": "step_chunked_layers"}
 _COMPONENTS = flags.DEFINE_list(
-    "components", ["f32_chunked"],
-    "Variants (dtype/attention only: f32, f32_chunked, bf16, bf16_chunked) whose two parts are "
-    "also compiled alone, to show where the peak comes from: the gradient through one CFG UNet "
-    "call and through the VAE decoder. Empty to skip.")
-_TARGET_GIB = flags.DEFINE_float("target_gib", 8.0, "Target for weights + temporaries (GiB).")
+    "components", ["f32_chunked", "f32_chunked_layers"],
+    f"Variants ({', '.join(COMPONENT_VARIANTS)}) whose parts are also compiled alone, to show "
+    "where the peak comes from: the gradient through one CFG UNet call, through the VAE "
+    "decoder and (--objective=full) through the CLIP + VGG losses. Empty to skip.")
+_TARGET_GIB = flags.DEFINE_float("target_gib", 6.0, "Target for weights + temporaries (GiB).")
+_OBJECTIVE = flags.DEFINE_enum(
+    "objective", "full", ["mean", "full"],
+    "mean: mean(images); full: optimize.objective with CLIP ViT-B/32 and VGG16 losses.")
 
 GUIDANCE = 7.5
-SCALING_FACTOR = 0.18215
+CLIP_SIZE, CLIP_DIM, VGG_SIZE = 224, 512, losses.VGG_INPUT_SIZE  # CLIP ViT-B/32, VGG16
 TEXT_LENGTH, TEXT_WIDTH = 77, 768
 LATENT = 64  # latent H = W of 512 x 512 images
 
-# runwayml/stable-diffusion-v1-5 unet/config.json (the keys the Flax class takes).
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                         "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                       "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 768,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-}
-# runwayml/stable-diffusion-v1-5 vae/config.json.
-SD15_VAE = {
-    "sample_size": 512,
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "act_fn": "silu",
-    "scaling_factor": SCALING_FACTOR,
-}
 # The decoder is all the lambda gradient needs of the VAE.
 _DECODER_PARAMS = ("decoder", "post_quant_conv")
 
@@ -120,6 +107,7 @@ class Variant:
   chunked: bool
   split_cfg: bool
   vae_remat: bool
+  block_remat: str  # models.ModelConfig.block_remat
 
   @classmethod
   def parse(cls, name: str) -> "Variant":
@@ -127,7 +115,13 @@ class Variant:
       raise ValueError(f"--variants has {name!r}; use any of {ALL_VARIANTS}.")
     return cls(name=name, remat="none" if name == "none" else "full", bf16="bf16" in name,
                chunked="chunked" in name, split_cfg=name.endswith("_split"),
-               vae_remat=name.endswith("_vae"))
+               vae_remat=name.endswith("_vae"),
+               block_remat=name.rsplit("_", 1)[1] if name.endswith(("_blocks", "_layers"))
+               else "none")
+
+  @property
+  def model_config(self) -> models.ModelConfig:
+    return models.ModelConfig(block_remat=self.block_remat)
 
 
 def build_modules(variant: Variant):
@@ -165,22 +159,60 @@ def split_cfg(eps_fn):
   return fn
 
 
+def loss_networks():
+  """(clip image apply, vgg apply, abstract params {"clip", "vgg"}): CLIP ViT-B/32, VGG16."""
+  clip_module, clip_flat = loss_models._clip_shapes(  # pylint: disable=protected-access
+      transformers.CLIPConfig())  # the defaults are ViT-B/32's
+  clip_params = flax.traverse_util.unflatten_dict(clip_flat)
+  vgg = loss_models.VGG16Features()
+  vgg_params = jax.eval_shape(vgg.init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, VGG_SIZE, VGG_SIZE, 3)))["params"]
+  return (loss_models.make_clip_image_fn(clip_module), loss_models.make_vgg_fn(vgg),
+          {"clip": clip_params, "vgg": vgg_params})
+
+
 def grad_program(unet, vae, variant: Variant):
-  """jit(value_and_grad of mean(render) w.r.t. lambda), our code path."""
-  decode = models.make_decode_fn(vae, SCALING_FACTOR)
+  """jit(value_and_grad of the objective w.r.t. lambda), our code path.
+
+  mean: fn(lam, params {"unet", "vae"}, x_T, noise, prompts, guidance, tables);
+  full: fn(lam, params {"sd", "clip", "vgg"}, EditProblem).
+  """
+  decode = models.make_decode_fn(vae, SCALING_FACTOR, variant.model_config)
   if variant.vae_remat:
     decode = jax.checkpoint(decode, policy=jax.checkpoint_policies.nothing_saveable)
-  eps_fn = models.make_eps_fn(unet)
+  eps_fn = models.make_eps_fn(unet, variant.model_config)
   if variant.split_cfg:
     eps_fn = split_cfg(eps_fn)
-  render = functools.partial(pipeline.render, eps_fn, decode,
-                             config=sampler.SamplerConfig("ddim", remat=variant.remat))
+  sampler_cfg = sampler.SamplerConfig("ddim", remat=variant.remat)
+  if _OBJECTIVE.value == "full":
+    clip_fn, vgg_fn, _ = loss_networks()
+    nets = optimize.Networks(eps=eps_fn, decode=decode, clip_image=clip_fn, vgg=vgg_fn,
+                             clip_image_size=CLIP_SIZE, vgg_input_size=VGG_SIZE)
+    return jax.jit(jax.value_and_grad(
+        lambda lam, params, problem: optimize.objective(
+            lam, params, problem, nets, optimize.LossConfig(preprocess="standard"),
+            sampler_cfg)[0]))
+  render = functools.partial(pipeline.render, eps_fn, decode, config=sampler_cfg)
 
   def loss(lam, params, x_T, noise, prompts, guidance, tables):
     images = render(params, x_T, noise, lam, prompts, guidance, tables)
     return jnp.mean(images.astype(jnp.float32))
 
   return jax.jit(jax.value_and_grad(loss))
+
+
+def full_problem(x_T, noise, prompts, guidance, tables) -> optimize.EditProblem:
+  """An abstract EditProblem of one edit, batch 1."""
+  def spec(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+  emb = prompts.c0
+  return optimize.EditProblem(
+      x_T=x_T, noise=noise,
+      prompts=pipeline.PromptPair(spec((1,) + emb.shape, emb.dtype),
+                                  spec((1,) + emb.shape, emb.dtype), emb),
+      guidance=guidance, tables=tables, reference=spec((1, 8 * LATENT, 8 * LATENT, 3)),
+      text0=spec((1, CLIP_DIM)), text1=spec((1, CLIP_DIM)), mask=spec((1,)),
+      group=spec((1,), jnp.int32))
 
 
 def _flops(compiled_or_lowered) -> float:
@@ -197,7 +229,12 @@ def measure(variant: Variant, steps: int) -> dict:
       steps, jnp.bfloat16 if variant.bf16 else jnp.float32)
   fn = grad_program(unet, vae, variant)
   start = time.perf_counter()
-  compiled = fn.lower(lam, params, x_T, noise, prompts, guidance, tables).compile()
+  if _OBJECTIVE.value == "full":
+    params = {"sd": params, **loss_networks()[2]}
+    lowered = fn.lower(lam, params, full_problem(x_T, noise, prompts, guidance, tables))
+  else:
+    lowered = fn.lower(lam, params, x_T, noise, prompts, guidance, tables)
+  compiled = lowered.compile()
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
   return {
@@ -225,7 +262,8 @@ def component_rows(name: str) -> list[list]:
   """Temporaries of the gradient through one CFG UNet call and through the decoder alone."""
   variant = Variant.parse(COMPONENT_VARIANTS[name])
   unet, vae, params = build_modules(variant)
-  eps_fn, decode = models.make_eps_fn(unet), models.make_decode_fn(vae, SCALING_FACTOR)
+  eps_fn = models.make_eps_fn(unet, variant.model_config)
+  decode = models.make_decode_fn(vae, SCALING_FACTOR, variant.model_config)
   emb_dtype = jnp.bfloat16 if variant.bf16 else jnp.float32
   x = jax.ShapeDtypeStruct((2, LATENT, LATENT, 4), jnp.float32)
   emb = jax.ShapeDtypeStruct((2, TEXT_LENGTH, TEXT_WIDTH), emb_dtype)
@@ -237,6 +275,19 @@ def component_rows(name: str) -> list[list]:
       "VAE decoder, grad w.r.t. latents": (
           lambda z, p: jnp.mean(decode(p, z).astype(jnp.float32)), (z, params["vae"]), 0),
   }
+  if _OBJECTIVE.value == "full":
+    clip_fn, vgg_fn, loss_params = loss_networks()
+    images = jax.ShapeDtypeStruct((1, 8 * LATENT, 8 * LATENT, 3), jnp.float32)
+    text = jax.ShapeDtypeStruct((1, CLIP_DIM), jnp.float32)
+
+    def loss_part(images, p, reference, text0, text1):
+      f_ref, f_edit = (losses.clip_image_features(clip_fn, p["clip"], x, "standard", CLIP_SIZE)
+                       for x in (reference, images))
+      l_dir = losses.directional_clip_loss(f_ref, f_edit, text0, text1)
+      return jnp.sum(l_dir + losses.vgg_perceptual_loss(vgg_fn, p["vgg"], images, reference,
+                                                        VGG_SIZE))
+    parts["CLIP + VGG losses, grad w.r.t. images"] = (
+        loss_part, (images, loss_params, images, text, text), 0)
   rows = []
   for part, (fn, args, argnums) in parts.items():
     start = time.perf_counter()
@@ -274,6 +325,12 @@ def print_header(steps: int) -> None:
   print(f"- 512x512, latents 64x64x4, text 77x768, batch 1, CFG {GUIDANCE} DDIM + VAE decode, "
         "abstract weights (nothing allocated); 'weights' = argument buffers (UNet + VAE decoder "
         "params and the inputs); temporaries = XLA's temp allocation")
+  if _OBJECTIVE.value == "full":
+    print("- objective: optimize.objective (directional CLIP ViT-B/32 loss + 0.05 x VGG16 "
+          "perceptual loss, both at 224 px, 'standard' preprocessing); the weights column "
+          "includes CLIP (151 M params) and VGG16 features (14.7 M)")
+  else:
+    print("- objective: mean(images) (no loss networks)")
   unet_tflop, vae_tflop = forward_flops()
   print(f"- forward cost (cost_analysis of the lowered programs): one CFG UNet call (batch 2) "
         f"{unet_tflop:.2f} TFLOP, one VAE decode {vae_tflop:.2f} TFLOP; a {steps}-step sample "

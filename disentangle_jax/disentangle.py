@@ -150,8 +150,8 @@ def prepare(model, loss_models, spec: EditSpec | EditSet, latent_shape, mesh,
   emb = models.encode_prompts(model, texts + [""])
   feats = loss_models_lib.encode_texts(loss_models, texts)
   nets = optimize.Networks(
-      eps=models.make_eps_fn(model.unet),
-      decode=models.make_decode_fn(model.vae, model.scaling_factor),
+      eps=models.make_eps_fn(model.unet, model.config),
+      decode=models.make_decode_fn(model.vae, model.scaling_factor, model.config),
       clip_image=loss_models.clip_image_apply, vgg=loss_models.vgg_apply,
       clip_image_size=loss_models.clip_image_size, vgg_input_size=loss_models.vgg_input_size)
   params = parallel.replicate({"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},

@@ -251,8 +251,8 @@ def make_inverter(model, pin: str = "next") -> Inverter:
   """The encoder and the inversion of a loaded ``models.StableDiffusion``, jitted."""
   from disentangle_jax import models  # noqa: PLC0415  (keeps this module free of diffusers)
   return Inverter(
-      encode=jax.jit(models.make_encode_fn(model.vae, model.scaling_factor)),
-      invert=make_invert_fn(models.make_eps_fn(model.unet), pin))
+      encode=jax.jit(models.make_encode_fn(model.vae, model.scaling_factor, model.config)),
+      invert=make_invert_fn(models.make_eps_fn(model.unet, model.config), pin))
 
 
 class Inverted(NamedTuple):

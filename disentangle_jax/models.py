@@ -21,6 +21,7 @@ Shapes: B batch, N UNet batch (2B under CFG), H W C latent (NHWC), L tokens, D t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,6 +32,7 @@ import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import diffusers
+import flax.linen as nn
 import flax.serialization
 from flax import traverse_util
 import jax
@@ -40,14 +42,18 @@ import safetensors.numpy
 import transformers
 from transformers.models.clip import tokenization_clip
 
+from disentangle_jax import attention as attention_lib
 from disentangle_jax import convert, library_logs
+from disentangle_jax import fast_conv
+from disentangle_jax import remat as remat_lib
 from disentangle_jax import schedule as schedule_lib
 from disentangle_jax import single_file
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-ATTENTIONS = ("standard", "chunked")
+ATTENTIONS = ("standard", "chunked", "dot_product")
+CONVS = ("fast", "xla")
 
 # Weight files of each component, in order of preference: (kind, file name).
 _DIFFUSERS_WEIGHTS = (
@@ -85,8 +91,10 @@ class ModelConfig:
 
   path: str | None = None  # SD v1.x folder (diffusers) or one .safetensors/.ckpt file; None = tiny
   allow_pickle: bool = False  # opt-in to read PyTorch .bin (pickle) weights (needs torch)
-  dtype: str = "float32"  # compute and parameter dtype: float32 | bfloat16 | float64
-  attention: str = "standard"  # "standard" | "chunked" (memory-efficient attention in the UNet)
+  dtype: str = "float32"  # networks' weights/activations: float32 | bfloat16 (mixed) | float64
+  attention: str = "standard"  # "standard" | "chunked" (memory-efficient) | "dot_product" (jax.nn)
+  conv: str = "fast"  # "fast" (fast_conv: custom_vjp, fast backward in loops) | "xla" (plain)
+  block_remat: str = "none"  # remat inside UNet / VAE: a key of remat.LEVELS
   tiny_seed: int = 0  # seed of the tiny random model's weights
   tiny_latent_size: int = 8  # default latent H = W of the tiny model (images 8x larger)
   tokenizer_path: str | None = None  # tokenizer folder (vocab.json, merges.txt) for a single file
@@ -98,6 +106,11 @@ class ModelConfig:
     if self.attention not in ATTENTIONS:
       raise ValueError(
           f"model.attention={self.attention!r} is unknown; use one of {ATTENTIONS}.")
+    if self.conv not in CONVS:
+      raise ValueError(f"model.conv={self.conv!r} is unknown; use one of {CONVS}.")
+    if self.block_remat not in remat_lib.LEVELS:
+      raise ValueError(f"model.block_remat={self.block_remat!r} is unknown; use one of "
+                       f"{remat_lib.LEVELS}.")
     if self.tiny_latent_size < 1:
       raise ValueError(f"model.tiny_latent_size={self.tiny_latent_size} must be >= 1.")
 
@@ -117,6 +130,7 @@ class StableDiffusion(NamedTuple):
     latent_size: default latent H = W (64 for SD v1 at 512 px).
     vae_scale_factor: image pixels per latent pixel (8).
     scaling_factor: latent scale of the VAE (0.18215).
+    config: the ModelConfig it was built from (its run options reach the make_*_fn wrappers).
   """
 
   unet: Any
@@ -129,16 +143,35 @@ class StableDiffusion(NamedTuple):
   latent_size: int
   vae_scale_factor: int
   scaling_factor: float
+  config: ModelConfig = ModelConfig()
 
 
 # ----------------------------------------------------------------------------------------------
 # Pure wrappers.
 
 
-def make_eps_fn(unet) -> Callable:
+@contextlib.contextmanager
+def run_options(config: ModelConfig):
+  """Applies ``config``'s conv / block_remat / attention options to diffusers' Flax modules.
+
+  Flax method interceptors (fast_conv, remat, attention modules) active while the wrapped
+  ``apply`` traces; parameter trees are untouched.
+  """
+  interceptors = [remat_lib.interceptor(config.block_remat),
+                  attention_lib.intercept if config.attention == "dot_product" else None,
+                  fast_conv.intercept if config.conv == "fast" else None]
+  with contextlib.ExitStack() as stack:
+    for interceptor in interceptors:
+      if interceptor is not None:
+        stack.enter_context(nn.intercept_methods(interceptor))
+    yield
+
+
+def make_eps_fn(unet, config: ModelConfig = ModelConfig()) -> Callable:
   """Wraps the UNet as eps_fn(params, x [N,H,W,C], t [] or [N] int, emb [N,L,D]) -> [N,H,W,C].
 
-  Closes over the module only. The output has the module's compute dtype.
+  Closes over the module and the static ``config`` (its conv / block_remat / attention run
+  options) only. The output has the module's compute dtype.
   """
   @library_logs.quietly
   def eps_fn(params, x, t, emb):
@@ -146,15 +179,17 @@ def make_eps_fn(unet) -> Callable:
       raise ValueError(f"eps_fn needs x [N, H, W, C] and emb [N, L, D] with the same N; got x "
                        f"{tuple(x.shape)} and emb {tuple(emb.shape)}.")
     t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
-    out = unet.apply({"params": params}, jnp.transpose(x, (0, 3, 1, 2)), t, emb).sample
+    with run_options(config):
+      out = unet.apply({"params": params}, jnp.transpose(x, (0, 3, 1, 2)), t, emb).sample
     return jnp.transpose(out, (0, 2, 3, 1))
   return eps_fn
 
 
-def make_decode_fn(vae, scaling_factor: float) -> Callable:
+def make_decode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig()) -> Callable:
   """Wraps the VAE decoder as decode(params, latents [B,H,W,C]) -> images [B,8H,8W,3] in [0, 1].
 
-  images = clip(VAE.decode(latents / scaling_factor) / 2 + 0.5, 0, 1), in the compute dtype.
+  images = clip(VAE.decode(latents / scaling_factor) / 2 + 0.5, 0, 1), returned in float32 (or
+  float64 for a float64 model) whatever the compute dtype: the losses stay in float32.
   """
   channels = vae.config.latent_channels
 
@@ -164,16 +199,19 @@ def make_decode_fn(vae, scaling_factor: float) -> Callable:
       raise ValueError(f"decode needs latents [B, H, W, {channels}] (NHWC); got shape "
                        f"{tuple(latents.shape)}.")
     # FlaxAutoencoderKL.decode takes NHWC when the last axis has latent_channels entries.
-    x = vae.apply({"params": params}, latents / scaling_factor, method="decode").sample
-    return jnp.clip(jnp.transpose(x, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+    with run_options(config):
+      x = vae.apply({"params": params}, latents / scaling_factor, method="decode").sample
+    images = jnp.clip(jnp.transpose(x, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+    return images.astype(jnp.promote_types(images.dtype, jnp.float32))
   return decode
 
 
-def make_encode_fn(vae, scaling_factor: float) -> Callable:
+def make_encode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig()) -> Callable:
   """Wraps the VAE encoder as encode(params, images [B,h,w,3] in [0,1], key=None) -> latents.
 
-  Returns [B, h/8, w/8, C]: the posterior mean (a posterior sample when ``key`` is given)
-  times ``scaling_factor``. h and w must be multiples of the VAE scale factor (8).
+  Returns [B, h/8, w/8, C] in float32 (float64 for a float64 model): the posterior mean (a
+  posterior sample when ``key`` is given) times ``scaling_factor``. h and w must be multiples of
+  the VAE scale factor (8).
   """
   factor = vae_scale_factor(vae.config)
 
@@ -186,11 +224,13 @@ def make_encode_fn(vae, scaling_factor: float) -> Callable:
       raise ValueError(f"encode needs image height and width divisible by {factor}; got "
                        f"{tuple(images.shape[1:3])}: resize or crop the image first.")
     x = jnp.transpose(images * 2 - 1, (0, 3, 1, 2))
-    dist = vae.apply({"params": params}, x, method="encode").latent_dist
+    with run_options(config):
+      dist = vae.apply({"params": params}, x, method="encode").latent_dist
     z = dist.mean
     if key is not None:
       z = z + dist.std * jax.random.normal(key, z.shape, z.dtype)
-    return z * scaling_factor
+    z = z * scaling_factor
+    return z.astype(jnp.promote_types(z.dtype, jnp.float32))
   return encode
 
 
@@ -274,7 +314,7 @@ def _build_unet(cfg: dict, config: ModelConfig, source: str):
                      f"supports {_FLAX_UNET_GROUPS} (Stable Diffusion v1.x uses 32).")
   return diffusers.FlaxUNet2DConditionModel.from_config(
       _drop_private(cfg), dtype=_compute_dtype(config),
-      use_memory_efficient_attention=config.attention == "chunked")
+      use_memory_efficient_attention=config.attention == "chunked")  # "dot_product": run_options
 
 
 def _build_vae(cfg: dict, config: ModelConfig):
@@ -456,7 +496,8 @@ def build_tiny(config: ModelConfig = ModelConfig()) -> StableDiffusion:
       params={k: _to_device(v, dtype) for k, v in params.items()},
       schedule=schedule_lib.ScheduleConfig(),
       latent_channels=4, latent_size=config.tiny_latent_size,
-      vae_scale_factor=vae_scale_factor(vae_cfg), scaling_factor=_SD_SCALING_FACTOR)
+      vae_scale_factor=vae_scale_factor(vae_cfg), scaling_factor=_SD_SCALING_FACTOR,
+      config=config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,7 +624,7 @@ def _load_dir(config: ModelConfig) -> StableDiffusion:
       unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
       schedule=schedule, latent_channels=int(vae.config.latent_channels),
       latent_size=int(unet.config.sample_size), vae_scale_factor=vae_scale_factor(vae.config),
-      scaling_factor=float(vae_cfg.get("scaling_factor", _SD_SCALING_FACTOR)))
+      scaling_factor=float(vae_cfg.get("scaling_factor", _SD_SCALING_FACTOR)), config=config)
 
 
 @library_logs.quietly
@@ -666,7 +707,7 @@ def _load_single_file(config: ModelConfig) -> StableDiffusion:
       unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
       schedule=schedule, latent_channels=int(vae.config.latent_channels),
       latent_size=int(unet.config.sample_size), vae_scale_factor=vae_scale_factor(vae.config),
-      scaling_factor=float(cfgs["vae"].get("scaling_factor", _SD_SCALING_FACTOR)))
+      scaling_factor=float(cfgs["vae"].get("scaling_factor", _SD_SCALING_FACTOR)), config=config)
 
 
 def save(model: StableDiffusion, directory) -> None:

@@ -96,8 +96,9 @@ def _run(cfg, out_dir):
         identity=common.identity(cfg, latent_shape=list(shape), image_key=key))
     ckpt.close()
   use = prev_lam if spec is not None and spec.faithful else lam
-  edit = inversion.make_edit_fn(models.make_eps_fn(model.unet),
-                                models.make_decode_fn(model.vae, model.scaling_factor))
+  edit = inversion.make_edit_fn(
+      models.make_eps_fn(model.unet, model.config),
+      models.make_decode_fn(model.vae, model.scaling_factor, model.config))
   out = edit(model.params, inv.z0, inv.run, use, prompts, cfg.guidance, inv.tables)
   metrics = {
       "mode": "apply" if spec is None else "optimise", "prompt": prompt, "target_prompt": target,

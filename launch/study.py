@@ -101,7 +101,8 @@ def _run(cfg, out_dir, write):
   mesh = parallel.make_mesh()
   inputs = study.prepare(model, loss_models, spec, mesh)
   evaluate = study.make_evaluate_fn(
-      models.make_eps_fn(model.unet), models.make_decode_fn(model.vae, model.scaling_factor),
+      models.make_eps_fn(model.unet, model.config),
+      models.make_decode_fn(model.vae, model.scaling_factor, model.config),
       sampler.SamplerConfig(kind=spec.sampler),
       metrics.from_loss_models(loss_models, spec.preprocess))
   unit_inputs = None

@@ -50,8 +50,9 @@ def _run(cfg, out_dir):
     shape = pipeline.latent_shape(model, cfg.image_size)
   from disentangle_jax import models, sampler  # noqa: PLC0415
   prompts = common.encode_pair(model, spec.prompt, spec.target_prompt)
-  render = pipeline.make_render_fn(models.make_eps_fn(model.unet),
-                                   models.make_decode_fn(model.vae, model.scaling_factor),
+  render = pipeline.make_render_fn(
+      models.make_eps_fn(model.unet, model.config),
+      models.make_decode_fn(model.vae, model.scaling_factor, model.config),
                                    sampler.SamplerConfig(kind=spec.sampler))
   logging.info("c0=%r c1=%r, %d seeds x %d columns, latents %s", spec.prompt,
                spec.target_prompt, len(spec.seeds), len(spec.columns()), shape)

@@ -1,0 +1,136 @@
+"""A 2-D convolution whose backward runs on XLA:CPU's fast path inside loops, and its Flax hook.
+
+Why: XLA:CPU canonicalises convolution layouts only in the entry computation, never in loop
+bodies. Inside the sampler's differentiated ``lax.scan``, JAX's own transpose of a convolution
+(the input gradient: the cotangent convolved with the spatially reversed kernel, read with its
+in/out features swapped, layout ``b01f_01oi->b01f``) is then emitted as a generic loop nest
+that costs about a whole UNet forward per step. ``conv`` is the same convolution with a
+``custom_vjp`` whose input gradient is an ordinary NHWC x HWIO convolution of the cotangent
+with an explicitly flipped and transposed kernel: same numbers (float32 re-association only),
+canonical layout, Eigen's kernel everywhere.
+
+``intercept`` is a ``flax.linen.intercept_methods`` interceptor that routes every plain
+``nn.Conv`` (2-D, shared weights, no mask, one feature group, no dilation) through ``conv``,
+reading the module's own ``kernel`` / ``bias``: parameter trees are unchanged, and any other
+convolution falls through to Flax. Forward mode (``jax.jvp``) is not supported through
+``conv`` (it is a ``custom_vjp``); use ``model.conv = "xla"`` for that.
+
+Shapes: N batch, H W spatial, I input features, O output features (NHWC x HWIO -> NHWC).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _plain(x, kernel, strides, padding, precision):
+  return lax.conv_general_dilated(x, kernel, strides, padding, precision=precision,
+                                  dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def input_grad_padding(in_size: int, kernel_size: int, stride: int, out_size: int,
+                       pad: tuple[int, int]) -> tuple[int, int]:
+  """Padding of the input-gradient convolution along one spatial axis (as JAX's transpose).
+
+  The cotangent [out_size], dilated by ``stride``, convolved with the flipped kernel under this
+  padding gives exactly ``in_size`` outputs, also when the forward's last window left input
+  rows unused.
+  """
+  before = kernel_size - pad[0] - 1
+  after = in_size + kernel_size - 1 - ((out_size - 1) * stride + 1) - before
+  return before, after
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
+         precision=None) -> jax.Array:
+  """NHWC x HWIO -> NHWC convolution, equal to ``lax.conv_general_dilated``.
+
+  Args:
+    x: [N, H, W, I]; kernel: [kh, kw, I, O]; strides: (sh, sw); padding: ((top, bottom),
+    (left, right)) explicit integers; precision: as lax (None = default).
+  """
+  return _plain(x, kernel, strides, padding, precision)
+
+
+def _conv_fwd(x, kernel, strides, padding, precision):
+  return _plain(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _conv_bwd(strides, padding, precision, residuals, g):
+  x, kernel = residuals
+  pads = tuple(input_grad_padding(x.shape[1 + a], kernel.shape[a], strides[a], g.shape[1 + a],
+                                  padding[a]) for a in range(2))
+  # [kh, kw, O, I]: reversed in space, features swapped, materialised in HWIO order.
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  dx = lax.conv_general_dilated(g, flipped, (1, 1), pads, lhs_dilation=strides,
+                                precision=precision, dimension_numbers=_DIMENSION_NUMBERS)
+  # The kernel gradient (unused, so removed, when only activations are differentiated).
+  _, kernel_vjp = jax.vjp(lambda k: _plain(x, k, strides, padding, precision), kernel)
+  (dkernel,) = kernel_vjp(g)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _pairs(value, n: int = 2) -> tuple[int, ...]:
+  if value is None:
+    return (1,) * n
+  if isinstance(value, int):
+    return (value,) * n
+  return tuple(value)
+
+
+def _kernel_size(module) -> tuple[int, ...]:
+  size = module.kernel_size
+  return (size,) if isinstance(size, int) else tuple(size)
+
+
+def _explicit_padding(module: nn.Conv, in_shape: Sequence[int], kernel_size, strides):
+  """The module's padding as ((top, bottom), (left, right)), or None if not plain zero padding."""
+  padding = nn.linear.canonicalize_padding(module.padding, 2)
+  if padding in ("SAME", "VALID"):
+    return tuple(lax.padtype_to_pads(in_shape, kernel_size, strides, padding))
+  if isinstance(padding, str):  # CIRCULAR, REFLECT, CAUSAL: leave to Flax
+    return None
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _handles(module, x) -> bool:
+  return (type(module) is nn.Conv  # pylint: disable=unidiomatic-typecheck
+          and module.shared_weights and module.mask is None
+          and module.feature_group_count == 1 and module.conv_general_dilated is None
+          and module.conv_general_dilated_cls is None
+          and len(_kernel_size(module)) == 2
+          and _pairs(module.input_dilation) == (1, 1)
+          and _pairs(module.kernel_dilation) == (1, 1)
+          and x.ndim == 4 and module.has_variable("params", "kernel"))
+
+
+def intercept(next_fun, args, kwargs, context):
+  """Flax method interceptor: plain 2-D ``nn.Conv.__call__`` -> ``conv`` (same parameters)."""
+  module = context.module
+  if context.method_name != "__call__" or kwargs or len(args) != 1 or not _handles(module, args[0]):
+    return next_fun(*args, **kwargs)
+  kernel_size = _kernel_size(module)
+  strides = _pairs(module.strides)
+  padding = _explicit_padding(module, args[0].shape[1:3], kernel_size, strides)
+  if padding is None:
+    return next_fun(*args, **kwargs)
+  kernel = module.get_variable("params", "kernel")
+  bias = module.get_variable("params", "bias") if module.use_bias else None
+  x, kernel, bias = module.promote_dtype(args[0], kernel, bias, dtype=module.dtype)
+  y = conv(x, kernel, strides, padding, module.precision)
+  if bias is not None:
+    y = y + bias
+  return y

@@ -1,0 +1,82 @@
+"""Rematerialisation inside diffusers' Flax UNet and VAE, on their unchanged parameter trees.
+
+Step remat (``sampler.REMAT_POLICIES``) keeps the sampler's memory flat in T, but the backward
+of one CFG UNet call, and of the VAE decoder, still holds every activation of that network.
+``interceptor(level)`` returns a ``flax.linen.intercept_methods`` interceptor that runs chosen
+sub-modules under ``jax.checkpoint``: their backward recomputes their forward from the block's
+inputs, so only block boundaries are stored.
+
+Levels (``model.block_remat``):
+  "none":   no interceptor.
+  "blocks": the UNet's down / mid / up blocks and its transformer blocks, the VAE's encoder
+            and decoder blocks (and their mid blocks).
+  "layers": every ResNet block and transformer block, and the VAE's attention block: finer,
+            so less memory, for one more recomputation of each layer in the backward.
+
+How: the interceptor reads the sub-module's variables (at the caller's trace level), then
+calls a pure function of (variables, array arguments) under ``jax.checkpoint`` that applies an
+unbound clone of the module with those variables. Non-array arguments (``deterministic``) are
+static. Inside the clone other interceptors (fast convolution, attention) still apply, and a
+transformer block inside a rematerialised down block is rematerialised again (nested).
+Results are the same up to float32 re-association (the recomputation is the same program).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from diffusers.models import attention_flax
+from diffusers.models import resnet_flax
+from diffusers.models import vae_flax
+from diffusers.models.unets import unet_2d_blocks_flax as unet_blocks
+import jax
+
+LEVELS = ("none", "blocks", "layers")
+
+_BLOCKS = (
+    unet_blocks.FlaxCrossAttnDownBlock2D, unet_blocks.FlaxDownBlock2D,
+    unet_blocks.FlaxUNetMidBlock2DCrossAttn, unet_blocks.FlaxCrossAttnUpBlock2D,
+    unet_blocks.FlaxUpBlock2D, attention_flax.FlaxBasicTransformerBlock,
+    vae_flax.FlaxDownEncoderBlock2D, vae_flax.FlaxUpDecoderBlock2D, vae_flax.FlaxUNetMidBlock2D,
+)
+_LAYERS = (
+    resnet_flax.FlaxResnetBlock2D, vae_flax.FlaxResnetBlock2D,
+    attention_flax.FlaxBasicTransformerBlock, vae_flax.FlaxAttentionBlock,
+)
+_CLASSES = {"blocks": _BLOCKS, "layers": _LAYERS}
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, jax.Array)
+
+
+def checkpointed_call(context, args, kwargs):
+  """Calls ``context``'s module method under ``jax.checkpoint`` as a pure function."""
+  module = context.module
+  method = context.orig_method.func  # the undecorated method; interceptors do not re-enter it
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  is_array = [_is_array(x) for x in leaves]
+  static = [None if a else x for x, a in zip(leaves, is_array)]
+
+  def pure(variables, arrays):
+    arrays = iter(arrays)
+    merged = [next(arrays) if a else s for s, a in zip(static, is_array)]
+    call_args, call_kwargs = jax.tree.unflatten(treedef, merged)
+    return module.clone(parent=None).apply(variables, *call_args, method=method, **call_kwargs)
+
+  arrays = [x for x, a in zip(leaves, is_array) if a]
+  return jax.checkpoint(pure)(module.variables, arrays)
+
+
+def interceptor(level: str) -> Callable | None:
+  """The interceptor of ``level`` (a key of LEVELS), or None for "none"."""
+  if level not in LEVELS:
+    raise ValueError(f"model.block_remat={level!r} is unknown; use one of {LEVELS}.")
+  if level == "none":
+    return None
+  classes = _CLASSES[level]
+
+  def intercept(next_fun, args, kwargs, context):
+    if context.method_name != "__call__" or type(context.module) not in classes:  # noqa
+      return next_fun(*args, **kwargs)
+    return checkpointed_call(context, args, kwargs)
+  return intercept
