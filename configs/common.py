@@ -26,6 +26,18 @@ def loss_models_config() -> ml_collections.ConfigDict:
   ))
 
 
+def add_sampling(c: ml_collections.ConfigDict, sampler: bool = True) -> None:
+  """The sampling settings (-> sampling.SamplingConfig, via launch/common.py's ``sampling``),
+  added as top-level fields (--config.num_steps=10). ``sampler=False``: DDIM with eta = 0 fixed
+  (real-image editing: the inversion's residuals replace the random noise)."""
+  c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
+  c.num_steps = 50  # sampling steps T (one weight per step; weights files must match)
+  c.guidance = 7.5  # classifier-free guidance scale
+  if sampler:
+    c.sampler = "ddim"  # "ddim" | "plms" (the reference release's; weights files must match)
+    c.eta = 0.0  # DDIM stochasticity (the noise is fixed per seed either way)
+
+
 def loss_config() -> ml_collections.ConfigDict:
   """The objective's weights (-> optimize.LossConfig)."""
   return ml_collections.ConfigDict(dict(

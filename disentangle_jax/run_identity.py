@@ -111,3 +111,10 @@ def check(stored: Mapping[str, Any], current: Mapping[str, Any], what: str, fix:
 def _short(value) -> str:
   text = json.dumps(value)
   return text if len(text) <= 60 else text[:57] + "..."
+
+
+def content_key(data: bytes, *settings) -> str:
+  """A hex key of some input's bytes and the settings applied to it (their repr): e.g. one
+  checkpoint folder per (image, inversion) of launch.edit, so a changed image never resumes
+  another image's run."""
+  return hashlib.sha256(data + repr(settings).encode()).hexdigest()

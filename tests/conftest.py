@@ -106,6 +106,17 @@ class Cli:
       outs.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     return outs
 
+  def kill_at(self, line: str, module, workdir, *overrides) -> int:
+    """Starts a program, SIGKILLs it as soon as it logs a line containing ``line``; returns
+    its exit status (-SIGKILL when killed)."""
+    import signal  # pylint: disable=g-import-not-at-top
+    proc = self.popen(module, workdir, *overrides)
+    for text in proc.stderr:
+      if line in text:
+        proc.send_signal(signal.SIGKILL)
+        break
+    return proc.wait(timeout=600)
+
   def popen(self, module, workdir, *overrides):
     import subprocess  # pylint: disable=g-import-not-at-top
     return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,

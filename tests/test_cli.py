@@ -37,13 +37,8 @@ def test_disentangle_killed_and_restarted_matches_an_uninterrupted_run(tmp_path,
 
   # Kill as soon as the first iteration is reported: wherever the kill lands (before, during
   # or after a checkpoint), the same command must finish with the same lambda.
-  proc = cli.popen("disentangle", tmp_path / "killed", *DISENTANGLE)
-  for line in proc.stderr:
-    if "iteration 1/6" in line:
-      proc.send_signal(signal.SIGKILL)
-      break
-  proc.wait(timeout=600)
-  assert proc.returncode == -signal.SIGKILL
+  returncode = cli.kill_at("iteration 1/6", "disentangle", tmp_path / "killed", *DISENTANGLE)
+  assert returncode == -signal.SIGKILL
   assert not (tmp_path / "killed" / "weights.json").exists()  # nothing final was published
   again = cli.run("disentangle", tmp_path / "killed", *DISENTANGLE)
   assert again.returncode == 0, again.stderr[-3000:]
