@@ -149,7 +149,7 @@ def prepare(model, loss_models, spec: EditSpec | EditSet, latent_shape, mesh,
   params = parallel.replicate(params, mesh)
   problem = edit_problem.place(edit_problem.encode_edits(model, loss_models, edits.specs), run,
                                group, sampling.guidance, tables, mesh)
-  render = optimize.make_render_fn(nets, edits.shared.sampler_config)
+  render = optimize.make_problem_render_fn(nets, edits.shared.sampler_config)
   reference = render(params["sd"], problem, jnp.zeros(edits.init_lambda().shape, jnp.float32))
   if _effective_loss(edits).round_reference:  # the release saves the reference as 8-bit
     reference = optimize.round_to_uint8_levels(reference)
@@ -163,7 +163,7 @@ def _effective_loss(edits: EditSet) -> optimize.LossConfig:
   return spec.loss
 
 
-def make_update_fn(prep: Prepared, spec: EditSpec | EditSet):
+def compiled_update(prep: Prepared, spec: EditSpec | EditSet):
   """(jitted update, optax transformation) for this problem's networks and the spec's static
   choices; cached, so resuming or re-running in one process reuses the compiled program."""
   edits = as_edit_set(spec)
@@ -233,7 +233,7 @@ def optimise(prep: Prepared, spec: EditSpec | EditSet, checkpointer=None,
   it kept.
   """
   edits = as_edit_set(spec)
-  update, tx = make_update_fn(prep, edits)
+  update, tx = compiled_update(prep, edits)
   state = initial_state(prep, edits, tx)
   history, prev_lam = [], np.asarray(state.lam)
   current = run_identity_of(spec, identity)

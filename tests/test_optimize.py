@@ -35,7 +35,7 @@ def test_loss_decreases_and_lambda_moves(setup):
 
 def test_update_step_compiles_once(setup):
   _, _, spec, prep = setup
-  update, tx = disentangle.make_update_fn(prep, spec)
+  update, tx = disentangle.compiled_update(prep, spec)
   state = disentangle.initial_state(prep, spec, tx)
   for _ in range(3):
     state, _, _ = update(state, prep.params, prep.problem)
