@@ -38,6 +38,20 @@ def add_sampling(c: ml_collections.ConfigDict, sampler: bool = True) -> None:
     c.eta = 0.0  # DDIM stochasticity (the noise is fixed per seed either way)
 
 
+def add_learning(c: ml_collections.ConfigDict, t_star: int, lambda_late: float) -> None:
+  """The fields of learning lambda (-> disentangle.EditSpec), added as top-level fields;
+  ``t_star`` is given for the paper's 50 steps. Call after ``add_sampling``."""
+  # hard-switch initialisation: lambda = 0 for the first T* steps (default: the preset's T* of
+  # 50 steps, scaled to num_steps)
+  c.t_star = steps_of_50(c, t_star)
+  c.lambda_late = lambda_late  # ... and lambda_late afterwards
+  c.remat = "full"  # rematerialise each sampling step: "none" | "full" | "dots" | "dots_no_batch"
+  c.faithful = False  # reproduce the release's quirks (uint8 reference, its CLIP resize, ...)
+  c.loss = loss_config()
+  c.optimizer = optimizer_config()
+  c.checkpoint_every = 1  # iterations between checkpoints (resume after a kill)
+
+
 def loss_config() -> ml_collections.ConfigDict:
   """The objective's weights (-> optimize.LossConfig)."""
   return ml_collections.ConfigDict(dict(
