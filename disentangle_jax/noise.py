@@ -8,12 +8,11 @@ batch of 64, or sharded over a pod.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 
 class RunNoise(NamedTuple):
@@ -115,7 +114,7 @@ def random_params(shape_tree, seed: Sequence[int]) -> dict:
   misplaced parameter. Numpy instead of the modules' jitted init, whose compile takes ~10 s.
   """
   rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(shape_tree)
+  flat = _flatten(shape_tree)
   out = {}
   for path in sorted(flat):
     shape, leaf = tuple(flat[path].shape), path[-1]
@@ -129,4 +128,25 @@ def random_params(shape_tree, seed: Sequence[int]) -> dict:
     else:
       z *= 0.1
     out[path] = z
-  return traverse_util.unflatten_dict(out)
+  return _unflatten(out)
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, object]:
+  """{"a": {"b": leaf}} -> {("a", "b"): leaf} (flax.traverse_util.flatten_dict's keys)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, prefix + (key,)))
+    else:
+      flat[prefix + (key,)] = value
+  return flat
+
+
+def _unflatten(flat: dict[tuple, object]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out
