@@ -24,7 +24,8 @@ _CONFIG, _WORKDIR = common.define_flags("configs/disentangle.py")
 
 
 def _run(cfg, out_dir):
-  from disentangle_jax import checkpoint, disentangle, images, parallel, pipeline, plots  # noqa
+  from disentangle_jax import checkpoint, disentangle, errors, images, parallel, pipeline  # noqa
+  from disentangle_jax import plots  # noqa: PLC0415
   with common.user_errors():
     checkpoint.check_save_every(cfg.checkpoint_every)
     names, spec = common.edit_set(cfg)  # K edits learned together (K = 1: the preset)
@@ -34,7 +35,11 @@ def _run(cfg, out_dir):
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
     ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint_every)
     identity = common.identity(cfg, latent_shape=list(shape))
-    disentangle.check_resumable(ckpt, spec, identity)  # before any compilation
+    try:
+      disentangle.check_resumable(ckpt, spec, identity)  # before any compilation
+    except errors.UserError:
+      ckpt.close()  # orbax's background cleanup ends before the one-line exit, not during it
+      raise
   mesh = parallel.make_mesh()
   for e in edits:
     logging.info("c0=%r c1=%r seeds=%s", e.prompt, e.target_prompt, e.seeds)
