@@ -35,7 +35,7 @@ import diffusers
 import jax
 import jax.numpy as jnp
 
-from disentangle_jax import inversion, mixing, models, pipeline, real_images
+from disentangle_jax import inversion, mixing, models, pipeline, real_images, sampling
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 _STEPS = flags.DEFINE_integer("steps", 50, "Sampling steps T (50 in the paper).")
@@ -71,7 +71,8 @@ def bench_size(size: str, steps: int, inject: int, repeats: int) -> list:
   image = jnp.asarray(real_images.synthetic(px))[None]
   c0, c1, uncond = models.encode_prompts(model, [PROMPT0, PROMPT1, ""])
   prompts = pipeline.PromptPair(c0, c1, uncond)
-  cfg = inversion.InversionConfig(num_steps=steps, inject_steps=inject, guidance=GUIDANCE)
+  cfg = inversion.InversionConfig(sampling.SamplingConfig(num_steps=steps, guidance=GUIDANCE),
+                                  inject_steps=inject)
   inverter = inversion.make_inverter(model, cfg.pin)
   edit = inversion.make_edit_fn(models.make_eps_fn(model.unet),
                                 models.make_decode_fn(model.vae, model.scaling_factor))

@@ -5,7 +5,7 @@ r"""Transfer-study throughput (items/s) on 1, 2 and 4 devices: the cost of seed 
 Each device count runs in its own process (XLA_FLAGS=--xla_force_host_platform_device_count=N
 must be set before JAX starts). In it: the tiny models, one attribute, sources (T*=T/2, c1),
 ``--seeds`` seeds in chunks of ``--batch`` units; one untimed study (compilation), then
-``--repeats`` timed studies into fresh folders (``study.run``: noise drawing, the sharded
+``--repeats`` timed studies into fresh folders (``study_store.run``: noise drawing, the sharded
 render + metrics call, host transfer, row files). Reported: the median items/s and its ratio
 to one device. On CPU the fake devices share the same cores, so no speed-up is expected: the
 ratio measures the overhead of splitting each batch over devices.
@@ -24,7 +24,8 @@ import harness
 CHILD = textwrap.dedent("""
     import json, os, sys, tempfile, time
     import jax
-    from disentangle_jax import loss_models, metrics, models, parallel, sampler, study
+    from disentangle_jax import loss_models, metrics, models, parallel, sampler, sampling, study
+    from disentangle_jax import study_store
 
     steps, seeds, batch, repeats = (int(v) for v in sys.argv[1:5])
     model = models.build_tiny(models.ModelConfig())
@@ -32,7 +33,8 @@ CHILD = textwrap.dedent("""
     spec = study.StudySpec(
         sources=study.baseline_sources(steps, (steps // 2,)),
         attributes=(study.Attribute("smile", "A photo of person", ", smiling"),),
-        seeds=tuple(range(seeds)), num_steps=steps, batch_size=batch, grid_seeds=0)
+        seeds=tuple(range(seeds)), sampling=sampling.SamplingConfig(num_steps=steps),
+        batch_size=batch, grid_seeds=0)
     mesh = parallel.make_mesh()
     inputs = study.prepare(model, lm, spec, mesh)
     evaluate = study.make_evaluate_fn(
@@ -43,7 +45,7 @@ CHILD = textwrap.dedent("""
     for r in range(repeats + 1):  # run 0 compiles
       with tempfile.TemporaryDirectory() as wd:
         start = time.perf_counter()
-        study.run(evaluate, inputs, spec, shape, mesh, wd, log=lambda s: None)
+        study_store.run(evaluate, inputs, spec, shape, mesh, wd, log=lambda s: None)
         times.append(time.perf_counter() - start)
     print("RESULT" + json.dumps({"devices": mesh.size, "items": spec.num_items,
                                  "padded": parallel.padded_size(batch, mesh),

@@ -30,6 +30,32 @@ def loss_models_config() -> ml_collections.ConfigDict:
   ))
 
 
+def add_sampling(c: ml_collections.ConfigDict, sampler: bool = True) -> None:
+  """The sampling settings (-> sampling.SamplingConfig, via launch/common.py's ``sampling``),
+  added as top-level fields (--config.num_steps=10). ``sampler=False``: DDIM with eta = 0 fixed
+  (real-image editing: the inversion's residuals replace the random noise)."""
+  c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
+  c.num_steps = 50  # sampling steps T (one weight per step; weights files must match)
+  c.guidance = 7.5  # classifier-free guidance scale
+  if sampler:
+    c.sampler = "ddim"  # "ddim" | "plms" (the reference release's; weights files must match)
+    c.eta = 0.0  # DDIM stochasticity (the noise is fixed per seed either way)
+
+
+def add_learning(c: ml_collections.ConfigDict, t_star: int, lambda_late: float) -> None:
+  """The fields of learning lambda (-> disentangle.EditSpec), added as top-level fields;
+  ``t_star`` is given for the paper's 50 steps. Call after ``add_sampling``."""
+  # hard-switch initialisation: lambda = 0 for the first T* steps (default: the preset's T* of
+  # 50 steps, scaled to num_steps)
+  c.t_star = steps_of_50(c, t_star)
+  c.lambda_late = lambda_late  # ... and lambda_late afterwards
+  c.remat = "full"  # rematerialise each sampling step: "none" | "full" | "dots" | "dots_no_batch"
+  c.faithful = False  # reproduce the release's quirks (uint8 reference, its CLIP resize, ...)
+  c.loss = loss_config()
+  c.optimizer = optimizer_config()
+  c.checkpoint_every = 1  # iterations between checkpoints (resume after a kill)
+
+
 def loss_config() -> ml_collections.ConfigDict:
   """The objective's weights (-> optimize.LossConfig)."""
   return ml_collections.ConfigDict(dict(

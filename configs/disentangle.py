@@ -52,21 +52,9 @@ def get_config(arg: str = "smile") -> ml_collections.ConfigDict:
   c.attributes = ()
   c.presets = {name: dict(prompt=p, attribute=a, t_star=t, lambda_late=l)
                for name, (p, a, _, t, l) in PRESETS.items()}  # read by `attributes`
-  c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
-  c.num_steps = 50  # sampling steps T (one weight per step)
-  # hard-switch initialisation: lambda = 0 for the first T* steps (default: the preset's T* of
-  # 50 steps, scaled to num_steps)
-  c.t_star = common.steps_of_50(c, t_star)
-  c.lambda_late = late  # ... and lambda_late afterwards
-  c.sampler = "ddim"  # "ddim" | "plms" (the reference release's sampler)
-  c.eta = 0.0  # DDIM stochasticity (the noise is fixed per seed either way)
-  c.guidance = 7.5  # classifier-free guidance scale
+  common.add_sampling(c)  # rng_seed, num_steps, guidance, sampler, eta
   c.image_size = 0  # px; 0 = the model's native size
-  c.remat = "full"  # rematerialise each sampling step: "none" | "full" | "dots" | "dots_no_batch"
-  c.faithful = False  # reproduce the release's quirks (uint8 reference, its CLIP resize, ...)
-  c.loss = common.loss_config()
-  c.optimizer = common.optimizer_config()
-  c.checkpoint_every = 1  # iterations between checkpoints (resume after a kill)
+  common.add_learning(c, t_star, late)  # t_star, lambda_late, remat, faithful, loss, optimizer
   if size == "sd":
     c.image_size = 512
   return c

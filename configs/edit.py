@@ -38,24 +38,14 @@ def get_config(arg: str = "snow") -> ml_collections.ConfigDict:
   c.prompt = prompt  # c0, the neutral prompt (also conditions the inversion)
   c.attribute = attribute  # c1 = prompt + attribute
   c.seed = seed  # keys the forward-noised targets of the inversion
-  c.rng_seed = 0  # base key; the seed's key is fold_in(key(rng_seed), seed)
-  c.num_steps = 50  # sampling steps T (one weight per step)
+  common.add_sampling(c, sampler=False)  # rng_seed, num_steps, guidance (DDIM, eta = 0)
   # residuals injected in the first K steps (33 of 50, scaled to num_steps); num_steps = exact
   # reconstruction
   c.inject_steps = common.steps_of_50(c, 33)
   c.pin = "next"  # reconstruction target: "next" (correct DDIM level) | "current" (the release's)
   c.encode_sample = False  # encode a VAE posterior sample (keyed by seed) instead of its mean
-  c.guidance = 7.5  # classifier-free guidance scale (inversion, reconstruction and edit)
   c.image_size = 0  # px of the square model input; 0 = the model's native size
-  # hard-switch initialisation: lambda = 0 for the first T* steps (the preset's T* of 50 steps,
-  # scaled to num_steps)
-  c.t_star = common.steps_of_50(c, t_star)
-  c.lambda_late = late  # ... and lambda_late afterwards
-  c.remat = "full"  # rematerialise each sampling step: "none" | "full" | "dots" | "dots_no_batch"
-  c.faithful = False  # reproduce the release's quirks (uint8 reference, its CLIP resize, ...)
-  c.loss = common.loss_config()
-  c.optimizer = common.optimizer_config()
-  c.checkpoint_every = 1  # iterations between checkpoints (resume after a kill)
+  common.add_learning(c, t_star, late)  # t_star, lambda_late, remat, faithful, loss, optimizer
   if size == "sd":
     c.image_size = 512
   return c

@@ -21,7 +21,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = common.model_config()
   c.loss_models = common.loss_models_config()
-  c.num_steps = 50  # sampling steps T (weights files must match)
+  common.add_sampling(c)  # rng_seed, num_steps, guidance, sampler, eta
   c.weights_files = ""  # learned sources: weights.json files of launch.disentangle (comma list)
   # baseline sources: hard switch from c0 to c1 after T* steps (comma list); "" = 10,20,30 of
   # 50 steps, scaled to num_steps
@@ -34,10 +34,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # real images: inversion residuals injected in the first K steps (33 of 50, scaled)
   c.inject_steps = common.steps_of_50(c, 33)
   c.pin = "next"  # real images: inversion target "next" (correct) | "current" (the release's)
-  c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
-  c.sampler = "ddim"  # "ddim" | "plms" (weights files must match)
-  c.eta = 0.0  # DDIM stochasticity
-  c.guidance = 7.5  # classifier-free guidance scale
   c.image_size = 0  # px; 0 = the model's native size
   c.preprocess = "standard"  # CLIP preprocessing of the metrics: "standard" | "release"
   c.batch_size = 4  # (attribute, seed) units per compiled call and per resumable chunk

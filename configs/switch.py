@@ -21,11 +21,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.prompt = "A photo of person"  # c0, the neutral prompt
   c.attribute = ", smiling"  # c1 = prompt + attribute
   c.seeds = (42, 43)  # one grid row per seed
-  c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
-  c.num_steps = 50  # sampling steps T
-  c.sampler = "ddim"  # "ddim" | "plms" (the reference release's sampler)
-  c.eta = 0.0  # DDIM stochasticity; the noise is fixed per seed either way
-  c.guidance = 7.5  # classifier-free guidance scale
+  common.add_sampling(c)  # rng_seed, num_steps, guidance, sampler, eta
   # grid columns: switch from c0 to c1 after T* steps (comma list); "" = 10,20,30 of 50 steps,
   # scaled to num_steps
   c.t_stars = ""

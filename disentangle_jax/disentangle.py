@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import errors, mixing, noise, optimize, parallel, pipeline, sampler
-from disentangle_jax import run_identity, schedule
+from disentangle_jax import edit_problem, errors, mixing, noise, optimize, parallel, run_identity
+from disentangle_jax import sampler
+from disentangle_jax.sampling import SamplingConfig
 
 # |lambda_late| bound: lambda weights the target prompt; values far past 1 only extrapolate
 # the embedding into noise.
@@ -33,22 +34,17 @@ class EditSpec:
   seeds: tuple[int, ...]
   t_star: int
   lambda_late: float = 1.0
-  num_steps: int = 50
-  sampler: str = "ddim"
+  sampling: SamplingConfig = SamplingConfig()
   remat: str = "full"
-  eta: float = 0.0
-  guidance: float = 7.5
-  rng_seed: int = 0
   faithful: bool = False  # the release's quirks: uint8 reference, its CLIP preprocessing,
   #                         final image = the one before the last update
   loss: optimize.LossConfig = optimize.LossConfig()
   optimizer: optimize.OptimizerConfig = optimize.OptimizerConfig()
 
   def __post_init__(self):
-    sampler.check_settings(self.num_steps, self.sampler, self.eta, self.guidance)
     noise.check_seeds(self.seeds)
-    mixing.check_t_star(self.num_steps, self.t_star)
-    sampler.SamplerConfig(kind=self.sampler, remat=self.remat)
+    mixing.check_t_star(self.sampling.num_steps, self.t_star)
+    self.sampler_config  # noqa: B018 -- validates remat
     errors.check_number("lambda_late", self.lambda_late, low=-MAX_LAMBDA, high=MAX_LAMBDA,
                         hint="1.0-1.2 in the paper.")
     if not self.prompt.strip() or not self.attribute.strip():
@@ -60,10 +56,10 @@ class EditSpec:
 
   @property
   def sampler_config(self) -> sampler.SamplerConfig:
-    return sampler.SamplerConfig(kind=self.sampler, remat=self.remat)
+    return self.sampling.sampler_config(self.remat)
 
   def init_lambda(self) -> np.ndarray:
-    return mixing.hard_switch(self.num_steps, self.t_star, self.lambda_late)
+    return mixing.hard_switch(self.sampling.num_steps, self.t_star, self.lambda_late)
 
   def fingerprint(self) -> str:
     """A hash of everything that determines the result: a checkpoint from a different spec
@@ -72,16 +68,20 @@ class EditSpec:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Fields every edit of an EditSet must share (one compiled program, one optimiser).
-_SHARED_FIELDS = ("num_steps", "sampler", "remat", "eta", "guidance", "rng_seed", "faithful",
-                  "loss", "optimizer")
+def _shared(spec: EditSpec) -> dict:
+  """The settings every edit of an EditSet must share (one compiled program, one optimiser);
+  the sampling settings by their own names."""
+  return dataclasses.asdict(spec.sampling) | {
+      "remat": spec.remat, "faithful": spec.faithful, "loss": spec.loss,
+      "optimizer": spec.optimizer}
 
 
 @dataclasses.dataclass(frozen=True)
 class EditSet:
   """K edits (attributes) learned together: one lambda [K, T], each on its own seeds, in one
   sharded, compiled program. Equivalent to K separate runs (no shared loss term; Adam is
-  elementwise). ``prepare``/``optimise``/``final_images`` accept it wherever an EditSpec goes.
+  elementwise). A single edit is the set of one (``as_edit_set``): every function here runs
+  the K-edit path.
   """
 
   specs: tuple[EditSpec, ...]
@@ -89,17 +89,18 @@ class EditSet:
   def __post_init__(self):
     if not self.specs:
       raise ValueError("an EditSet needs at least one edit (attributes is empty).")
-    first = self.specs[0]
+    first = _shared(self.specs[0])
     for spec in self.specs[1:]:
-      for name in _SHARED_FIELDS:
-        if getattr(spec, name) != getattr(first, name):
+      for name, value in _shared(spec).items():
+        if value != first[name]:
           raise ValueError(f"all edits learned together must share {name}: "
-                           f"{getattr(first, name)!r} vs {getattr(spec, name)!r}.")
+                           f"{first[name]!r} vs {value!r}.")
 
-  def __getattr__(self, name):  # the shared fields and properties, from the first edit
-    if name in _SHARED_FIELDS or name == "sampler_config":
-      return getattr(self.specs[0], name)
-    raise AttributeError(name)
+  @property
+  def shared(self) -> EditSpec:
+    """The edit whose shared settings (sampling, remat, faithful, loss, optimizer) stand for
+    all of them (checked equal on construction)."""
+    return self.specs[0]
 
   def init_lambda(self) -> np.ndarray:
     return np.stack([spec.init_lambda() for spec in self.specs])  # [K, T]
@@ -109,8 +110,9 @@ class EditSet:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _edits(spec) -> tuple[EditSpec, ...]:
-  return spec.specs if isinstance(spec, EditSet) else (spec,)
+def as_edit_set(spec: EditSpec | EditSet) -> EditSet:
+  """A single edit is the set of one."""
+  return spec if isinstance(spec, EditSet) else EditSet((spec,))
 
 
 class Prepared(NamedTuple):
@@ -123,68 +125,50 @@ class Prepared(NamedTuple):
 
 def prepare(model, loss_models, spec: EditSpec | EditSet, latent_shape, mesh,
             x_T=None, run_noise=None) -> Prepared:
-  """Encodes prompts, draws (or takes) x_T and noise, renders the reference, shards it all.
+  """Encodes the edits, draws (or takes) x_T and noise, places the problem on the mesh and
+  renders the reference.
 
   Items are the seeds of each edit in order (edit 0's seeds, then edit 1's, ...).
   ``x_T`` [B,H,W,C] / ``run_noise`` [T,B,H,W,C] may be given for a single edit (real-image
   editing: the inversion's outputs); by default they are drawn from the seeds.
   """
-  from disentangle_jax import loss_models as loss_models_lib  # noqa: PLC0415
-  from disentangle_jax import models  # noqa: PLC0415
-
-  edits = _edits(spec)
-  loss_cfg = _effective_loss(spec)
-  tables = schedule.step_tables(model.schedule, spec.num_steps, spec.eta)
-  group = np.concatenate([np.full(len(e.seeds), k, np.int32) for k, e in enumerate(edits)])
+  edits = as_edit_set(spec)
+  sampling = edits.shared.sampling
+  tables = sampling.tables(model.schedule)
   if x_T is None:
-    seeds = np.concatenate([np.asarray(e.seeds) for e in edits])
-    drawn = noise.draw(jax.random.key(spec.rng_seed), seeds, latent_shape, tables.sigma)
-    x_T, run_noise = drawn.x_T, drawn.noise
-  elif len(edits) != 1:
+    seeds = np.concatenate([np.asarray(e.seeds) for e in edits.specs])
+    run = noise.draw(jax.random.key(sampling.rng_seed), seeds, latent_shape, tables.sigma)
+    group = np.concatenate([np.full(len(e.seeds), k, np.int32)
+                            for k, e in enumerate(edits.specs)])
+  elif len(edits.specs) != 1:
     raise ValueError("x_T/run_noise can only be given for a single edit.")
   else:
+    run = noise.RunNoise(x_T=x_T, noise=run_noise)
     group = np.zeros((x_T.shape[0],), np.int32)
-  n = x_T.shape[0]
-  size = parallel.padded_size(n, mesh)
-  texts = [t for e in edits for t in (e.prompt, e.target_prompt)]
-  emb = models.encode_prompts(model, texts + [""])
-  feats = loss_models_lib.encode_texts(loss_models, texts)
-  nets = optimize.Networks(
-      eps=models.make_eps_fn(model.unet, model.config),
-      decode=models.make_decode_fn(model.vae, model.scaling_factor, model.config),
-      clip_image=loss_models.clip_image_apply, vgg=loss_models.vgg_apply,
-      clip_image_size=loss_models.clip_image_size, vgg_input_size=loss_models.vgg_input_size)
-  params = parallel.replicate({"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
-                               "clip": loss_models.params["clip"],
-                               "vgg": loss_models.params["vgg"]}, mesh)
-  x_T = parallel.shard(parallel.pad_batch(x_T, size), mesh)
-  run_noise = parallel.shard(parallel.pad_batch(run_noise, size, axis=1), mesh, axis=1)
-  prompts = parallel.replicate(pipeline.PromptPair(emb[0:-1:2], emb[1:-1:2], emb[-1]), mesh)
-  guidance = jnp.asarray(spec.guidance, jnp.float32)
-  tables = parallel.replicate(schedule.StepTables(*(jnp.asarray(t) for t in tables)), mesh)
-  problem = optimize.EditProblem(
-      x_T=x_T, noise=run_noise, prompts=prompts, guidance=guidance, tables=tables,
-      reference=None, text0=parallel.replicate(feats[0::2], mesh),
-      text1=parallel.replicate(feats[1::2], mesh),
-      mask=parallel.shard(parallel.mask(n, size), mesh),
-      group=parallel.shard(parallel.pad_batch(jnp.asarray(group), size), mesh))
-  render = optimize.make_render_fn(nets, spec.sampler_config)
-  reference = render(params["sd"], problem, jnp.zeros(spec.init_lambda().shape, jnp.float32))
-  if loss_cfg.round_reference:  # the release saves the reference as 8-bit and reloads it
+  nets, params = edit_problem.frozen_networks(model, loss_models)
+  params = parallel.replicate(params, mesh)
+  problem = edit_problem.place(edit_problem.encode_edits(model, loss_models, edits.specs), run,
+                               group, sampling.guidance, tables, mesh)
+  render = optimize.make_problem_render_fn(nets, edits.shared.sampler_config)
+  reference = render(params["sd"], problem, jnp.zeros(edits.init_lambda().shape, jnp.float32))
+  if _effective_loss(edits).round_reference:  # the release saves the reference as 8-bit
     reference = optimize.round_to_uint8_levels(reference)
-  return Prepared(nets, render, params, problem._replace(reference=reference), n)
+  return Prepared(nets, render, params, problem._replace(reference=reference), run.x_T.shape[0])
 
 
-def _effective_loss(spec: EditSpec | EditSet) -> optimize.LossConfig:
+def _effective_loss(edits: EditSet) -> optimize.LossConfig:
+  spec = edits.shared
   if spec.faithful:
     return dataclasses.replace(spec.loss, preprocess="release", round_reference=True)
   return spec.loss
 
 
-def make_update_fn(prep: Prepared, spec: EditSpec):
+def compiled_update(prep: Prepared, spec: EditSpec | EditSet):
   """(jitted update, optax transformation) for this problem's networks and the spec's static
   choices; cached, so resuming or re-running in one process reuses the compiled program."""
-  return _cached_update(prep.nets, _effective_loss(spec), spec.sampler_config, spec.optimizer)
+  edits = as_edit_set(spec)
+  return _cached_update(prep.nets, _effective_loss(edits), edits.shared.sampler_config,
+                        edits.shared.optimizer)
 
 
 @functools.lru_cache(maxsize=8)
@@ -193,10 +177,11 @@ def _cached_update(nets, loss_cfg, sampler_cfg, optimizer_cfg):
   return optimize.make_update_fn(nets, loss_cfg, sampler_cfg, tx), tx
 
 
-def initial_state(prep: Prepared, spec: EditSpec, tx) -> optimize.TrainState:
-  """The hard-switch initialisation, replicated over the mesh like the states update returns
-  (so the first call and the later ones share one compiled program)."""
-  return jax.device_put(optimize.init_state(spec.init_lambda(), tx), _replicated(prep))
+def initial_state(prep: Prepared, spec: EditSpec | EditSet, tx) -> optimize.TrainState:
+  """The hard-switch initialisation (lambda [K, T]), replicated over the mesh like the states
+  update returns (so the first call and the later ones share one compiled program)."""
+  return jax.device_put(optimize.init_state(as_edit_set(spec).init_lambda(), tx),
+                        _replicated(prep))
 
 
 def _replicated(prep: Prepared):
@@ -231,11 +216,11 @@ def check_resumable(checkpointer, spec: EditSpec | EditSet, identity: dict | Non
     return
 
 
-def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
+def optimise(prep: Prepared, spec: EditSpec | EditSet, checkpointer=None,
              on_iteration: Callable[[int, dict, np.ndarray], None] | None = None,
              log: Callable[[str], None] = print, identity: dict | None = None):
-  """Runs (or resumes) the optimisation. Returns (lambda [T], history, lambda before the last
-  update).
+  """Runs (or resumes) the optimisation. Returns (lambda [K, T], history, lambda before the
+  last update); for a single EditSpec, its lambda [T] and its own history (``edit_history``).
 
   ``checkpointer`` (checkpoint.Checkpointer) saves after every iteration; a run restarted with
   the same spec and ``identity`` resumes from the newest readable checkpoint and ends with
@@ -247,8 +232,9 @@ def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
   checkpointed; the run stops with errors.NonFinite naming the iteration and the checkpoint
   it kept.
   """
-  update, tx = make_update_fn(prep, spec)
-  state = initial_state(prep, spec, tx)
+  edits = as_edit_set(spec)
+  update, tx = compiled_update(prep, edits)
+  state = initial_state(prep, edits, tx)
   history, prev_lam = [], np.asarray(state.lam)
   current = run_identity_of(spec, identity)
   if checkpointer is not None:
@@ -259,8 +245,8 @@ def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
       state, meta = restored
       history, prev_lam = list(meta["history"]), np.asarray(meta["prev_lam"], np.float32)
       state = jax.device_put(state, _replicated(prep))
-      log(f"resumed from iteration {int(state.step)} of {spec.optimizer.iterations}")
-  total = spec.optimizer.iterations
+      log(f"resumed from iteration {int(state.step)} of {edits.shared.optimizer.iterations}")
+  total = edits.shared.optimizer.iterations
   times = []
   if int(state.step) < total:
     log("compiling the update step (the first iteration includes it) ...")
@@ -270,7 +256,7 @@ def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
     t0 = time.perf_counter()
     state, metrics, images = update(state, prep.params, prep.problem)
     jax.block_until_ready(state)
-    metrics = _host_metrics(metrics, single=not isinstance(spec, EditSet))
+    metrics = _host_metrics(metrics)
     _check_finite(k + 1, metrics, np.asarray(state.lam), checkpointer)
     prev_lam = prev_lam_next
     metrics["iteration"] = k + 1
@@ -294,7 +280,10 @@ def optimise(prep: Prepared, spec: EditSpec, checkpointer=None,
         f"|grad|={metrics['grad_norm']:.3g} {timing}")
   if checkpointer is not None:
     checkpointer.wait()
-  return np.asarray(state.lam), history, prev_lam
+  lam = np.asarray(state.lam)
+  if isinstance(spec, EditSpec):  # given alone: its own lambda [T] and history
+    return lam[0], edit_history(history, 0, spec.loss.beta), prev_lam[0]
+  return lam, history, prev_lam
 
 
 def _check_finite(iteration: int, metrics: dict, lam: np.ndarray, checkpointer) -> None:
@@ -317,36 +306,32 @@ def _check_finite(iteration: int, metrics: dict, lam: np.ndarray, checkpointer) 
       "new --workdir).")
 
 
-def _host_metrics(metrics: dict, single: bool) -> dict:
-  """Device metrics -> JSON-able floats; per-edit [K] terms become lists (a float for one
-  EditSpec)."""
-  out = {}
-  for name, value in metrics.items():
-    value = np.asarray(value)
-    out[name] = (float(value.reshape(-1)[0]) if value.ndim == 0 or single
-                 else [float(v) for v in value])
-  return out
+def _host_metrics(metrics: dict) -> dict:
+  """Device metrics -> JSON-able floats: loss and grad_norm a float, the per-edit terms
+  (l_dir, l_perc [K]) a list of K."""
+  return {name: (float(value) if np.ndim(value) == 0 else [float(v) for v in np.asarray(value)])
+          for name, value in metrics.items()}
 
 
 def edit_history(history: list[dict], k: int, beta: float) -> list[dict]:
-  """The loss history of edit k of an EditSet run (per-edit terms picked out, loss recomputed
-  as that edit's L_dir + beta * L_perc); a single edit's history is returned unchanged."""
-  if not history or not isinstance(history[0]["l_dir"], list):
-    return history
+  """The loss history of edit k: its per-edit terms picked out, its loss that edit's
+  L_dir + beta * L_perc (for K = 1 the device's total, which is exactly that)."""
   return [{"iteration": h["iteration"], "l_dir": h["l_dir"][k], "l_perc": h["l_perc"][k],
-           "loss": h["l_dir"][k] + beta * h["l_perc"][k], "grad_norm": h["grad_norm"]}
+           "loss": (h["loss"] if len(h["l_dir"]) == 1 else
+                    h["l_dir"][k] + beta * h["l_perc"][k]),
+           "grad_norm": h["grad_norm"]}
           for h in history]
 
 
-def _fmt(value) -> str:
-  if isinstance(value, list):
-    return "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
-  return f"{value:.4f}"
+def _fmt(values: list) -> str:
+  if len(values) == 1:  # one edit: a plain number in the log
+    return f"{values[0]:.4f}"
+  return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
-def final_images(prep: Prepared, spec: EditSpec, lam, prev_lam) -> np.ndarray:
+def final_images(prep: Prepared, spec: EditSpec | EditSet, lam, prev_lam) -> np.ndarray:
   """The edited images to save: with the learned lambda (clean), or — the release's quirk —
   with the lambda before the last update (faithful). float [B, h, w, 3]."""
-  use = prev_lam if spec.faithful else lam
+  use = prev_lam if as_edit_set(spec).shared.faithful else lam
   images = prep.render(prep.params["sd"], prep.problem, jnp.asarray(use, jnp.float32))
   return np.asarray(images)[:prep.num_items]

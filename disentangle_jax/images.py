@@ -48,3 +48,11 @@ def load_png(path: str) -> np.ndarray:
   """uint8 [h, w, 3] of an RGB image file."""
   with Image.open(path) as im:
     return np.asarray(im.convert("RGB"))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+  """The PNG file of uint8 pixels [h, w, 3]."""
+  import io  # noqa: PLC0415
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="PNG")
+  return buf.getvalue()

@@ -5,7 +5,7 @@ The output is a ``noise.RunNoise`` — the same x_T [B,H,W,C] and noise [T,B,H,W
 (``sampler.sample``, ``pipeline.render``, ``disentangle.prepare(..., x_T=, run_noise=)``):
 
 1. forward-noised targets from the seed: xf = sqrt(a) z0 + sqrt(1 - a) eps, eps drawn once per
-   seed (``target_noise``);
+   seed (``noise.target_noise``);
 2. DDIM inversion (eta = 0) from z0 to x_T, conditioned on c0 with CFG (``ddim_invert``);
 3. a reconstruction pass from x_T with c0: at step i the deterministic DDIM update x_det of x
    gives the residual noise[i] = target_i - x_det, and x is pinned to target_i
@@ -33,63 +33,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from disentangle_jax import errors
 from disentangle_jax import noise as noise_lib
 from disentangle_jax import pipeline, sampler, schedule
+from disentangle_jax.sampling import SamplingConfig
 
 PIN_MODES = ("next", "current")
-
-# fold_in tags of the per-seed key (noise.seed_key). Not 0 or 1: with JAX's partitionable
-# threefry, split(key)[i] == fold_in(key, i), and noise.draw splits the same per-seed key.
-TARGET_NOISE_STREAM = 0x696E76  # "inv": eps of the forward-noised targets
-ENCODE_STREAM = 0x656E63  # "enc": the VAE posterior sample (when not using the posterior mean)
 
 
 @dataclasses.dataclass(frozen=True)
 class InversionConfig:
   """Choices of the inversion (validated on construction; errors name the config field)."""
 
-  num_steps: int = 50
+  # DDIM with eta = 0 (the residuals fit only that sampler); num_steps, guidance (of the
+  # inversion and the reconstruction) and rng_seed (keys the targets) come from here.
+  sampling: SamplingConfig = SamplingConfig()
   inject_steps: int = 33  # K: residuals are injected during the first K steps (33 of 50)
   pin: str = "next"  # "next" (correct DDIM target) | "current" (the release's pinning)
-  guidance: float = 7.5  # CFG scale of the inversion and the reconstruction
 
   def __post_init__(self):
-    if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or (
-        self.num_steps < 1):
-      raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1 (50 in the paper).")
+    num_steps = self.sampling.num_steps
+    if self.sampling.kind != "ddim" or self.sampling.eta != 0:
+      raise errors.UserError(
+          f"sampler={self.sampling.kind!r}, eta={self.sampling.eta}: real images are inverted "
+          "with DDIM (eta = 0); set sampler='ddim' and eta=0.")
     if isinstance(self.inject_steps, bool) or not isinstance(self.inject_steps, int) or not (
-        0 <= self.inject_steps <= self.num_steps):
+        0 <= self.inject_steps <= num_steps):
       raise ValueError(
           f"inject_steps={self.inject_steps!r} must be an integer in [0, num_steps="
-          f"{self.num_steps}] (the release injects residuals in the first 33 of 50 steps; "
-          f"{self.num_steps} = every step, exact reconstruction).")
+          f"{num_steps}] (the release injects residuals in the first 33 of 50 steps; "
+          f"{num_steps} = every step, exact reconstruction).")
     if self.pin not in PIN_MODES:
       raise ValueError(f"pin={self.pin!r} is unknown; use one of {PIN_MODES} ('next' = correct "
                        "DDIM target, 'current' = the release's).")
-    sampler.check_settings(self.num_steps, "ddim", 0.0, self.guidance)
-
-
-def target_noise(base_key: jax.Array, seeds, num_steps: int, latent_shape,
-                 dtype=jnp.float32) -> jax.Array:
-  """eps of the forward-noised targets, one independent draw per step and seed.
-
-  Keyed by ``fold_in(noise.seed_key(base_key, seed), TARGET_NOISE_STREAM)``: independent of the
-  batch, the device layout and of the x_T / noise that ``noise.draw`` gives the same seed.
-
-  Returns:
-    [T, B, H, W, C].
-  """
-  def one(seed):
-    key = jax.random.fold_in(noise_lib.seed_key(base_key, seed), TARGET_NOISE_STREAM)
-    return jax.random.normal(key, (num_steps,) + tuple(latent_shape), dtype)
-
-  eps = jax.vmap(one)(jnp.asarray(seeds))
-  return jnp.moveaxis(eps, 0, 1)
-
-
-def encode_key(base_key: jax.Array, seed) -> jax.Array:
-  """The key of a VAE posterior sample for ``seed`` (independent of every other stream)."""
-  return jax.random.fold_in(noise_lib.seed_key(base_key, seed), ENCODE_STREAM)
 
 
 def _bcast(v, x):
@@ -270,7 +246,7 @@ class Inverted(NamedTuple):
 
 
 def invert_images(inverter: Inverter, params: dict, images, c0, uncond, seeds,
-                  config: InversionConfig, sched: schedule.ScheduleConfig, rng_seed: int = 0,
+                  config: InversionConfig, sched: schedule.ScheduleConfig,
                   sample_posterior: bool = False) -> Inverted:
   """Encodes images and inverts them under c0.
 
@@ -280,52 +256,27 @@ def invert_images(inverter: Inverter, params: dict, images, c0, uncond, seeds,
     images: [B, h, w, 3] float in [0, 1] (``real_images``), h and w multiples of 8.
     c0, uncond: [L, D] embeddings of the neutral prompt and "".
     seeds: int [B], one per image: keys the target noise (and the posterior sample).
-    config: the inversion choices; sched: the model's training schedule.
-    rng_seed: base key of the run. sample_posterior: encode a posterior sample, not the mean.
+    config: the inversion choices (its sampling.rng_seed is the run's base key); sched: the
+      model's training schedule. sample_posterior: encode a posterior sample, not the mean.
   """
   seeds = noise_lib.check_seeds(seeds)
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4 or images.shape[0] != len(seeds):
     raise ValueError(f"images has shape {tuple(images.shape)}: expected [B, h, w, 3] with "
                      f"B = {len(seeds)}, one image per seed.")
-  base = jax.random.key(rng_seed)
+  base = jax.random.key(config.sampling.rng_seed)
   if sample_posterior:
-    keys = [encode_key(base, int(s)) for s in seeds]
+    keys = [noise_lib.encode_key(base, int(s)) for s in seeds]
     z0 = jnp.concatenate([inverter.encode(params["vae"], images[i:i + 1], k)
                           for i, k in enumerate(keys)])
   else:
     z0 = inverter.encode(params["vae"], images)
-  tables = schedule.step_tables(sched, config.num_steps, 0.0)
-  eps = target_noise(base, seeds, config.num_steps, z0.shape[1:], z0.dtype)
+  tables = config.sampling.tables(sched)
+  eps = noise_lib.target_noise(base, seeds, config.sampling.num_steps, z0.shape[1:], z0.dtype)
   run = inverter.invert(params["unet"], z0, eps, c0, uncond,
-                        jnp.asarray(config.guidance, z0.dtype), tables,
+                        jnp.asarray(config.sampling.guidance, z0.dtype), tables,
                         jnp.asarray(config.inject_steps, jnp.int32))
   return Inverted(z0=z0, run=run, tables=tables)
-
-
-def psnr(a, b, peak: float = 1.0) -> float:
-  """Peak signal-to-noise ratio in dB of two float arrays in [0, peak] (inf if equal)."""
-  mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-  return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
-
-
-def reconstruction_metrics(z0, z_rec, image, image_rec, image_vae) -> dict:
-  """How well the lambda = 0 run reproduces the input (host-side numpy; JSON-ready floats).
-
-  Args:
-    z0, z_rec: [B, H, W, C] encoded latents and the latents of the lambda = 0 run.
-    image: [B, h, w, 3] the (resized) input; image_rec: decode(z_rec); image_vae: decode(z0),
-      the VAE's own round trip (the floor any inversion can reach in pixels).
-  """
-  dz = np.asarray(z_rec, np.float64) - np.asarray(z0, np.float64)
-  di = np.asarray(image_rec, np.float64) - np.asarray(image, np.float64)
-  return {
-      "latent_rmse": float(np.sqrt(np.mean(dz**2))),
-      "latent_max_abs": float(np.max(np.abs(dz))),
-      "pixel_mae": float(np.mean(np.abs(di))),
-      "pixel_psnr_db": psnr(image_rec, image),
-      "vae_roundtrip_psnr_db": psnr(image_vae, image),
-  }
 
 
 class EditOutput(NamedTuple):

@@ -9,6 +9,9 @@ t0 (neutral) and t1 (target):
 
 The networks enter as apply functions (``loss_models.load_loss_models``) with their
 parameters passed explicitly. Images are NHWC float in [0, 1]. Shapes: B items, E CLIP width.
+
+Real-image editing adds how well the lambda = 0 run reproduces its input
+(``reconstruction_metrics``, host-side numpy).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from disentangle_jax import losses
 
@@ -83,4 +87,29 @@ def item_metrics(nets: MetricNets, params: dict[str, Any], original: jax.Array,
       "clip_score": losses.cosine_similarity(f_edit, text1),
       "content_distance": losses.vgg_perceptual_loss(nets.vgg, params["vgg"], edited, original,
                                                      nets.vgg_input_size),
+  }
+
+
+def psnr(a, b, peak: float = 1.0) -> float:
+  """Peak signal-to-noise ratio in dB of two float arrays in [0, peak] (inf if equal)."""
+  mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+  return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
+
+
+def reconstruction_metrics(z0, z_rec, image, image_rec, image_vae) -> dict:
+  """How well the lambda = 0 run reproduces the input (host-side numpy; JSON-ready floats).
+
+  Args:
+    z0, z_rec: [B, H, W, C] encoded latents and the latents of the lambda = 0 run.
+    image: [B, h, w, 3] the (resized) input; image_rec: decode(z_rec); image_vae: decode(z0),
+      the VAE's own round trip (the floor any inversion can reach in pixels).
+  """
+  dz = np.asarray(z_rec, np.float64) - np.asarray(z0, np.float64)
+  di = np.asarray(image_rec, np.float64) - np.asarray(image, np.float64)
+  return {
+      "latent_rmse": float(np.sqrt(np.mean(dz**2))),
+      "latent_max_abs": float(np.max(np.abs(dz))),
+      "pixel_mae": float(np.mean(np.abs(di))),
+      "pixel_psnr_db": psnr(image_rec, image),
+      "vae_roundtrip_psnr_db": psnr(image_vae, image),
   }

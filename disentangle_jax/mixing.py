@@ -71,36 +71,38 @@ def load(path: str, num_steps: int | None = None) -> np.ndarray:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"lambda file {path!r} does not exist: pass an existing file.")
   ext = os.path.splitext(path)[1].lower()
+  if ext not in (".json", ".npy", ".txt", ".csv"):
+    raise errors.UserError(
+        f"lambda file {path!r} has an unknown extension {ext!r}: use .json, .npy, .txt or .csv.")
   try:
-    if ext == ".json":
-      with open(path) as f:
-        data = json.load(f)
-      if isinstance(data, dict):
-        if "lambda" not in data:
-          raise errors.UserError(f"lambda file {path!r} is a JSON object without a 'lambda' entry.")
-        lam = np.asarray(data["lambda"], np.float32)
-        if data.get("convention") == "reference":
-          lam = from_reference(lam)
-      else:
-        lam = np.asarray(data, np.float32)
-    elif ext == ".npy":
-      lam = np.load(path, allow_pickle=False).astype(np.float32)
-    elif ext in (".txt", ".csv"):
-      with open(path) as f:
-        text = f.read().replace(",", " ")
-      lam = np.asarray([float(v) for v in text.split()], np.float32)
-    else:
-      raise errors.UserError(
-          f"lambda file {path!r} has an unknown extension {ext!r}: use .json, .npy, .txt or .csv.")
-  except errors.UserError:
-    raise
+    lam = _read_lambda(path, ext)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise errors.UserError(f"lambda file {path!r} could not be parsed: {e}") from None
+  except errors.UserError:
+    raise
   except (ValueError, TypeError) as e:  # numpy/float() on entries that are not numbers
     raise errors.UserError(f"lambda file {path!r} could not be parsed as numbers: {e}") from None
   if num_steps is not None:
     lam = check_lambda(lam, num_steps, name=f"lambda from {path!r}")
   return lam
+
+
+def _read_lambda(path: str, ext: str) -> np.ndarray:
+  """The numbers of a lambda file of a known extension (float32 [T], unchecked)."""
+  if ext == ".json":
+    with open(path) as f:
+      data = json.load(f)
+    if not isinstance(data, dict):
+      return np.asarray(data, np.float32)
+    if "lambda" not in data:
+      raise errors.UserError(f"lambda file {path!r} is a JSON object without a 'lambda' entry.")
+    lam = np.asarray(data["lambda"], np.float32)
+    return from_reference(lam) if data.get("convention") == "reference" else lam
+  if ext == ".npy":
+    return np.load(path, allow_pickle=False).astype(np.float32)
+  with open(path) as f:
+    text = f.read().replace(",", " ")
+  return np.asarray([float(v) for v in text.split()], np.float32)
 
 
 def mix(lam: jax.Array, c0: jax.Array, c1: jax.Array) -> jax.Array:

@@ -34,7 +34,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 import diffusers
 import flax.linen as nn
 import flax.serialization
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +46,7 @@ from disentangle_jax import convert, library_logs
 from disentangle_jax import fast_conv
 from disentangle_jax import remat as remat_lib
 from disentangle_jax import schedule as schedule_lib
-from disentangle_jax import single_file
+from disentangle_jax import noise, single_file
 
 logger = logging.getLogger(__name__)
 
@@ -449,31 +448,6 @@ def _tiny_tokenizer():
     return transformers.CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
-def _random_params(shape_tree, seed: Sequence[int]) -> dict:
-  """Deterministic random params for ``shape_tree`` (float32 numpy), drawn in sorted path order.
-
-  Kernels ~ N(0, 1/fan_in) (LeCun, as Flax's default), embeddings ~ N(0, 0.02^2), biases
-  ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.1^2): random everywhere, so a test notices any
-  misplaced parameter. Numpy instead of the modules' jitted init, whose compile takes ~10 s.
-  """
-  rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(shape_tree)
-  out = {}
-  for path in sorted(flat):
-    shape, leaf = tuple(flat[path].shape), path[-1]
-    z = rng.standard_normal(shape, dtype=np.float32)
-    if leaf == "kernel":
-      z /= np.sqrt(max(int(np.prod(shape[:-1])), 1))
-    elif leaf == "embedding":
-      z *= 0.02
-    elif leaf == "scale":
-      z = 1 + 0.1 * z
-    else:
-      z *= 0.1
-    out[path] = z
-  return traverse_util.unflatten_dict(out)
-
-
 @library_logs.quietly
 def build_tiny(config: ModelConfig = ModelConfig()) -> StableDiffusion:
   """A tiny random Stable Diffusion, deterministic in ``config.tiny_seed``; no files read.
@@ -489,7 +463,7 @@ def build_tiny(config: ModelConfig = ModelConfig()) -> StableDiffusion:
   vae = _build_vae(vae_cfg, config)
   text_encoder = _build_text_encoder(tiny_text_config(tokenizer), config)
   trees = _shape_trees(unet, vae, text_encoder)
-  params = {name: _random_params(tree, [config.tiny_seed, i])
+  params = {name: noise.random_params(tree, [config.tiny_seed, i])
             for i, (name, tree) in enumerate(sorted(trees.items()))}
   return StableDiffusion(
       unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,

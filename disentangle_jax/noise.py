@@ -1,4 +1,5 @@
-"""The only place random numbers are drawn: the initial latent x_T and the per-step noise.
+"""The only place random numbers are drawn: the initial latent x_T and the per-step noise,
+the inversion's target noise and VAE posterior keys, and the tiny models' random weights.
 
 "Fixing every random number of the run" means drawing them once, up front, and feeding them to
 the sampler as data. Each seed gets its own key, ``fold_in(base_key, seed)``, and its numbers are
@@ -7,7 +8,7 @@ batch of 64, or sharded over a pod.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,35 @@ def seed_key(base_key: jax.Array, seed) -> jax.Array:
   return jax.random.fold_in(base_key, seed)
 
 
+# fold_in tags of the per-seed key (seed_key). Not 0 or 1: with JAX's partitionable
+# threefry, split(key)[i] == fold_in(key, i), and ``draw`` splits the same per-seed key.
+TARGET_NOISE_STREAM = 0x696E76  # "inv": eps of the inversion's forward-noised targets
+ENCODE_STREAM = 0x656E63  # "enc": the VAE posterior sample (when not using the posterior mean)
+
+
+def target_noise(base_key: jax.Array, seeds, num_steps: int, latent_shape,
+                 dtype=jnp.float32) -> jax.Array:
+  """eps of the inversion's forward-noised targets, one independent draw per step and seed.
+
+  Keyed by ``fold_in(seed_key(base_key, seed), TARGET_NOISE_STREAM)``: independent of the
+  batch, the device layout and of the x_T / noise that ``draw`` gives the same seed.
+
+  Returns:
+    [T, B, H, W, C].
+  """
+  def one(seed):
+    key = jax.random.fold_in(seed_key(base_key, seed), TARGET_NOISE_STREAM)
+    return jax.random.normal(key, (num_steps,) + tuple(latent_shape), dtype)
+
+  eps = jax.vmap(one)(jnp.asarray(seeds))
+  return jnp.moveaxis(eps, 0, 1)
+
+
+def encode_key(base_key: jax.Array, seed) -> jax.Array:
+  """The key of a VAE posterior sample for ``seed`` (independent of every other stream)."""
+  return jax.random.fold_in(seed_key(base_key, seed), ENCODE_STREAM)
+
+
 def _draw_one(key, sigma, latent_shape, dtype):
   k_init, k_steps = jax.random.split(key)
   x_T = jax.random.normal(k_init, latent_shape, dtype)
@@ -74,3 +104,49 @@ def draw(base_key: jax.Array, seeds, latent_shape: tuple[int, int, int], sigma,
   keys = jax.vmap(lambda s: seed_key(base_key, s))(seeds)
   x_T, noise = jax.vmap(lambda k: _draw_one(k, sigma, tuple(latent_shape), dtype))(keys)
   return RunNoise(x_T=x_T, noise=jnp.moveaxis(noise, 0, 1))
+
+
+def random_params(shape_tree, seed: Sequence[int]) -> dict:
+  """Deterministic random params for ``shape_tree`` (float32 numpy), drawn in sorted path order.
+
+  Kernels ~ N(0, 1/fan_in) (LeCun, as Flax's default), embeddings ~ N(0, 0.02^2), biases
+  ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.1^2): random everywhere, so a test notices any
+  misplaced parameter. Numpy instead of the modules' jitted init, whose compile takes ~10 s.
+  """
+  rng = np.random.default_rng(seed)
+  flat = _flatten(shape_tree)
+  out = {}
+  for path in sorted(flat):
+    shape, leaf = tuple(flat[path].shape), path[-1]
+    z = rng.standard_normal(shape, dtype=np.float32)
+    if leaf == "kernel":
+      z /= np.sqrt(max(int(np.prod(shape[:-1])), 1))
+    elif leaf == "embedding":
+      z *= 0.02
+    elif leaf == "scale":
+      z = 1 + 0.1 * z
+    else:
+      z *= 0.1
+    out[path] = z
+  return _unflatten(out)
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, object]:
+  """{"a": {"b": leaf}} -> {("a", "b"): leaf} (flax.traverse_util.flatten_dict's keys)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, prefix + (key,)))
+    else:
+      flat[prefix + (key,)] = value
+  return flat
+
+
+def _unflatten(flat: dict[tuple, object]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out

@@ -195,7 +195,7 @@ def make_update_fn(nets: Networks, loss_cfg: LossConfig, sampler_cfg: sampler.Sa
   return jax.jit(update, donate_argnums=0)
 
 
-def make_render_fn(nets: Networks, sampler_cfg: sampler.SamplerConfig) -> Callable:
+def make_problem_render_fn(nets: Networks, sampler_cfg: sampler.SamplerConfig) -> Callable:
   """The jitted ``render(sd_params, problem, lam) -> images`` (reference, final and transfer
   renders). It reads only the sampler inputs of ``problem``, so the reference images and the
   mask may change without a recompile."""

@@ -62,7 +62,7 @@ def loss_plot(history: Sequence[dict], beta: float) -> bytes:
 def study_plot(summary: Sequence[dict], metric_names: Sequence[str]) -> bytes:
   """One panel per metric: each source's mean over all items with its 95% interval.
 
-  ``summary`` holds ``study.summarise`` records; only those with attribute "all" are drawn.
+  ``summary`` holds ``stats.summarise`` records; only those with attribute "all" are drawn.
   Returns PNG bytes.
   """
   import matplotlib  # noqa: PLC0415

@@ -143,3 +143,17 @@ def synthetic(size: int) -> np.ndarray:
   door = (np.abs(x - 0.5) < 0.05) & (y > 0.62) & (y <= 0.8)
   img[door] = [0.3, 0.2, 0.1]
   return img
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder: str) -> tuple[str, ...]:
+  """The image files of ``folder`` (sorted; other files are ignored)."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"images_dir {folder!r} is not a folder: give a folder of images.")
+  files = tuple(os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                if n.lower().endswith(IMAGE_SUFFIXES))
+  if not files:
+    raise ValueError(f"images_dir {folder!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+  return files

@@ -31,12 +31,16 @@ _MAX_LISTED = 12
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": 1}} -> {"a.b": 1}; leaves become JSON-stable values (tuples -> lists)."""
+  """{"a": {"b": 1}, "c": [{"d": 2}]} -> {"a.b": 1, "c.0.d": 2}; leaves become JSON-stable
+  values (tuples -> lists)."""
   out = {}
   for key, value in tree.items():
     name = f"{prefix}{key}"
     if isinstance(value, Mapping):
       out.update(flatten(value, name + "."))
+    elif (isinstance(value, (list, tuple)) and value
+          and all(isinstance(v, Mapping) for v in value)):  # e.g. the edits of a set
+      out.update(flatten({str(i): v for i, v in enumerate(value)}, name + "."))
     else:
       out[name] = json.loads(json.dumps(value, default=str))
   return out
@@ -114,3 +118,10 @@ def check(stored: Mapping[str, Any], current: Mapping[str, Any], what: str, fix:
 def _short(value) -> str:
   text = json.dumps(value)
   return text if len(text) <= 60 else text[:57] + "..."
+
+
+def content_key(data: bytes, *settings) -> str:
+  """A hex key of some input's bytes and the settings applied to it (their repr): e.g. one
+  checkpoint folder per (image, inversion) of launch.edit, so a changed image never resumes
+  another image's run."""
+  return hashlib.sha256(data + repr(settings).encode()).hexdigest()

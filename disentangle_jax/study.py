@@ -5,12 +5,9 @@ The unit of work is one (attribute, seed): its pure-c0 image is rendered once, b
 edited image per source, from the same x_T and noise; each (source, attribute, seed) item
 gets the metrics of ``metrics.py``.
 
-Exactly once and resumable: units are processed in fixed chunks of ``batch_size`` units, one
-compiled call each (padded to the device count and masked). A finished chunk's rows are
-written atomically as rows/chunk_NNNNN.jsonl (the chunk's commit marker; its sample images are
-written before it), and a restart skips every chunk whose file exists. ``merge_rows`` then
-gathers the final table in a fixed order, so a killed-and-restarted study ends with the same
-rows, each exactly once, as an uninterrupted one.
+This module is the evaluation: the spec, the shared inputs and the compiled evaluation of a
+batch of units. Running chunks resumably, exactly once, is ``study_store``; the summary
+statistics are ``stats``.
 
 Shapes: U units per chunk (padded), K sources, T steps, L tokens, D embedding width,
 E CLIP width, H W C latents, h w image size.
@@ -21,23 +18,15 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
-import os
-import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import images, losses, metrics, mixing, noise, parallel, pipeline, sampler
-from disentangle_jax import errors, run_identity, schedule, workdir
-
-ROWS_DIR = "rows"
-SAMPLES_DIR = "samples"
-MANIFEST = "study.json"
-# Two-sided 95% normal quantile, for the interval mean +- Z_95 * std / sqrt(n).
-Z_95 = 1.959963984540054
+from disentangle_jax import inversion, losses, metrics, mixing, noise, parallel, pipeline, sampler
+from disentangle_jax import schedule
+from disentangle_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +57,7 @@ class StudySpec:
   sources: tuple[Source, ...]
   attributes: tuple[Attribute, ...]
   seeds: tuple[int, ...]
-  num_steps: int = 50
-  sampler: str = "ddim"
-  eta: float = 0.0
-  guidance: float = 7.5
-  rng_seed: int = 0
+  sampling: SamplingConfig = SamplingConfig()
   batch_size: int = 4  # units (attribute, seed) per compiled call = per chunk
   preprocess: str = "standard"  # CLIP preprocessing of the metrics
   grid_seeds: int = 4  # sample images are kept for this many seeds (the first ones)
@@ -86,10 +71,7 @@ class StudySpec:
     if self.images:
       if tuple(self.seeds) != tuple(range(len(self.images))):
         raise ValueError("with images, seeds must be their indices 0..N-1 (set by the launcher).")
-      if self.sampler != "ddim" or self.eta != 0:
-        raise ValueError(f"sampler={self.sampler!r}, eta={self.eta}: real images are inverted "
-                         "with DDIM (eta = 0); set sampler='ddim' and eta=0.")
-    sampler.check_settings(self.num_steps, self.sampler, self.eta, self.guidance)
+      self.inversion_config  # noqa: B018 -- DDIM with eta = 0, inject_steps, pin
     noise.check_seeds(self.seeds)
     if not self.sources:
       raise ValueError("the study has no sources: give weights_files and/or t_stars "
@@ -100,7 +82,7 @@ class StudySpec:
       raise ValueError(f"source labels {dup} appear twice: weights files need distinct file "
                        "names.")
     for s in self.sources:
-      mixing.check_lambda(s.lam, self.num_steps, name=f"lambda of source {s.label!r}")
+      mixing.check_lambda(s.lam, self.sampling.num_steps, name=f"lambda of source {s.label!r}")
     if not self.attributes:
       raise ValueError("attributes is empty: name at least one preset, e.g. "
                        "--config.attributes=smile.")
@@ -118,6 +100,12 @@ class StudySpec:
     if self.preprocess not in losses.PREPROCESS_MODES:
       raise ValueError(f"preprocess={self.preprocess!r} is unknown; use one of "
                        f"{losses.PREPROCESS_MODES}.")
+
+  @property
+  def inversion_config(self):
+    """Real-image mode: how each image is inverted (inversion.InversionConfig)."""
+    return inversion.InversionConfig(sampling=self.sampling, inject_steps=self.inject_steps,
+                                     pin=self.pin)
 
   @property
   def units(self) -> list[tuple[int, int]]:
@@ -196,14 +184,14 @@ def prepare(model, loss_models, spec: StudySpec, mesh) -> StudyInputs:
   texts = [p for a in spec.attributes for p in (a.prompt, a.target_prompt)]
   emb = models.encode_prompts(model, texts + [""])
   feats = loss_models_lib.encode_texts(loss_models, texts)
-  lam = np.stack([mixing.constant(spec.num_steps, 0.0)] +
+  lam = np.stack([mixing.constant(spec.sampling.num_steps, 0.0)] +
                  [np.asarray(s.lam, np.float32) for s in spec.sources], axis=1)
-  tables = schedule.step_tables(model.schedule, spec.num_steps, spec.eta)
+  tables = spec.sampling.tables(model.schedule)
   return parallel.replicate(StudyInputs(
       params={"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
               "clip": loss_models.params["clip"], "vgg": loss_models.params["vgg"]},
       c0=emb[0:-1:2], c1=emb[1:-1:2], uncond=emb[-1], text0=feats[0::2], text1=feats[1::2],
-      lam=jnp.asarray(lam), guidance=jnp.asarray(spec.guidance, jnp.float32),
+      lam=jnp.asarray(lam), guidance=jnp.asarray(spec.sampling.guidance, jnp.float32),
       tables=schedule.StepTables(*(jnp.asarray(t) for t in tables))), mesh)
 
 
@@ -256,89 +244,9 @@ def make_evaluate_fn(eps_fn: Callable, decode_fn: Callable, sampler_cfg: sampler
                                    sampler_cfg=sampler_cfg, nets=nets))
 
 
-# ------------------------------------------------------------------------------------------
-# Running chunks, resumably
-
-
-def chunk_path(out_dir: str, index: int) -> str:
-  return os.path.join(out_dir, ROWS_DIR, f"chunk_{index:05d}.jsonl")
-
-
 def file_label(label: str) -> str:
   """A source label as a file name part ("T*=10" -> "T10")."""
   return label.replace("*=", "")
-
-
-def sample_path(out_dir: str, attribute: str, seed: int, label: str) -> str:
-  return os.path.join(out_dir, SAMPLES_DIR, attribute, f"seed{seed}_{file_label(label)}.png")
-
-
-def check_manifest(out_dir: str, spec: StudySpec, identity: dict | None = None) -> None:
-  """Refuses a workdir holding rows of a different study; records this study's identity.
-
-  ``identity`` (run_identity.of_config) adds what the spec does not hold: the model and loss
-  models (and their files' contents), image size, dtype. The spec's own fields are part of it.
-  """
-  path = os.path.join(out_dir, ROWS_DIR, MANIFEST)
-  current = run_identity.flatten({"spec": dataclasses.asdict(spec)}) | dict(identity or {})
-  fix = (f"use a new --workdir (or delete {os.path.join(out_dir, ROWS_DIR)!r} to start the "
-         "study over)")
-  if os.path.isfile(path):
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-      saved["fingerprint"]  # noqa: B018 -- a manifest without it is damaged
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise errors.UserError(f"the study manifest {path!r} is damaged ({e}): {fix}.") from None
-    if "identity" in saved:
-      run_identity.check(saved["identity"], current,
-                         f"workdir {out_dir!r} holds rows of a different study; its manifest", fix)
-    elif saved["fingerprint"] != spec.fingerprint():
-      raise errors.RunMismatch(f"workdir {out_dir!r} holds rows of a different study: {fix}.")
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  workdir.write_atomic(path, json.dumps({"fingerprint": spec.fingerprint(),
-                                         "spec": dataclasses.asdict(spec),
-                                         "identity": current}, indent=2))
-
-
-def read_chunk(path: str, spec: StudySpec, index: int) -> list[dict[str, Any]] | None:
-  """The rows of a finished chunk, or None when its file is missing or damaged (edited,
-  truncated, rows of other units): such a chunk is computed again."""
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-    keys = [(r["source"], r["attribute"], r["seed"]) for r in rows]
-    values_ok = all(isinstance(r[m], float) for r in rows for m in metrics.METRIC_NAMES)
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-  expected = [(src.label, spec.attributes[a].name, seed) for a, seed in spec.chunk(index)
-              for src in spec.sources]
-  return rows if keys == expected and values_ok else None
-
-
-def _png(array: np.ndarray) -> bytes:
-  import io  # noqa: PLC0415
-  from PIL import Image  # noqa: PLC0415
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def chunk_rows(spec: StudySpec, units: Sequence[tuple[int, int]],
-               values: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-  """The rows of one chunk's real units; ``values`` are [U_padded, K]: padding is masked out."""
-  rows = []
-  for j, (a, seed) in enumerate(units):
-    for k, src in enumerate(spec.sources):
-      row = {"source": src.label, "attribute": spec.attributes[a].name, "seed": seed}
-      if spec.images:
-        row["image"] = os.path.basename(spec.images[seed])
-      row.update({name: float(values[name][j, k]) for name in metrics.METRIC_NAMES})
-      rows.append(row)
-  return rows
 
 
 def image_inputs(inverter, sd_params, pixels, inputs: StudyInputs, spec: StudySpec,
@@ -348,9 +256,7 @@ def image_inputs(inverter, sd_params, pixels, inputs: StudyInputs, spec: StudySp
 
   pixels: [N, h, w, 3] in [0, 1], the study's images fitted to the model's size.
   """
-  from disentangle_jax import inversion  # noqa: PLC0415
-  config = inversion.InversionConfig(num_steps=spec.num_steps, inject_steps=spec.inject_steps,
-                                     pin=spec.pin, guidance=spec.guidance)
+  config = spec.inversion_config
   c0, uncond = parallel.to_host(inputs.c0), parallel.to_host(inputs.uncond)
 
   def unit_inputs(units) -> noise.RunNoise:
@@ -358,136 +264,10 @@ def image_inputs(inverter, sd_params, pixels, inputs: StudyInputs, spec: StudySp
     for a in sorted({a for a, _ in units}):
       idx = sorted({i for aa, i in units if aa == a})  # padding repeats units: invert once
       inv = inversion.invert_images(inverter, sd_params, pixels[idx], c0[a], uncond, idx,
-                                    config, sched, spec.rng_seed)
+                                    config, sched)
       for j, i in enumerate(idx):
         found[(a, i)] = (inv.run.x_T[j], inv.run.noise[:, j])
     return noise.RunNoise(x_T=jnp.stack([found[u][0] for u in units]),
                           noise=jnp.stack([found[u][1] for u in units], axis=1))
 
   return unit_inputs
-
-
-def run(evaluate: Callable, inputs: StudyInputs, spec: StudySpec, latent_shape, mesh,
-        out_dir: str, log: Callable[[str], None] = print, write: bool = True,
-        unit_inputs: Callable | None = None) -> int:
-  """Processes every chunk without a rows file; returns the number of chunks computed.
-
-  ``write``: whether this process writes files (process 0 of a multi-host run); every process
-  must still call ``evaluate`` on every chunk, since the computation is global.
-  ``unit_inputs(units) -> RunNoise``: x_T and noise of (attribute, seed) units; default: drawn
-  from the seeds (noise.draw); real images: ``image_inputs``.
-  """
-  size = parallel.padded_size(spec.batch_size, mesh)
-  labels = ["c0"] + [s.label for s in spec.sources]
-  sigma = parallel.to_host(inputs.tables.sigma)
-  grid_seeds = set(spec.seeds[:spec.grid_seeds])
-  # Process 0's files decide (hosts of a pod need not share a filesystem).
-  present = [os.path.isfile(chunk_path(out_dir, i)) for i in range(spec.num_chunks)]
-  valid = [read_chunk(chunk_path(out_dir, i), spec, i) is not None for i in range(spec.num_chunks)]
-  for i in range(spec.num_chunks):
-    if present[i] and not valid[i] and write:
-      log(f"{chunk_path(out_dir, i)} is damaged (not the rows this study writes): computing "
-          "that chunk again")
-  finished = parallel.agree(np.asarray(valid))
-  todo = [i for i in range(spec.num_chunks) if not finished[i]]
-  if write:
-    os.makedirs(os.path.join(out_dir, ROWS_DIR), exist_ok=True)
-  done_items = len(spec.sources) * sum(
-      len(spec.chunk(i)) for i in range(spec.num_chunks) if i not in todo)
-  log(f"{spec.num_items} items ({len(spec.sources)} sources x {len(spec.attributes)} attributes "
-      f"x {len(spec.seeds)} seeds) in {spec.num_chunks} chunks; {len(todo)} to do, "
-      f"{mesh.size} device(s), batch {spec.batch_size} padded to {size}")
-  # The rate counts from the end of the first computed chunk, so it excludes compilation.
-  start, computed, first_done = time.perf_counter(), 0, done_items
-  for index in todo:
-    units = spec.chunk(index)
-    padded = units + [units[-1]] * (size - len(units))
-    if unit_inputs is None:
-      drawn = noise.draw(jax.random.key(spec.rng_seed), np.asarray([s for _, s in padded]),
-                         latent_shape, sigma)
-    else:
-      drawn = unit_inputs(padded)
-    values, rendered = evaluate(inputs, parallel.shard(np.asarray([a for a, _ in padded]), mesh),
-                                parallel.shard(np.asarray(drawn.x_T), mesh),
-                                parallel.shard(np.asarray(drawn.noise), mesh, axis=1))
-    keep = parallel.mask(len(units), size) > 0  # padding is computed, never reported
-    values = {k: parallel.to_host(v)[keep] for k, v in values.items()}
-    samples = [j for j, (_, seed) in enumerate(units) if seed in grid_seeds]
-    pixels = images.to_uint8(parallel.to_host(rendered)) if samples else None
-    if write:
-      for j in samples:
-        a, seed = units[j]
-        for c, label in enumerate(labels):
-          path = sample_path(out_dir, spec.attributes[a].name, seed, label)
-          os.makedirs(os.path.dirname(path), exist_ok=True)
-          workdir.write_atomic(path, _png(pixels[j, c]))
-      rows = chunk_rows(spec, units, values)
-      workdir.write_atomic(chunk_path(out_dir, index),
-                    "".join(json.dumps(r) + "\n" for r in rows).encode())
-    computed += 1
-    done_items += len(units) * len(spec.sources)
-    now = time.perf_counter()
-    if computed == 1:  # includes compilation; later chunks are timed from here
-      rate = (done_items - first_done) / (now - start)
-      start, first_done = now, done_items
-    else:
-      rate = (done_items - first_done) / (now - start)
-    log(f"chunk {index + 1}/{spec.num_chunks} done: {done_items}/{spec.num_items} items, "
-        f"{rate:.2f} items/s, ETA {(spec.num_items - done_items) / rate:.1f}s")
-  return computed
-
-
-def merge_rows(out_dir: str, spec: StudySpec) -> list[dict[str, Any]]:
-  """Every row in the fixed order (chunk by chunk); checks that each item is there once."""
-  rows = []
-  for i in range(spec.num_chunks):
-    chunk = read_chunk(chunk_path(out_dir, i), spec, i)
-    if chunk is None:
-      raise errors.UserError(
-          f"{chunk_path(out_dir, i)} is missing or damaged: rerun the same command to compute "
-          "it again.")
-    rows += chunk
-  return rows
-
-
-# ------------------------------------------------------------------------------------------
-# Summaries
-
-
-def interval(values: Sequence[float]) -> dict[str, float]:
-  """n, mean, std (ddof 1; 0 for one value) and the 95% normal interval of the mean."""
-  x = np.asarray(values, np.float64)
-  n = len(x)
-  mean = float(np.mean(x))
-  std = float(np.std(x, ddof=1)) if n > 1 else 0.0
-  half = Z_95 * std / math.sqrt(n)
-  return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
-
-
-def summarise(rows: Sequence[dict], spec: StudySpec) -> list[dict[str, Any]]:
-  """One record per (source, attribute or "all", metric), sources in spec order."""
-  out = []
-  for src in spec.sources:
-    mine = [r for r in rows if r["source"] == src.label]
-    for group in ["all"] + [a.name for a in spec.attributes]:
-      sel = mine if group == "all" else [r for r in mine if r["attribute"] == group]
-      for name in metrics.METRIC_NAMES:
-        out.append({"source": src.label, "attribute": group, "metric": name,
-                    **interval([r[name] for r in sel])})
-  return out
-
-
-SUMMARY_COLUMNS = ("source", "attribute", "metric", "n", "mean", "std", "ci95_low", "ci95_high")
-
-
-def summary_csv(summary: Sequence[dict]) -> str:
-  """CSV text of ``summarise`` records (floats written in full precision)."""
-  import csv  # noqa: PLC0415
-  import io  # noqa: PLC0415
-  buf = io.StringIO()
-  writer = csv.writer(buf, lineterminator="\n")
-  writer.writerow(SUMMARY_COLUMNS)
-  for rec in summary:
-    writer.writerow([repr(rec[c]) if isinstance(rec[c], float) else rec[c]
-                     for c in SUMMARY_COLUMNS])
-  return buf.getvalue()

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import errors, mixing, noise, pipeline, sampler, schedule
+from disentangle_jax import errors, mixing, noise, pipeline, schedule
+from disentangle_jax.sampling import SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,24 +26,20 @@ class GridSpec:
   attribute: str
   seeds: tuple[int, ...]
   t_stars: tuple[int, ...]
-  num_steps: int = 50
-  sampler: str = "ddim"
-  eta: float = 0.0
-  guidance: float = 7.5
+  sampling: SamplingConfig = SamplingConfig()
   lambda_late: float = 1.0
-  rng_seed: int = 0
   batch_size: int = 8
   # Extra columns: (label, lambda [T]) pairs, e.g. weights learned by launch.disentangle.
   learned: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
   def __post_init__(self):
-    sampler.check_settings(self.num_steps, self.sampler, self.eta, self.guidance)
+    num_steps = self.sampling.num_steps
     noise.check_seeds(self.seeds)
     for t in self.t_stars:
-      mixing.check_t_star(self.num_steps, t)
+      mixing.check_t_star(num_steps, t)
     errors.check_number("lambda_late", self.lambda_late, hint="1.0-1.2 in the paper.")
     for label, lam in self.learned:
-      mixing.check_lambda(lam, self.num_steps, name=f"lambda of column {label!r}")
+      mixing.check_lambda(lam, num_steps, name=f"lambda of column {label!r}")
     names = [file_label(label) for label, _ in self.columns()]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -61,10 +58,11 @@ class GridSpec:
 
   def columns(self) -> list[tuple[str, np.ndarray]]:
     """(label, lambda [T]) for each grid column."""
-    cols = [("c0", mixing.constant(self.num_steps, 0.0))]
-    cols += [(f"T*={t}", mixing.hard_switch(self.num_steps, t, self.lambda_late))
+    num_steps = self.sampling.num_steps
+    cols = [("c0", mixing.constant(num_steps, 0.0))]
+    cols += [(f"T*={t}", mixing.hard_switch(num_steps, t, self.lambda_late))
              for t in self.t_stars]
-    cols.append(("c1", mixing.constant(self.num_steps, 1.0)))
+    cols.append(("c1", mixing.constant(num_steps, 1.0)))
     cols += [(label, np.asarray(lam, np.float32)) for label, lam in self.learned]
     return cols
 
@@ -106,9 +104,9 @@ def run(render_fn: Callable, params, prompts: pipeline.PromptPair, spec: GridSpe
 
   ``render_fn`` is ``pipeline.make_render_fn(...)`` for the spec's sampler.
   """
-  tables = schedule.step_tables(schedule_cfg, spec.num_steps, spec.eta)
-  run_noise = noise.draw(jax.random.key(spec.rng_seed), np.asarray(spec.seeds), latent_shape,
-                         tables.sigma)
+  tables = spec.sampling.tables(schedule_cfg)
+  run_noise = noise.draw(jax.random.key(spec.sampling.rng_seed), np.asarray(spec.seeds),
+                         latent_shape, tables.sigma)
   cols = spec.columns()
   lam_cols = np.stack([lam for _, lam in cols], axis=1)  # [T, K]
   jobs = [(s, k) for s in range(len(spec.seeds)) for k in range(len(cols))]
@@ -122,7 +120,8 @@ def run(render_fn: Callable, params, prompts: pipeline.PromptPair, spec: GridSpe
     x_T = run_noise.x_T[seeds_idx]
     nz = run_noise.noise[:, seeds_idx]
     lam = jnp.asarray(lam_cols[:, [k for _, k in idx]])
-    images = np.asarray(render_fn(params, x_T, nz, lam, prompts, spec.guidance, tables))
+    images = np.asarray(render_fn(params, x_T, nz, lam, prompts, spec.sampling.guidance,
+                                  tables))
     for j, job in enumerate(chunk):
       out[b0 + j] = images[j]
     done = b0 + len(chunk)

@@ -50,6 +50,20 @@ class LearnedWeights:
     }
 
 
+def learned(spec, schedule, lam, history, *, model: str, optimizer: dict) -> LearnedWeights:
+  """The weights file of a finished optimisation of ``spec`` (a disentangle.EditSpec) under
+  the model's noise ``schedule`` (schedule.ScheduleConfig); ``model`` and ``optimizer`` name
+  the model and the optimiser settings for the provenance."""
+  s = spec.sampling
+  return LearnedWeights(
+      lam=tuple(float(v) for v in lam), prompt=spec.prompt, target_prompt=spec.target_prompt,
+      num_steps=s.num_steps, sampler=s.kind, eta=s.eta, guidance=s.guidance,
+      schedule=dataclasses.asdict(schedule), seeds=tuple(int(v) for v in spec.seeds),
+      init_lambda=tuple(float(v) for v in spec.init_lambda()), loss_history=tuple(history),
+      extra={"model": model, "faithful": spec.faithful, "beta": spec.loss.beta,
+             "optimizer": optimizer, "rng_seed": s.rng_seed})
+
+
 def write(path: str, weights: LearnedWeights) -> None:
   """Writes the file atomically (temporary name + rename)."""
   workdir.write_atomic(path, json.dumps(weights.to_json(), indent=2) + "\n")

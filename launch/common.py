@@ -53,16 +53,33 @@ def run(main) -> None:
   app.run(_guarded(main), flags_parser=_parse_flags)
 
 
-def define_config(default: str):
-  """The --config flag. ml_collections reads --config.<field> overrides from sys.argv while
-  the flag is defined (at import), so a bad override is reported here, as one line."""
+def define_flags(config_file: str):
+  """(--config, --workdir): the flags every program takes; ``config_file`` is the default.
+
+  ml_collections reads --config.<field> overrides from sys.argv while the flag is defined (at
+  import), so a bad override is reported here, as one line."""
   from ml_collections import config_flags  # noqa: PLC0415
   try:
-    return config_flags.DEFINE_config_file(
-        "config", default, "Config file[:arguments]; override fields with --config.<field>=v; "
-        "--show_config lists every field.")
+    config = config_flags.DEFINE_config_file(
+        "config", config_file, "Config file[:arguments]; override fields with "
+        "--config.<field>=v; --show_config lists every field.")
   except Exception as e:  # noqa: BLE001 -- absl/ml_collections raise many kinds
     fail(_flag_error(e, sys.argv))
+  return config, flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+
+
+def single_process_main(program: str, config, workdir, run_fn):
+  """The ``main`` of a program that runs in one process: the parsed config, process
+  settings, the claimed workdir, then ``run_fn(cfg, out_dir)``."""
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cfg = config.value
+    setup_process()
+    require_single_process(program)
+    with claim_workdir(workdir.value) as out_dir:
+      run_fn(cfg, out_dir)
+  return main
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
@@ -306,32 +323,42 @@ def load_loss_models(loss_cfg, tokenizer):
                                       tokenizer=tokenizer)
 
 
+def sampling(cfg):
+  """The config's sampling fields (configs/common.py add_sampling) -> sampling.SamplingConfig,
+  validated once; programs without sampler/eta fields sample with DDIM, eta = 0."""
+  from disentangle_jax import sampling as sampling_lib  # noqa: PLC0415
+  return sampling_lib.SamplingConfig(
+      num_steps=cfg.num_steps, kind=cfg.get("sampler", "ddim"), eta=cfg.get("eta", 0.0),
+      guidance=cfg.guidance, rng_seed=cfg.rng_seed)
+
+
 def edit_spec(cfg, **overrides):
   """configs/disentangle.py (or configs/edit.py) -> disentangle.EditSpec, validating every
-  field; ``overrides`` replace fields a program fixes itself (edit: seeds, sampler, eta)."""
+  field; ``overrides`` replace fields a preset sets itself (prompts, T*, lambda_late)."""
   from disentangle_jax import disentangle, optimize  # noqa: PLC0415
   fields = dict(
       prompt=cfg.prompt, attribute=cfg.attribute, t_star=cfg.t_star,
-      lambda_late=cfg.lambda_late, num_steps=cfg.num_steps, remat=cfg.remat,
-      guidance=cfg.guidance, rng_seed=cfg.rng_seed, faithful=cfg.faithful,
+      lambda_late=cfg.lambda_late, sampling=sampling(cfg), remat=cfg.remat,
+      faithful=cfg.faithful,
       loss=optimize.LossConfig(beta=cfg.loss.beta, preprocess=cfg.loss.preprocess),
       optimizer=optimize.OptimizerConfig(**cfg.optimizer.to_dict()))
   fields.update(overrides)
   if "seeds" not in fields:
     fields["seeds"] = as_tuple(cfg.seeds, "seeds")
-  fields.setdefault("sampler", cfg.get("sampler"))
-  fields.setdefault("eta", cfg.get("eta"))
   spec = disentangle.EditSpec(**fields)
-  if spec.num_steps != 50:
+  if cfg.num_steps != 50:
     logging.info("num_steps=%d: t_star=%d (step-indexed defaults follow the step count; "
-                 "--config.t_star sets it)", spec.num_steps, spec.t_star)
+                 "--config.t_star sets it)", cfg.num_steps, spec.t_star)
   return spec
 
 
 def edit_set(cfg):
-  """configs/disentangle.py with `attributes` -> (names, disentangle.EditSet)."""
+  """configs/disentangle.py -> (names, disentangle.EditSet): the presets of `attributes`, or
+  the single edit of the config as the set of one (name "")."""
   from disentangle_jax import disentangle  # noqa: PLC0415
   names = as_paths(cfg.attributes)
+  if not names:
+    return ("",), disentangle.EditSet((edit_spec(cfg),))
   unknown = [n for n in names if n not in cfg.presets]
   if unknown:
     raise ValueError(f"attributes {unknown} are not presets; choose from "
@@ -349,16 +376,10 @@ def edit_set(cfg):
 
 def learned_weights(spec, model, cfg, lam, history):
   """The exported weights file of a finished disentangle run."""
-  import dataclasses  # noqa: PLC0415
   from disentangle_jax import weights_file  # noqa: PLC0415
-  return weights_file.LearnedWeights(
-      lam=tuple(float(v) for v in lam), prompt=spec.prompt, target_prompt=spec.target_prompt,
-      num_steps=spec.num_steps, sampler=spec.sampler, eta=spec.eta, guidance=spec.guidance,
-      schedule=dataclasses.asdict(model.schedule), seeds=tuple(int(s) for s in spec.seeds),
-      init_lambda=tuple(float(v) for v in spec.init_lambda()), loss_history=tuple(history),
-      extra={"model": cfg.model.path or f"tiny:{cfg.model.tiny_seed}",
-             "faithful": spec.faithful, "beta": spec.loss.beta,
-             "optimizer": cfg.optimizer.to_dict(), "rng_seed": spec.rng_seed})
+  return weights_file.learned(spec, model.schedule, lam, history,
+                              model=cfg.model.path or f"tiny:{cfg.model.tiny_seed}",
+                              optimizer=cfg.optimizer.to_dict())
 
 
 def png(image) -> bytes:

@@ -16,50 +16,35 @@ import os
 
 import numpy as np
 
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from absl import logging
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
+from launch import common
 
-from launch import common  # noqa: E402
-
-_CONFIG = common.define_config("configs/disentangle.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cfg = _CONFIG.value
-  common.setup_process()
-  common.require_single_process("launch.disentangle")
-  with common.claim_workdir(_WORKDIR.value) as out_dir:
-    _run(cfg, out_dir)
+_CONFIG, _WORKDIR = common.define_flags("configs/disentangle.py")
 
 
 def _run(cfg, out_dir):
-  from disentangle_jax import checkpoint, disentangle, images, parallel, pipeline, plots  # noqa
+  from disentangle_jax import checkpoint, disentangle, errors, images, parallel, pipeline  # noqa
+  from disentangle_jax import plots  # noqa: PLC0415
   with common.user_errors():
     checkpoint.check_save_every(cfg.checkpoint_every)
-    if cfg.attributes:  # several edits learned together: one lambda [K, T]
-      names, spec = common.edit_set(cfg)
-      edits = spec.specs
-    else:
-      names, spec = ("",), common.edit_spec(cfg)
-      edits = (spec,)
+    names, spec = common.edit_set(cfg)  # K edits learned together (K = 1: the preset)
+    edits = spec.specs
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
     ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint_every)
     identity = common.identity(cfg, latent_shape=list(shape))
-    disentangle.check_resumable(ckpt, spec, identity)  # before any compilation
+    try:
+      disentangle.check_resumable(ckpt, spec, identity)  # before any compilation
+    except errors.UserError:
+      ckpt.close()  # orbax's background cleanup ends before the one-line exit, not during it
+      raise
   mesh = parallel.make_mesh()
   for e in edits:
     logging.info("c0=%r c1=%r seeds=%s", e.prompt, e.target_prompt, e.seeds)
-  logging.info("%d edit(s), %d steps, latents %s, %d device(s)", len(edits), spec.num_steps,
-               shape, mesh.size)
+  logging.info("%d edit(s), %d steps, latents %s, %d device(s)", len(edits),
+               spec.shared.sampling.num_steps, shape, mesh.size)
   prep = disentangle.prepare(model, loss_models, spec, shape, mesh)
   iter_dir = os.path.join(out_dir, "iterations")
   os.makedirs(iter_dir, exist_ok=True)
@@ -75,7 +60,6 @@ def _run(cfg, out_dir):
   ckpt.close()
   edited = images.to_uint8(disentangle.final_images(prep, spec, lam, prev_lam))
   original = images.to_uint8(prep.problem.reference[:prep.num_items])
-  lams = lam.reshape(len(edits), -1)
 
   from disentangle_jax import workdir  # noqa: PLC0415
   with workdir.staged(out_dir) as out:
@@ -85,9 +69,9 @@ def _run(cfg, out_dir):
       items = slice(start, start + len(e.seeds))
       start += len(e.seeds)
       history_k = disentangle.edit_history(history, k, e.loss.beta)
-      _write_edit(out, sub, e, lams[k], original[items], edited[items], history_k)
+      _write_edit(out, sub, e, lam[k], original[items], edited[items], history_k)
       out.write_json(sub + "weights.json",
-                     common.learned_weights(e, model, cfg, lams[k], history_k).to_json())
+                     common.learned_weights(e, model, cfg, lam[k], history_k).to_json())
     strip = [images.load_png(os.path.join(iter_dir, f"iter_{k:03d}.png"))
              for k in range(1, len(history) + 1)]
     out.write_image("strip.png", images.grid([strip], [f"it {k}" for k in range(len(strip))]))
@@ -95,9 +79,9 @@ def _run(cfg, out_dir):
     if plots.available():
       total = [dict(h, l_dir=float(np.sum(h["l_dir"])), l_perc=float(np.sum(h["l_perc"])))
                for h in history]
-      out.write_bytes("losses.png", plots.loss_plot(total, spec.loss.beta))
+      out.write_bytes("losses.png", plots.loss_plot(total, spec.shared.loss.beta))
     out.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
-  for name, lam_k in zip(names, lams):
+  for name, lam_k in zip(names, lam):
     logging.info("learned lambda%s: %s", f" ({name})" if name else "",
                  [round(float(v), 3) for v in lam_k])
   print(os.path.join(out_dir, f"{names[0]}/weights.json" if names[0] else "weights.json"))
@@ -116,6 +100,8 @@ def _write_edit(out, sub, spec, lam, original, edited, history):
   else:
     logging.warning("matplotlib is not installed: plots are skipped (pip install matplotlib).")
 
+
+main = common.single_process_main("launch.disentangle", _CONFIG, _WORKDIR, _run)
 
 if __name__ == "__main__":
   common.run(main)

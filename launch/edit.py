@@ -12,32 +12,13 @@ Everything is validated and loaded before any computation; files are published o
 complete.
 """
 import dataclasses
-import hashlib
 import os
 
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from absl import logging
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
+from launch import common
 
-from launch import common  # noqa: E402
-
-_CONFIG = common.define_config("configs/edit.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
-
-SAMPLER = "ddim"  # the inversion is DDIM (eta = 0); its residuals only fit this sampler
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cfg = _CONFIG.value
-  common.setup_process()
-  common.require_single_process("launch.edit")
-  with common.claim_workdir(_WORKDIR.value) as out_dir:
-    _run(cfg, out_dir)
+_CONFIG, _WORKDIR = common.define_flags("configs/edit.py")
 
 
 def _run(cfg, out_dir):
@@ -46,22 +27,24 @@ def _run(cfg, out_dir):
   from disentangle_jax import checkpoint  # noqa: PLC0415
   with common.user_errors():  # validate and load everything before computing anything
     checkpoint.check_save_every(cfg.checkpoint_every)
-    inv_cfg = inversion.InversionConfig(num_steps=cfg.num_steps, inject_steps=cfg.inject_steps,
-                                        pin=cfg.pin, guidance=cfg.guidance)
+    sampling = common.sampling(cfg)  # DDIM, eta = 0: the inversion's residuals fit only that
+    inv_cfg = inversion.InversionConfig(sampling=sampling, inject_steps=cfg.inject_steps,
+                                        pin=cfg.pin)
     noise.check_seeds([cfg.seed])
     loaded = real_images.load(cfg.image) if cfg.image else None
     learned = weights_file.read(cfg.weights) if cfg.weights else None
     if learned is not None:
-      lam = weights_file.check_compatible(learned, cfg.num_steps, SAMPLER,
+      lam = weights_file.check_compatible(learned, sampling.num_steps, sampling.kind,
                                           f"weights file {cfg.weights!r}")
       prompt, target, spec = learned.prompt, learned.target_prompt, None
       if learned.guidance != cfg.guidance:
         logging.warning("weights file %r was learned with guidance %s; this run uses %s.",
                         cfg.weights, learned.guidance, cfg.guidance)
     else:
-      spec = common.edit_spec(cfg, seeds=(cfg.seed,), sampler=SAMPLER, eta=0.0)
+      spec = common.edit_spec(cfg, seeds=(cfg.seed,))
       prompt, target = spec.prompt, spec.target_prompt
-    from disentangle_jax import checkpoint, disentangle, models, parallel, pipeline  # noqa
+    from disentangle_jax import disentangle, models, parallel, pipeline, run_identity  # noqa
+    from disentangle_jax import metrics as metrics_lib  # noqa: PLC0415
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer) if spec else None
@@ -77,17 +60,16 @@ def _run(cfg, out_dir):
   prompts = common.encode_pair(model, prompt, target)
   inverter = inversion.make_inverter(model, inv_cfg.pin)
   inv = inversion.invert_images(inverter, model.params, pixels[None], prompts.c0, prompts.uncond,
-                                [cfg.seed], inv_cfg, model.schedule, cfg.rng_seed,
-                                cfg.encode_sample)
+                                [cfg.seed], inv_cfg, model.schedule, cfg.encode_sample)
   logging.info("inverted under c0=%r: %d steps, residuals in the first %d, pin=%s", prompt,
-               inv_cfg.num_steps, inv_cfg.inject_steps, inv_cfg.pin)
+               sampling.num_steps, inv_cfg.inject_steps, inv_cfg.pin)
   history = None
   if spec is not None:
     prep = disentangle.prepare(model, loss_models, spec, shape, parallel.make_mesh(),
                                x_T=inv.run.x_T, run_noise=inv.run.noise)
     # One checkpoint folder per (image, inversion): a changed image never resumes another's run.
-    key = hashlib.sha256(images.to_uint8(pixels).tobytes() + repr(
-        (inv_cfg, cfg.encode_sample, cfg.rng_seed, cfg.model.to_dict())).encode()).hexdigest()
+    key = run_identity.content_key(images.to_uint8(pixels).tobytes(), inv_cfg,
+                                   cfg.encode_sample, cfg.rng_seed, cfg.model.to_dict())
     with common.user_errors():
       ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints", key[:16]),
                                      cfg.checkpoint_every)
@@ -99,10 +81,10 @@ def _run(cfg, out_dir):
   edit = inversion.make_edit_fn(
       models.make_eps_fn(model.unet, model.config),
       models.make_decode_fn(model.vae, model.scaling_factor, model.config))
-  out = edit(model.params, inv.z0, inv.run, use, prompts, cfg.guidance, inv.tables)
+  out = edit(model.params, inv.z0, inv.run, use, prompts, sampling.guidance, inv.tables)
   metrics = {
       "mode": "apply" if spec is None else "optimise", "prompt": prompt, "target_prompt": target,
-      "reconstruction": inversion.reconstruction_metrics(
+      "reconstruction": metrics_lib.reconstruction_metrics(
           inv.z0, out.z_rec, pixels[None], out.reconstruction, out.vae_roundtrip),
       "inversion": dataclasses.asdict(inv_cfg) | {"seed": cfg.seed, "rng_seed": cfg.rng_seed,
                                                   "encode_sample": cfg.encode_sample},
@@ -130,6 +112,8 @@ def _run(cfg, out_dir):
       staged.write_json("weights.json", w.to_json())
   print(os.path.join(out_dir, "edited.png"))
 
+
+main = common.single_process_main("launch.edit", _CONFIG, _WORKDIR, _run)
 
 if __name__ == "__main__":
   common.run(main)

@@ -16,31 +16,12 @@ pod): --coordinator, --num_processes, --process_id (see launch/tpu_pod.sh and th
 import json
 import os
 
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from absl import app
+from absl import logging
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
+from launch import common
 
-from launch import common  # noqa: E402
-
-_CONFIG = common.define_config("configs/study.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def image_files(folder: str) -> tuple[str, ...]:
-  """The image files of ``folder`` (sorted; other files are ignored)."""
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"images_dir {folder!r} is not a folder: give a folder of images.")
-  files = tuple(os.path.join(folder, n) for n in sorted(os.listdir(folder))
-                if n.lower().endswith(IMAGE_SUFFIXES))
-  if not files:
-    raise ValueError(f"images_dir {folder!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
-  return files
+_CONFIG, _WORKDIR = common.define_flags("configs/study.py")
 
 
 def study_spec(cfg, image_paths=()):
@@ -54,10 +35,11 @@ def study_spec(cfg, image_paths=()):
                        f"presets: {', '.join(sorted(presets.PRESETS))}.")
     prompt, attribute = presets.PRESETS[name][:2]
     attributes.append(study.Attribute(name, prompt, attribute))
-  baselines = study.baseline_sources(cfg.num_steps, common.t_stars(cfg), cfg.lambda_late,
+  sampling = common.sampling(cfg)
+  baselines = study.baseline_sources(sampling.num_steps, common.t_stars(cfg), cfg.lambda_late,
                                      cfg.include_c1)
   files = common.as_paths(cfg.weights_files)
-  sources = study.load_sources(files, cfg.num_steps, cfg.sampler,
+  sources = study.load_sources(files, sampling.num_steps, sampling.kind,
                                ["c0"] + [b.label for b in baselines])
   for src, path in zip(sources, files):
     logging.info("source %r: %s", src.label, path)
@@ -66,10 +48,8 @@ def study_spec(cfg, image_paths=()):
            else common.as_tuple(cfg.seeds, "seeds"))
   return study.StudySpec(
       sources=sources, attributes=tuple(attributes), seeds=seeds, images=tuple(image_paths),
-      inject_steps=cfg.inject_steps, pin=cfg.pin,
-      num_steps=cfg.num_steps, sampler=cfg.sampler, eta=cfg.eta, guidance=cfg.guidance,
-      rng_seed=cfg.rng_seed, batch_size=cfg.batch_size, preprocess=cfg.preprocess,
-      grid_seeds=cfg.grid_seeds)
+      inject_steps=cfg.inject_steps, pin=cfg.pin, sampling=sampling,
+      batch_size=cfg.batch_size, preprocess=cfg.preprocess, grid_seeds=cfg.grid_seeds)
 
 
 def main(argv):
@@ -87,23 +67,23 @@ def main(argv):
 
 def _run(cfg, out_dir, write):
   from disentangle_jax import images, inversion, metrics, models, parallel, pipeline  # noqa
-  from disentangle_jax import plots, real_images, sampler, study, workdir  # noqa: PLC0415
+  from disentangle_jax import plots, real_images, stats, study, study_store, workdir  # noqa
   import numpy as np  # noqa: PLC0415
   with common.user_errors():
-    paths = image_files(cfg.images_dir) if cfg.images_dir else ()
+    paths = real_images.image_files(cfg.images_dir) if cfg.images_dir else ()
     loaded = [real_images.load(p) for p in paths]  # every file checked before any compute
     spec = study_spec(cfg, paths)
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
     if write:  # the first write: everything above is validated
-      study.check_manifest(out_dir, spec, common.identity(cfg, latent_shape=list(shape)))
+      study_store.check_manifest(out_dir, spec, common.identity(cfg, latent_shape=list(shape)))
   mesh = parallel.make_mesh()
   inputs = study.prepare(model, loss_models, spec, mesh)
   evaluate = study.make_evaluate_fn(
       models.make_eps_fn(model.unet, model.config),
       models.make_decode_fn(model.vae, model.scaling_factor, model.config),
-      sampler.SamplerConfig(kind=spec.sampler),
+      spec.sampling.sampler_config(),
       metrics.from_loss_models(loss_models, spec.preprocess))
   unit_inputs = None
   if loaded:  # real images: fitted to the model's size, inverted per (attribute, image)
@@ -115,23 +95,24 @@ def _run(cfg, out_dir, write):
     unit_inputs = study.image_inputs(
         inversion.make_inverter(model, spec.pin), model.params,
         np.stack([px for px, _ in fitted]), inputs, spec, model.schedule)
-  study.run(evaluate, inputs, spec, shape, mesh, out_dir, log=logging.info, write=write,
+  study_store.run(evaluate, inputs, spec, shape, mesh, out_dir, log=logging.info, write=write,
             unit_inputs=unit_inputs)
   if not write:
     return
 
-  rows = study.merge_rows(out_dir, spec)
-  summary = study.summarise(rows, spec)
+  rows = study_store.merge_rows(out_dir, spec)
+  summary = stats.summarise(rows, spec)
   labels = ["c0"] + [s.label for s in spec.sources]
   grid_seeds = spec.seeds[:spec.grid_seeds]
   with workdir.staged(out_dir) as out:
     out.write_text("rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    out.write_text("summary.csv", study.summary_csv(summary))
+    out.write_text("summary.csv", stats.summary_csv(summary))
     for src in spec.sources:
       out.write_text(f"summary/{study.file_label(src.label)}.csv",
-                     study.summary_csv([r for r in summary if r["source"] == src.label]))
+                     stats.summary_csv([r for r in summary if r["source"] == src.label]))
     for a in spec.attributes if grid_seeds else ():
-      cells = [[images.load_png(study.sample_path(out_dir, a.name, s, label)) for label in labels]
+      cells = [[images.load_png(study_store.sample_path(out_dir, a.name, s, label))
+                for label in labels]
                for s in grid_seeds]
       out.write_image(f"grid_{a.name}.png",
                       images.grid(cells, labels, [str(s) for s in grid_seeds]))

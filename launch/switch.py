@@ -10,50 +10,34 @@ images/seed<S>_<column>.png, lambdas.json and config.json to the workdir.
 """
 import os
 
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from absl import logging
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
+from launch import common
 
-from launch import common  # noqa: E402
-
-_CONFIG = common.define_config("configs/switch.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cfg = _CONFIG.value
-  common.setup_process()
-  common.require_single_process("launch.switch")
-  with common.claim_workdir(_WORKDIR.value) as out_dir:
-    _run(cfg, out_dir)
+_CONFIG, _WORKDIR = common.define_flags("configs/switch.py")
 
 
 def _run(cfg, out_dir):
   from disentangle_jax import images, pipeline, switch_grid, workdir  # noqa: PLC0415
   with common.user_errors():
+    sampling = common.sampling(cfg)
     t_stars = common.t_stars(cfg)
-    learned = switch_grid.load_columns(common.as_paths(cfg.lambda_files), cfg.num_steps,
-                                       cfg.sampler, switch_grid.builtin_labels(t_stars))
+    learned = switch_grid.load_columns(common.as_paths(cfg.lambda_files), sampling.num_steps,
+                                       sampling.kind, switch_grid.builtin_labels(t_stars))
     for (label, _), path in zip(learned, common.as_paths(cfg.lambda_files)):
       logging.info("column %r: %s", label, path)
     spec = switch_grid.GridSpec(
         prompt=cfg.prompt, attribute=cfg.attribute, seeds=common.as_tuple(cfg.seeds, "seeds"),
-        t_stars=t_stars, num_steps=cfg.num_steps,
-        sampler=cfg.sampler, eta=cfg.eta, guidance=cfg.guidance, lambda_late=cfg.lambda_late,
-        rng_seed=cfg.rng_seed, batch_size=cfg.batch_size, learned=learned)
+        t_stars=t_stars, sampling=sampling, lambda_late=cfg.lambda_late,
+        batch_size=cfg.batch_size, learned=learned)
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
-  from disentangle_jax import models, sampler  # noqa: PLC0415
+  from disentangle_jax import models  # noqa: PLC0415
   prompts = common.encode_pair(model, spec.prompt, spec.target_prompt)
   render = pipeline.make_render_fn(
       models.make_eps_fn(model.unet, model.config),
       models.make_decode_fn(model.vae, model.scaling_factor, model.config),
-                                   sampler.SamplerConfig(kind=spec.sampler))
+      spec.sampling.sampler_config())
   logging.info("c0=%r c1=%r, %d seeds x %d columns, latents %s", spec.prompt,
                spec.target_prompt, len(spec.seeds), len(spec.columns()), shape)
   grid = switch_grid.run(render, model.params, prompts, spec, shape, model.schedule,
@@ -72,6 +56,8 @@ def _run(cfg, out_dir):
   logging.info("wrote %s", os.path.join(out_dir, "grid.png"))
   print(os.path.join(out_dir, "grid.png"))
 
+
+main = common.single_process_main("launch.switch", _CONFIG, _WORKDIR, _run)
 
 if __name__ == "__main__":
   common.run(main)

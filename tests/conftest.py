@@ -93,6 +93,30 @@ class Cli:
     return subprocess.run(self.cmd(module, workdir, *overrides), cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
+  def run_all(self, runs, timeout=600) -> list:
+    """Runs ``[(module, workdir, overrides), ...]`` side by side (for runs refused before any
+    JAX work: their start-up overlaps); returns their CompletedProcess in order."""
+    import subprocess  # pylint: disable=g-import-not-at-top
+    procs = [subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for module, workdir, overrides in runs]
+    outs = []
+    for proc in procs:
+      stdout, stderr = proc.communicate(timeout=timeout)
+      outs.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return outs
+
+  def kill_at(self, line: str, module, workdir, *overrides) -> int:
+    """Starts a program, SIGKILLs it as soon as it logs a line containing ``line``; returns
+    its exit status (-SIGKILL when killed)."""
+    import signal  # pylint: disable=g-import-not-at-top
+    proc = self.popen(module, workdir, *overrides)
+    for text in proc.stderr:
+      if line in text:
+        proc.send_signal(signal.SIGKILL)
+        break
+    return proc.wait(timeout=600)
+
   def popen(self, module, workdir, *overrides):
     import subprocess  # pylint: disable=g-import-not-at-top
     return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,

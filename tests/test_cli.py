@@ -2,34 +2,16 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # subprocesses (conftest.cli: one compilation cache per session)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  """One persistent compilation cache for every process of this module (also tested here)."""
-  return str(tmp_path_factory.mktemp("xla_cache"))
-
-
-def _cmd(module, workdir, cache, *overrides):
-  return [sys.executable, "-m", f"launch.{module}", f"--workdir={workdir}",
-          f"--compilation_cache={cache}", *overrides]
-
-
-def _run(*args, **kw):
-  return subprocess.run(_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        **kw)
-
-
-def test_switch_grid(tmp_path, cache):
-  out = _run("switch", tmp_path, cache, "--config.num_steps=4", "--config.t_stars=1,3",
+def test_switch_grid(tmp_path, cli):
+  out = cli.run("switch", tmp_path, "--config.num_steps=4", "--config.t_stars=1,3",
              "--config.seeds=5,6,7")
   assert out.returncode == 0, out.stderr[-3000:]
   grid = Image.open(tmp_path / "grid.png")
@@ -44,8 +26,8 @@ DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
                "--config.t_star=2", "--config.optimizer.iterations=6")
 
 
-def test_disentangle_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cache):
-  full = _run("disentangle", tmp_path / "full", cache, *DISENTANGLE)
+def test_disentangle_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cli):
+  full = cli.run("disentangle", tmp_path / "full", *DISENTANGLE)
   assert full.returncode == 0, full.stderr[-3000:]
   expected = json.loads((tmp_path / "full" / "weights.json").read_text())
   for name in ("original.png", "edited.png", "pair.png", "strip.png", "lambda.png", "losses.png",
@@ -55,16 +37,10 @@ def test_disentangle_killed_and_restarted_matches_an_uninterrupted_run(tmp_path,
 
   # Kill as soon as the first iteration is reported: wherever the kill lands (before, during
   # or after a checkpoint), the same command must finish with the same lambda.
-  proc = subprocess.Popen(_cmd("disentangle", tmp_path / "killed", cache, *DISENTANGLE),
-                          cwd=ROOT, stderr=subprocess.PIPE, text=True)
-  for line in proc.stderr:
-    if "iteration 1/6" in line:
-      proc.send_signal(signal.SIGKILL)
-      break
-  proc.wait(timeout=600)
-  assert proc.returncode == -signal.SIGKILL
+  returncode = cli.kill_at("iteration 1/6", "disentangle", tmp_path / "killed", *DISENTANGLE)
+  assert returncode == -signal.SIGKILL
   assert not (tmp_path / "killed" / "weights.json").exists()  # nothing final was published
-  again = _run("disentangle", tmp_path / "killed", cache, *DISENTANGLE)
+  again = cli.run("disentangle", tmp_path / "killed", *DISENTANGLE)
   assert again.returncode == 0, again.stderr[-3000:]
   got = json.loads((tmp_path / "killed" / "weights.json").read_text())
   assert got["lambda"] == expected["lambda"]  # bit-identical
@@ -77,7 +53,7 @@ def test_disentangle_killed_and_restarted_matches_an_uninterrupted_run(tmp_path,
   assert np.asarray(got["lambda"]).shape == (4,)
 
 
-@pytest.mark.parametrize("module,overrides,message", [
+BAD_INPUT = [
     ("switch", ["--config.model.path=/nonexistent/sd"], "/nonexistent/sd"),
     ("switch", ["--config.num_steps=0"], "num_steps=0"),
     ("switch", ["--config.t_stars=3,70"], "t_star=70"),
@@ -85,19 +61,31 @@ def test_disentangle_killed_and_restarted_matches_an_uninterrupted_run(tmp_path,
     ("switch", ["--config.seeds=1,1"], "duplicates"),
     ("disentangle", ["--config.t_star=51"], "t_star=51"),
     ("disentangle", ["--config.optimizer.iterations=0"], "iterations"),
-])
-def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, cache, module, overrides,
-                                                            message):
-  out = _run(module, tmp_path / "wd", cache, *overrides)
+]
+
+
+@pytest.fixture(scope="module")
+def refused(cli, tmp_path_factory):
+  """(workdir, result) of every BAD_INPUT run, run side by side (each fails before JAX work)."""
+  root = tmp_path_factory.mktemp("refused")
+  runs = [(module, root / str(i) / "wd", overrides)
+          for i, (module, overrides, _) in enumerate(BAD_INPUT)]
+  return [(wd, out) for (_, wd, _), out in zip(runs, cli.run_all(runs))]
+
+
+@pytest.mark.parametrize("index,message", [(i, m) for i, (_, _, m) in enumerate(BAD_INPUT)],
+                         ids=[f"{m}-{o[0]}" for m, o, _ in BAD_INPUT])
+def test_bad_input_gives_one_clear_error_and_writes_nothing(refused, index, message):
+  wd, out = refused[index]
   assert out.returncode == 2, out.stderr[-2000:]
   assert "error: " in out.stderr and message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
-  assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
+  assert not wd.exists()  # a refused run leaves no workdir behind
 
 
-def test_unwritable_workdir(tmp_path, cache):
+def test_unwritable_workdir(tmp_path, cli):
   (tmp_path / "file").write_text("x")
-  out = _run("switch", tmp_path / "file" / "wd", cache)
+  out = cli.run("switch", tmp_path / "file" / "wd")
   assert out.returncode == 2 and "not writable" in out.stderr, out.stderr[-2000:]
 
 
@@ -109,9 +97,9 @@ def _weights_file(path, num_steps=4, sampler="ddim"):
       schedule={}))
 
 
-def test_switch_takes_learned_weights_as_columns(tmp_path, cache):
+def test_switch_takes_learned_weights_as_columns(tmp_path, cli):
   _weights_file(tmp_path / "learned.json")
-  out = _run("switch", tmp_path / "wd", cache, "--config.num_steps=4", "--config.t_stars=2",
+  out = cli.run("switch", tmp_path / "wd", "--config.num_steps=4", "--config.t_stars=2",
              "--config.seeds=5", f"--config.lambda_files={tmp_path / 'learned.json'}")
   assert out.returncode == 0, out.stderr[-3000:]
   lambdas = json.loads((tmp_path / "wd" / "lambdas.json").read_text())
@@ -124,7 +112,7 @@ def test_switch_takes_learned_weights_as_columns(tmp_path, cache):
     ("sampler", "'plms' sampler, this run uses 'ddim'"),
     ("plain", "shape (3,) but the sampler runs 4 steps"),
 ])
-def test_switch_refuses_mismatched_lambda_files(tmp_path, cache, kind, message):
+def test_switch_refuses_mismatched_lambda_files(tmp_path, cli, kind, message):
   path = tmp_path / "w.json"
   if kind == "steps":
     _weights_file(path, num_steps=6)
@@ -132,14 +120,14 @@ def test_switch_refuses_mismatched_lambda_files(tmp_path, cache, kind, message):
     _weights_file(path, sampler="plms")
   else:
     path.write_text("[0, 1, 1]")
-  out = _run("switch", tmp_path / "wd", cache, "--config.num_steps=4", "--config.t_stars=2",
+  out = cli.run("switch", tmp_path / "wd", "--config.num_steps=4", "--config.t_stars=2",
              f"--config.lambda_files={path}")
   assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
 
 
-def test_disentangle_several_attributes_in_one_run(tmp_path, cache):
-  out = _run("disentangle", tmp_path, cache, "--config.attributes=smile,snow",
+def test_disentangle_several_attributes_in_one_run(tmp_path, cli):
+  out = cli.run("disentangle", tmp_path, "--config.attributes=smile,snow",
              "--config.seeds=1,2", "--config.num_steps=24", "--config.optimizer.iterations=2")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "2 edit(s)" in out.stderr
@@ -156,7 +144,7 @@ def test_disentangle_several_attributes_in_one_run(tmp_path, cache):
   assert len(rows) == 2 and len(rows[0]["l_dir"]) == 2
 
 
-def test_disentangle_unknown_attribute_is_refused(tmp_path, cache):
-  out = _run("disentangle", tmp_path / "wd", cache, "--config.attributes=smile,frowning")
+def test_disentangle_unknown_attribute_is_refused(tmp_path, cli):
+  out = cli.run("disentangle", tmp_path / "wd", "--config.attributes=smile,frowning")
   assert out.returncode == 2 and "['frowning'] are not presets" in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind

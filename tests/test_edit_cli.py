@@ -2,8 +2,6 @@
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,24 +9,11 @@ from PIL import Image
 
 from disentangle_jax import weights_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # subprocesses (conftest.cli: one compilation cache per session)
+
 FAST = ("--config.num_steps=4", "--config.inject_steps=4", "--config.t_star=2")  # exact recon.
 OUTPUTS = ("input.png", "reconstruction.png", "edited.png", "pair.png", "metrics.json",
            "config.json")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
-
-
-def _cmd(workdir, cache, *overrides):
-  return [sys.executable, "-m", "launch.edit", f"--workdir={workdir}",
-          f"--compilation_cache={cache}", *overrides]
-
-
-def _run(*args):
-  return subprocess.run(_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def _photo(path, size=(80, 48)):
@@ -38,9 +23,9 @@ def _photo(path, size=(80, 48)):
   return str(path)
 
 
-def test_learn_on_the_image_then_apply_the_weights(tmp_path, cache):
+def test_learn_on_the_image_then_apply_the_weights(tmp_path, cli):
   photo = _photo(tmp_path / "photo.png")
-  learn = _run(tmp_path / "learn", cache, *FAST, f"--config.image={photo}",
+  learn = cli.run("edit", tmp_path / "learn", *FAST, f"--config.image={photo}",
                "--config.optimizer.iterations=2")
   assert learn.returncode == 0, learn.stderr[-3000:]
   for name in OUTPUTS + ("weights.json",):
@@ -56,7 +41,7 @@ def test_learn_on_the_image_then_apply_the_weights(tmp_path, cache):
   assert learned.num_steps == 4 and learned.extra["image"] == photo
 
   # The learned weights applied to the same image reproduce the learned edit.
-  apply = _run(tmp_path / "apply", cache, *FAST, f"--config.image={photo}",
+  apply = cli.run("edit", tmp_path / "apply", *FAST, f"--config.image={photo}",
                f"--config.weights={tmp_path / 'learn' / 'weights.json'}")
   assert apply.returncode == 0, apply.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / "apply")) == sorted(OUTPUTS + (".lock",))  # + the lock
@@ -102,16 +87,15 @@ def _bad_inputs(d):
   ]
 
 
-def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, cache):
+def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, cli):
   cases = _bad_inputs(tmp_path)
-  procs = {name: subprocess.Popen(_cmd(tmp_path / name, cache, "--config.num_steps=4",
-                                       "--config.inject_steps=4", "--config.t_star=2", *over),
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
-           for name, over, _ in cases}  # they fail before any JAX work: run them side by side
-  for name, _, message in cases:
-    _, err = procs[name].communicate(timeout=300)
-    assert procs[name].returncode == 2, (name, err[-2000:])
+  outs = cli.run_all([("edit", tmp_path / name, ["--config.num_steps=4",
+                                                 "--config.inject_steps=4", "--config.t_star=2",
+                                                 *over])
+                      for name, over, _ in cases], timeout=300)  # they fail before any JAX work
+  for (name, _, message), out in zip(cases, outs):
+    err = out.stderr
+    assert out.returncode == 2, (name, err[-2000:])
     lines = [l for l in err.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0], (name, err[-2000:])
     assert "Traceback" not in err, name

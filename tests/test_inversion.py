@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from disentangle_jax import inversion, mixing, models, noise, pipeline, real_images, sampler
-from disentangle_jax import schedule
+from disentangle_jax import sampling, schedule
 
 NUM_STEPS = 5
 SEED = 42
@@ -37,11 +37,12 @@ def sample_fn(tiny_model):
 
 def _invert(setup, inject_steps, seed=SEED, pin="next", inverter=None):
   model, prompts, default_inverter, z0 = setup
-  cfg = inversion.InversionConfig(num_steps=NUM_STEPS, inject_steps=inject_steps, pin=pin)
+  cfg = inversion.InversionConfig(sampling.SamplingConfig(num_steps=NUM_STEPS),
+                                  inject_steps=inject_steps, pin=pin)
   tables = schedule.step_tables(model.schedule, NUM_STEPS, 0.0)
-  eps = inversion.target_noise(jax.random.key(0), [seed], NUM_STEPS, z0.shape[1:])
+  eps = noise.target_noise(jax.random.key(0), [seed], NUM_STEPS, z0.shape[1:])
   run = (inverter or default_inverter).invert(
-      model.params["unet"], z0, eps, prompts.c0, prompts.uncond, jnp.float32(cfg.guidance),
+      model.params["unet"], z0, eps, prompts.c0, prompts.uncond, jnp.float32(cfg.sampling.guidance),
       tables, jnp.int32(inject_steps))
   return run, tables
 
@@ -67,7 +68,7 @@ def test_full_injection_with_next_pinning_reconstructs_z0(setup, sample_fn):
 def test_current_pinning_is_the_releases_noisier_target(setup, sample_fn):
   model, _, _, z0 = setup
   tables = schedule.step_tables(model.schedule, NUM_STEPS, 0.0)
-  eps = inversion.target_noise(jax.random.key(0), [SEED], NUM_STEPS, z0.shape[1:])
+  eps = noise.target_noise(jax.random.key(0), [SEED], NUM_STEPS, z0.shape[1:])
   cur = inversion.pinning_targets(z0, eps, tables, "current")
   nxt = inversion.pinning_targets(z0, eps, tables, "next")
   a = tables.alpha[:, None, None, None, None]
@@ -125,8 +126,8 @@ def test_inversion_is_deterministic_per_seed_and_batch_independent(setup):
   np.testing.assert_array_equal(a.x_T, b.x_T)
   assert not np.allclose(a.noise, c.noise)
   key = jax.random.key(0)
-  both = inversion.target_noise(key, [7, SEED], NUM_STEPS, (8, 8, 4))
-  np.testing.assert_array_equal(both[:, 1:], inversion.target_noise(key, [SEED], NUM_STEPS,
+  both = noise.target_noise(key, [7, SEED], NUM_STEPS, (8, 8, 4))
+  np.testing.assert_array_equal(both[:, 1:], noise.target_noise(key, [SEED], NUM_STEPS,
                                                                     (8, 8, 4)))
   drawn = noise.draw(key, [SEED], (8, 8, 4), np.ones(NUM_STEPS))
   assert not np.allclose(both[:, 1:], drawn.noise)  # its own stream, not noise.draw's
@@ -153,7 +154,7 @@ def test_edit_with_given_weights_equals_pipeline_render(setup, sample_fn):
 
 def test_inversion_config_errors():
   with pytest.raises(ValueError, match="inject_steps=33 must be an integer in \\[0, num_steps=4"):
-    inversion.InversionConfig(num_steps=4, inject_steps=33)
+    inversion.InversionConfig(sampling.SamplingConfig(num_steps=4), inject_steps=33)
   with pytest.raises(ValueError, match="pin='later'"):
     inversion.InversionConfig(pin="later")
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from disentangle_jax import checkpoint, disentangle, loss_models, optimize, parallel, weights_file
+from disentangle_jax.sampling import SamplingConfig
 
 NUM_STEPS = 4
 
@@ -16,7 +17,8 @@ def setup(tiny_model):
   lm = loss_models.load_loss_models(loss_models.LossModelConfig(), tokenizer=tiny_model.tokenizer)
   spec = disentangle.EditSpec(
       prompt="a photo of person", attribute=", smiling", seeds=(3,), t_star=2,
-      num_steps=NUM_STEPS, optimizer=optimize.OptimizerConfig(iterations=3))
+      sampling=SamplingConfig(num_steps=NUM_STEPS),
+      optimizer=optimize.OptimizerConfig(iterations=3))
   prep = disentangle.prepare(tiny_model, lm, spec, (8, 8, 4), parallel.make_mesh())
   return tiny_model, lm, spec, prep
 
@@ -33,7 +35,7 @@ def test_loss_decreases_and_lambda_moves(setup):
 
 def test_update_step_compiles_once(setup):
   _, _, spec, prep = setup
-  update, tx = disentangle.make_update_fn(prep, spec)
+  update, tx = disentangle.compiled_update(prep, spec)
   state = disentangle.initial_state(prep, spec, tx)
   for _ in range(3):
     state, _, _ = update(state, prep.params, prep.problem)
@@ -159,7 +161,7 @@ def test_several_edits_in_one_program_equal_separate_runs(setup):
                              rtol=1e-3)
   np.testing.assert_allclose(hist[0]["loss"], hist_a[0]["loss"] + hist_b[0]["loss"], rtol=1e-3)
   with pytest.raises(ValueError, match="must share num_steps"):
-    disentangle.EditSet((spec_a, dataclasses.replace(spec_b, num_steps=5)))
+    disentangle.EditSet((spec_a, dataclasses.replace(spec_b, sampling=SamplingConfig(num_steps=5))))
 
 
 def test_a_non_finite_iteration_is_never_checkpointed(setup, tmp_path):

@@ -14,12 +14,13 @@ SCRIPT = textwrap.dedent("""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import jax
     import numpy as np
-    from disentangle_jax import disentangle, loss_models, models, optimize, parallel
+    from disentangle_jax import disentangle, loss_models, models, optimize, parallel, sampling
 
     model = models.build_tiny(models.ModelConfig())
     lm = loss_models.load_loss_models(loss_models.LossModelConfig(), tokenizer=model.tokenizer)
     spec = disentangle.EditSpec(prompt="a photo of person", attribute=", smiling",
-                                seeds=(1, 2, 3), t_star=2, num_steps=4,
+                                seeds=(1, 2, 3), t_star=2,
+                                sampling=sampling.SamplingConfig(num_steps=4),
                                 optimizer=optimize.OptimizerConfig(iterations=2))
     out = {"devices": len(jax.devices())}
     for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from disentangle_jax import loss_models, losses, metrics, study
+from disentangle_jax import loss_models, losses, metrics, sampling, stats, study, study_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,21 +54,21 @@ def test_metrics_match_the_losses_and_their_definitions(lm):
 
 
 def test_interval_and_summary():
-  rec = study.interval([1.0, 2.0, 3.0, 4.0])
+  rec = stats.interval([1.0, 2.0, 3.0, 4.0])
   assert rec["n"] == 4 and rec["mean"] == 2.5
   assert math.isclose(rec["std"], np.std([1, 2, 3, 4], ddof=1))
   assert math.isclose(rec["ci95_high"] - rec["mean"], 1.959963984540054 * rec["std"] / 2)
-  assert study.interval([5.0])["std"] == 0.0
+  assert stats.interval([5.0])["std"] == 0.0
   spec = _spec(seeds=(0, 1))
   rows = [{"source": s.label, "attribute": a.name, "seed": seed, "directional_clip": 1.0 * seed,
            "clip_score": 0.5, "content_distance": 0.0}
           for s in spec.sources for a in spec.attributes for seed in spec.seeds]
-  summary = study.summarise(rows, spec)
+  summary = stats.summarise(rows, spec)
   first = summary[0]
   assert (first["source"], first["attribute"], first["metric"]) == ("T*=1", "all",
                                                                      "directional_clip")
   assert first["n"] == 4 and first["mean"] == 0.5
-  csv = study.summary_csv(summary).splitlines()
+  csv = stats.summary_csv(summary).splitlines()
   assert csv[0] == "source,attribute,metric,n,mean,std,ci95_low,ci95_high"
   assert len(csv) == 1 + len(summary)
 
@@ -77,7 +77,7 @@ def _spec(**kw):
   args = dict(sources=study.baseline_sources(4, (1,)),
               attributes=(study.Attribute("smile", "A photo of person", ", smiling"),
                           study.Attribute("snow", "A church", ", covered by snow")),
-              seeds=(0, 1, 2), num_steps=4)
+              seeds=(0, 1, 2), sampling=sampling.SamplingConfig(num_steps=4))
   args.update(kw)
   return study.StudySpec(**args)
 
@@ -110,14 +110,16 @@ SHARDING_SCRIPT = textwrap.dedent("""
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import jax
-    from disentangle_jax import loss_models, metrics, models, parallel, sampler, study
+    from disentangle_jax import loss_models, metrics, models, parallel, sampler, sampling, study
+    from disentangle_jax import study_store
 
     model = models.build_tiny(models.ModelConfig())
     lm = loss_models.load_loss_models(loss_models.LossModelConfig(), tokenizer=model.tokenizer)
     spec = study.StudySpec(
         sources=study.baseline_sources(4, (2,)),
         attributes=(study.Attribute("smile", "A photo of person", ", smiling"),),
-        seeds=tuple(range(8)), num_steps=4, batch_size=3, grid_seeds=0)
+        seeds=tuple(range(8)), sampling=sampling.SamplingConfig(num_steps=4), batch_size=3,
+        grid_seeds=0)
     evaluate = study.make_evaluate_fn(
         models.make_eps_fn(model.unet), models.make_decode_fn(model.vae, model.scaling_factor),
         sampler.SamplerConfig(), metrics.from_loss_models(lm))
@@ -127,9 +129,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
       inputs = study.prepare(model, lm, spec, mesh)
       wd = os.path.join(sys.argv[1], name)
       os.makedirs(wd)
-      study.check_manifest(wd, spec)
-      study.run(evaluate, inputs, spec, (8, 8, 4), mesh, wd, log=lambda s: None)
-      out[name] = study.merge_rows(wd, spec)
+      study_store.check_manifest(wd, spec)
+      study_store.run(evaluate, inputs, spec, (8, 8, 4), mesh, wd, log=lambda s: None)
+      out[name] = study_store.merge_rows(wd, spec)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -164,6 +166,7 @@ def sharded(tmp_path_factory):
   return json.loads(proc.stdout.split("RESULT")[-1])
 
 
+@pytest.mark.slow
 def test_sharded_study_matches_single_device(sharded):
   assert sharded["devices"] == 4
   one, four = sharded["one"], sharded["four"]
@@ -177,22 +180,8 @@ def test_sharded_study_matches_single_device(sharded):
 # The command line
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
-
-
 STUDY = ("--config.num_steps=4", "--config.t_stars=2", "--config.attributes=smile,snow",
          "--config.seeds=0,1,2", "--config.batch_size=2", "--config.grid_seeds=2")
-
-
-def _cmd(workdir, cache, *overrides):
-  return [sys.executable, "-m", "launch.study", f"--workdir={workdir}",
-          f"--compilation_cache={cache}", *overrides]
-
-
-def _run(*args):
-  return subprocess.run(_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def _rows(path):
@@ -206,10 +195,11 @@ def _weights_file(path, num_steps=4, sampler="ddim"):
       num_steps=num_steps, sampler=sampler, eta=0.0, guidance=7.5, schedule={}))
 
 
-def test_study_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cache):
+@pytest.mark.slow
+def test_study_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cli):
   _weights_file(tmp_path / "learned.json")
   args = STUDY + (f"--config.weights_files={tmp_path / 'learned.json'}",)
-  full = _run(tmp_path / "full", cache, *args)
+  full = cli.run("study", tmp_path / "full", *args)
   assert full.returncode == 0, full.stderr[-3000:]
   assert "chunk 3/3 done: 18/18 items" in full.stderr and "items/s, ETA" in full.stderr
   expected = _rows(tmp_path / "full" / "rows.jsonl")
@@ -224,47 +214,57 @@ def test_study_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cache
   assert not (tmp_path / "full" / "samples" / "snow" / "seed2_c1.png").exists()  # grid_seeds=2
   assert not [n for n in os.listdir(tmp_path / "full") if n.startswith(".staging")]
 
-  proc = subprocess.Popen(_cmd(tmp_path / "killed", cache, *args), cwd=ROOT,
-                          stderr=subprocess.PIPE, text=True)
-  for line in proc.stderr:
-    if "chunk 1/3 done" in line:
-      proc.send_signal(signal.SIGKILL)
-      break
-  proc.wait(timeout=600)
-  assert proc.returncode == -signal.SIGKILL
+  returncode = cli.kill_at("chunk 1/3 done", "study", tmp_path / "killed", *args)
+  assert returncode == -signal.SIGKILL
   assert not (tmp_path / "killed" / "rows.jsonl").exists()
-  again = _run(tmp_path / "killed", cache, *args)
+  again = cli.run("study", tmp_path / "killed", *args)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "to do" in again.stderr
   assert _rows(tmp_path / "killed" / "rows.jsonl") == expected  # identical, each exactly once
 
-  other = _run(tmp_path / "killed", cache, *STUDY)  # a different study in the same workdir
+  other = cli.run("study", tmp_path / "killed", *STUDY)  # a different study in the same workdir
   assert other.returncode == 2 and "different study" in other.stderr, other.stderr[-2000:]
 
 
-@pytest.mark.parametrize("kind,overrides,message", [
+BAD_INPUT = [
     ("steps", [], "learned for 6 steps, this run uses 4"),
     ("sampler", [], "'plms' sampler, this run uses 'ddim'"),
     (None, ["--config.seeds=()"], "seeds is empty"),
     (None, ["--config.seeds=3,3"], "duplicates [3]"),
     (None, ["--config.attributes=smiling"], "'smiling' is not a preset"),
-])
-def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, cache, kind, overrides,
-                                                            message):
-  if kind:
-    _weights_file(tmp_path / "w.json", num_steps=6 if kind == "steps" else 4,
-                  sampler="plms" if kind == "sampler" else "ddim")
-    overrides = overrides + [f"--config.weights_files={tmp_path / 'w.json'}"]
-  out = _run(tmp_path / "wd", cache, "--config.num_steps=4", "--config.t_stars=2", *overrides)
+]
+
+
+@pytest.fixture(scope="module")
+def refused(cli, tmp_path_factory):
+  """(workdir, result) of every BAD_INPUT run, run side by side (each fails before JAX work)."""
+  runs = []
+  for kind, overrides, _ in BAD_INPUT:
+    tmp_path = tmp_path_factory.mktemp("refused")
+    if kind:
+      _weights_file(tmp_path / "w.json", num_steps=6 if kind == "steps" else 4,
+                    sampler="plms" if kind == "sampler" else "ddim")
+      overrides = overrides + [f"--config.weights_files={tmp_path / 'w.json'}"]
+    runs.append(("study", tmp_path / "wd", ["--config.num_steps=4", "--config.t_stars=2",
+                                            *overrides]))
+  return [(wd, out) for (_, wd, _), out in zip(runs, cli.run_all(runs))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index,message", [(i, m) for i, (_, _, m) in enumerate(BAD_INPUT)],
+                         ids=[k or o[0] for k, o, _ in BAD_INPUT])
+def test_bad_input_gives_one_clear_error_and_writes_nothing(refused, index, message):
+  wd, out = refused[index]
   assert out.returncode == 2, out.stderr[-2000:]
   assert "error: " in out.stderr and message in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
-  assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
+  assert not wd.exists()  # a refused run leaves no workdir behind
 
 
-def test_unwritable_workdir(tmp_path, cache):
+@pytest.mark.slow
+def test_unwritable_workdir(tmp_path, cli):
   (tmp_path / "file").write_text("x")
-  out = _run(tmp_path / "file" / "wd", cache, "--config.num_steps=4", "--config.t_stars=2")
+  out = cli.run("study", tmp_path / "file" / "wd", "--config.num_steps=4", "--config.t_stars=2")
   assert out.returncode == 2 and "error: " in out.stderr and "not writable" in out.stderr, (
       out.stderr[-2000:])
   assert "Traceback" not in out.stderr
@@ -280,11 +280,12 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path, cache, sharded):
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, cli, sharded):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   coordinator = f"--coordinator=localhost:{_free_port()}"
   procs = [subprocess.Popen(
-      _cmd(tmp_path, cache, *SHARDED_CLI, coordinator, "--num_processes=2",
+      cli.cmd("study", tmp_path, *SHARDED_CLI, coordinator, "--num_processes=2",
            f"--process_id={i}", "--init_timeout=120"),
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in (1, 0)]
@@ -296,14 +297,16 @@ def test_two_processes_match_one(tmp_path, cache, sharded):
   _assert_rows_close(_rows(tmp_path / "rows.jsonl"), sharded["one"])
 
 
-def test_unreachable_coordinator_is_a_clear_error(tmp_path, cache):
-  out = _run(tmp_path / "wd", cache, f"--coordinator=localhost:{_free_port()}",
+@pytest.mark.slow
+def test_unreachable_coordinator_is_a_clear_error(tmp_path, cli):
+  out = cli.run("study", tmp_path / "wd", f"--coordinator=localhost:{_free_port()}",
              "--num_processes=2", "--process_id=1", "--init_timeout=2")
   assert out.returncode == 2, out.stderr[-2000:]
   assert "error: coordinator localhost:" in out.stderr and "unreachable after 2s" in out.stderr
   assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.slow
 def test_tpu_pod_script_runs_the_command_on_every_worker(tmp_path):
   fake = tmp_path / "gcloud"
   fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
@@ -324,7 +327,8 @@ def test_tpu_pod_script_runs_the_command_on_every_worker(tmp_path):
   assert bad.returncode == 2 and "usage:" in bad.stderr
 
 
-def test_study_of_a_folder_of_real_images(tmp_path, cache):
+@pytest.mark.slow
+def test_study_of_a_folder_of_real_images(tmp_path, cli):
   """Real images instead of seeds: each is inverted under each attribute's c0 and scored."""
   folder = tmp_path / "photos"
   folder.mkdir()
@@ -332,7 +336,7 @@ def test_study_of_a_folder_of_real_images(tmp_path, cache):
   for name, size in (("b.png", (80, 64)), ("a.jpg", (64, 64))):
     Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(folder / name)
   (folder / "notes.txt").write_text("not an image: ignored")
-  out = _run(tmp_path / "wd", cache, "--config.num_steps=4", "--config.t_stars=2",
+  out = cli.run("study", tmp_path / "wd", "--config.num_steps=4", "--config.t_stars=2",
              "--config.attributes=smile,snow", f"--config.images_dir={folder}",
              "--config.inject_steps=4", "--config.batch_size=3", "--config.grid_seeds=2")
   assert out.returncode == 0, out.stderr[-3000:]
@@ -345,12 +349,13 @@ def test_study_of_a_folder_of_real_images(tmp_path, cache):
   assert "resized 64x80" in out.stderr  # b.png was fitted to the model's size, with a note
 
 
-def test_study_refuses_an_image_folder_with_plms_or_bad_images(tmp_path, cache):
+@pytest.mark.slow
+def test_study_refuses_an_image_folder_with_plms_or_bad_images(tmp_path, cli):
   folder = tmp_path / "photos"
   folder.mkdir()
   (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-  out = _run(tmp_path / "wd", cache, f"--config.images_dir={folder}")
+  out = cli.run("study", tmp_path / "wd", f"--config.images_dir={folder}")
   assert out.returncode == 2 and "broken.png" in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
-  out = _run(tmp_path / "wd2", cache, f"--config.images_dir={tmp_path / 'nowhere'}")
+  out = cli.run("study", tmp_path / "wd2", f"--config.images_dir={tmp_path / 'nowhere'}")
   assert out.returncode == 2 and "is not a folder" in out.stderr, out.stderr[-2000:]

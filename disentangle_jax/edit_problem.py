@@ -1,0 +1,64 @@
+"""One edit optimisation's problem, built in three steps: encode the edits' prompts, gather the
+frozen networks and their parameters, and place the problem on the device mesh.
+
+``disentangle.prepare`` composes them (after drawing x_T and the noise) and renders the
+reference images.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from disentangle_jax import loss_models as loss_models_lib
+from disentangle_jax import models, noise, optimize, parallel, pipeline, schedule
+
+
+class EncodedEdits(NamedTuple):
+  """The K edits' prompts, encoded once: SD embeddings and CLIP text features."""
+
+  prompts: pipeline.PromptPair  # c0, c1 [K, L, D]; uncond [L, D]
+  text0: jax.Array  # [K, E] CLIP features of each c0
+  text1: jax.Array  # [K, E] ... and of each c1
+
+
+def encode_edits(model, loss_models, edits: Sequence) -> EncodedEdits:
+  """Every edit's c0 and c1 (``edits``: disentangle.EditSpec, each with prompt and
+  target_prompt) through the SD text encoder and CLIP's, in one call each."""
+  texts = [t for e in edits for t in (e.prompt, e.target_prompt)]
+  emb = models.encode_prompts(model, texts + [""])
+  feats = loss_models_lib.encode_texts(loss_models, texts)
+  return EncodedEdits(pipeline.PromptPair(emb[0:-1:2], emb[1:-1:2], emb[-1]), feats[0::2],
+                      feats[1::2])
+
+
+def frozen_networks(model, loss_models) -> tuple[optimize.Networks, dict]:
+  """The objective's networks (static apply functions) and their frozen parameters
+  {"sd": {"unet", "vae"}, "clip", "vgg"}."""
+  nets = optimize.Networks(
+      eps=models.make_eps_fn(model.unet, model.config),
+      decode=models.make_decode_fn(model.vae, model.scaling_factor, model.config),
+      clip_image=loss_models.clip_image_apply, vgg=loss_models.vgg_apply,
+      clip_image_size=loss_models.clip_image_size, vgg_input_size=loss_models.vgg_input_size)
+  params = {"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
+            "clip": loss_models.params["clip"], "vgg": loss_models.params["vgg"]}
+  return nets, params
+
+
+def place(encoded: EncodedEdits, run: noise.RunNoise, group, guidance, tables,
+          mesh) -> optimize.EditProblem:
+  """The problem on the mesh: the batch padded to the mesh and sharded, the rest replicated
+  (reference left None: it is rendered from the placed problem)."""
+  n = run.x_T.shape[0]
+  size = parallel.padded_size(n, mesh)
+  return optimize.EditProblem(
+      x_T=parallel.shard(parallel.pad_batch(run.x_T, size), mesh),
+      noise=parallel.shard(parallel.pad_batch(run.noise, size, axis=1), mesh, axis=1),
+      prompts=parallel.replicate(encoded.prompts, mesh),
+      guidance=jnp.asarray(guidance, jnp.float32),
+      tables=parallel.replicate(schedule.StepTables(*(jnp.asarray(t) for t in tables)), mesh),
+      reference=None, text0=parallel.replicate(encoded.text0, mesh),
+      text1=parallel.replicate(encoded.text1, mesh),
+      mask=parallel.shard(parallel.mask(n, size), mesh),
+      group=parallel.shard(parallel.pad_batch(jnp.asarray(group), size), mesh))

@@ -1,0 +1,179 @@
+"""The transfer study's resumable chunk store: exactly once, whatever kills the run.
+
+Units are processed in fixed chunks of ``batch_size`` units, one compiled call each (padded to
+the device count and masked). A finished chunk's rows are written atomically
+(workdir.write_atomic) as rows/chunk_NNNNN.jsonl, the chunk's commit marker; its sample images
+are written before it. A restart skips every chunk whose file holds the rows it should;
+``merge_rows`` gathers the final table in a fixed order, so a killed-and-restarted study ends
+with the same rows, each exactly once, as an uninterrupted one. The manifest
+(rows/study.json) keeps rows of different studies apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from disentangle_jax import errors, images, metrics, noise, parallel, run_identity, study, workdir
+
+ROWS_DIR = "rows"
+SAMPLES_DIR = "samples"
+MANIFEST = "study.json"
+
+
+def chunk_path(out_dir: str, index: int) -> str:
+  return os.path.join(out_dir, ROWS_DIR, f"chunk_{index:05d}.jsonl")
+
+
+def sample_path(out_dir: str, attribute: str, seed: int, label: str) -> str:
+  return os.path.join(out_dir, SAMPLES_DIR, attribute,
+                      f"seed{seed}_{study.file_label(label)}.png")
+
+
+def check_manifest(out_dir: str, spec: study.StudySpec, identity: dict | None = None) -> None:
+  """Refuses a workdir holding rows of a different study; records this study's identity.
+
+  ``identity`` (run_identity.of_config) adds what the spec does not hold: the model and loss
+  models (and their files' contents), image size, dtype. The spec's own fields are part of it.
+  """
+  path = os.path.join(out_dir, ROWS_DIR, MANIFEST)
+  current = run_identity.flatten({"spec": dataclasses.asdict(spec)}) | dict(identity or {})
+  fix = (f"use a new --workdir (or delete {os.path.join(out_dir, ROWS_DIR)!r} to start the "
+         "study over)")
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+      saved["fingerprint"]  # noqa: B018 -- a manifest without it is damaged
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise errors.UserError(f"the study manifest {path!r} is damaged ({e}): {fix}.") from None
+    if "identity" in saved:
+      run_identity.check(saved["identity"], current,
+                         f"workdir {out_dir!r} holds rows of a different study; its manifest", fix)
+    elif saved["fingerprint"] != spec.fingerprint():
+      raise errors.RunMismatch(f"workdir {out_dir!r} holds rows of a different study: {fix}.")
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  workdir.write_atomic(path, json.dumps({"fingerprint": spec.fingerprint(),
+                                         "spec": dataclasses.asdict(spec),
+                                         "identity": current}, indent=2))
+
+
+def read_chunk(path: str, spec: study.StudySpec, index: int) -> list[dict[str, Any]] | None:
+  """The rows of a finished chunk, or None when its file is missing or damaged (edited,
+  truncated, rows of other units): such a chunk is computed again."""
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    keys = [(r["source"], r["attribute"], r["seed"]) for r in rows]
+    values_ok = all(isinstance(r[m], float) for r in rows for m in metrics.METRIC_NAMES)
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  expected = [(src.label, spec.attributes[a].name, seed) for a, seed in spec.chunk(index)
+              for src in spec.sources]
+  return rows if keys == expected and values_ok else None
+
+
+def chunk_rows(spec: study.StudySpec, units: Sequence[tuple[int, int]],
+               values: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+  """The rows of one chunk's real units; ``values`` are [U_padded, K]: padding is masked out."""
+  rows = []
+  for j, (a, seed) in enumerate(units):
+    for k, src in enumerate(spec.sources):
+      row = {"source": src.label, "attribute": spec.attributes[a].name, "seed": seed}
+      if spec.images:
+        row["image"] = os.path.basename(spec.images[seed])
+      row.update({name: float(values[name][j, k]) for name in metrics.METRIC_NAMES})
+      rows.append(row)
+  return rows
+
+
+def run(evaluate: Callable, inputs: study.StudyInputs, spec: study.StudySpec, latent_shape, mesh,
+        out_dir: str, log: Callable[[str], None] = print, write: bool = True,
+        unit_inputs: Callable | None = None) -> int:
+  """Processes every chunk without a rows file; returns the number of chunks computed.
+
+  ``write``: whether this process writes files (process 0 of a multi-host run); every process
+  must still call ``evaluate`` on every chunk, since the computation is global.
+  ``unit_inputs(units) -> RunNoise``: x_T and noise of (attribute, seed) units; default: drawn
+  from the seeds (noise.draw); real images: ``image_inputs``.
+  """
+  size = parallel.padded_size(spec.batch_size, mesh)
+  labels = ["c0"] + [s.label for s in spec.sources]
+  sigma = parallel.to_host(inputs.tables.sigma)
+  grid_seeds = set(spec.seeds[:spec.grid_seeds])
+  # Process 0's files decide (hosts of a pod need not share a filesystem).
+  present = [os.path.isfile(chunk_path(out_dir, i)) for i in range(spec.num_chunks)]
+  valid = [read_chunk(chunk_path(out_dir, i), spec, i) is not None for i in range(spec.num_chunks)]
+  for i in range(spec.num_chunks):
+    if present[i] and not valid[i] and write:
+      log(f"{chunk_path(out_dir, i)} is damaged (not the rows this study writes): computing "
+          "that chunk again")
+  finished = parallel.agree(np.asarray(valid))
+  todo = [i for i in range(spec.num_chunks) if not finished[i]]
+  if write:
+    os.makedirs(os.path.join(out_dir, ROWS_DIR), exist_ok=True)
+  done_items = len(spec.sources) * sum(
+      len(spec.chunk(i)) for i in range(spec.num_chunks) if i not in todo)
+  log(f"{spec.num_items} items ({len(spec.sources)} sources x {len(spec.attributes)} attributes "
+      f"x {len(spec.seeds)} seeds) in {spec.num_chunks} chunks; {len(todo)} to do, "
+      f"{mesh.size} device(s), batch {spec.batch_size} padded to {size}")
+  # The rate counts from the end of the first computed chunk, so it excludes compilation.
+  start, computed, first_done = time.perf_counter(), 0, done_items
+  for index in todo:
+    units = spec.chunk(index)
+    padded = units + [units[-1]] * (size - len(units))
+    if unit_inputs is None:
+      drawn = noise.draw(jax.random.key(spec.sampling.rng_seed),
+                         np.asarray([s for _, s in padded]),
+                         latent_shape, sigma)
+    else:
+      drawn = unit_inputs(padded)
+    values, rendered = evaluate(inputs, parallel.shard(np.asarray([a for a, _ in padded]), mesh),
+                                parallel.shard(np.asarray(drawn.x_T), mesh),
+                                parallel.shard(np.asarray(drawn.noise), mesh, axis=1))
+    keep = parallel.mask(len(units), size) > 0  # padding is computed, never reported
+    values = {k: parallel.to_host(v)[keep] for k, v in values.items()}
+    samples = [j for j, (_, seed) in enumerate(units) if seed in grid_seeds]
+    pixels = images.to_uint8(parallel.to_host(rendered)) if samples else None
+    if write:
+      for j in samples:
+        a, seed = units[j]
+        for c, label in enumerate(labels):
+          path = sample_path(out_dir, spec.attributes[a].name, seed, label)
+          os.makedirs(os.path.dirname(path), exist_ok=True)
+          workdir.write_atomic(path, images.png_bytes(pixels[j, c]))
+      rows = chunk_rows(spec, units, values)
+      workdir.write_atomic(chunk_path(out_dir, index),
+                           "".join(json.dumps(r) + "\n" for r in rows).encode())
+    computed += 1
+    done_items += len(units) * len(spec.sources)
+    now = time.perf_counter()
+    if computed == 1:  # includes compilation; later chunks are timed from here
+      rate = (done_items - first_done) / (now - start)
+      start, first_done = now, done_items
+    else:
+      rate = (done_items - first_done) / (now - start)
+    log(f"chunk {index + 1}/{spec.num_chunks} done: {done_items}/{spec.num_items} items, "
+        f"{rate:.2f} items/s, ETA {(spec.num_items - done_items) / rate:.1f}s")
+  return computed
+
+
+def merge_rows(out_dir: str, spec: study.StudySpec) -> list[dict[str, Any]]:
+  """Every row in the fixed order (chunk by chunk); checks that each item is there once."""
+  rows = []
+  for i in range(spec.num_chunks):
+    chunk = read_chunk(chunk_path(out_dir, i), spec, i)
+    if chunk is None:
+      raise errors.UserError(
+          f"{chunk_path(out_dir, i)} is missing or damaged: rerun the same command to compute "
+          "it again.")
+    rows += chunk
+  return rows
