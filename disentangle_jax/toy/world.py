@@ -15,6 +15,7 @@ Folder of a trained world (``WEIGHTS_DIR`` ships one):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -228,3 +229,28 @@ def load(root: str = WEIGHTS_DIR) -> ToyWorld:
     raise ValueError(f"toy world {root}: {e} To {hint}") from None
   judge_config, judge_params = judge.load(os.path.join(root, JUDGE_DIR), hint)
   return ToyWorld(sd, lm, judge_config, judge_params, root)
+
+
+def _world_root(path) -> str | None:
+  """The world folder that ``path`` (a model.path or clip_path) is part of, if any."""
+  if not path:
+    return None
+  parent = os.path.dirname(os.path.normpath(os.path.abspath(os.path.expanduser(path))))
+  if parent == os.path.normpath(WEIGHTS_DIR) or os.path.isfile(os.path.join(parent, MADE_FILE)):
+    return parent
+  return None
+
+
+@contextlib.contextmanager
+def rebuild_hint(path):
+  """Around loading ``path``: if it belongs to a toy world, a missing file is reported up
+  front and any loading error names how to rebuild the world (one message, same type)."""
+  root = _world_root(path)
+  if root is None:
+    yield
+    return
+  check_world(root)
+  try:
+    yield
+  except (ValueError, OSError) as e:
+    raise type(e)(f"{e} To rebuild the toy world: {REBUILD}.") from None
