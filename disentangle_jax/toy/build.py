@@ -35,6 +35,21 @@ def fingerprint(cfg: train.TrainConfig) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def stage_fingerprint(cfg: train.TrainConfig, name: str) -> str:
+  """What a stage's checkpoint depends on: the data, the sizes, the VAE (every stage uses its
+  latents or reconstructions) and the stage's own settings. A finished stage is reused by a
+  config that changes only other stages."""
+  c = dataclasses.asdict(cfg)
+  deps = {k: c[k] for k in ("seed", "dataset_size", "sizes", "kl_weight", "vae")}
+  deps["stage"] = dataclasses.asdict(cfg.stage(name))
+  if name == "judge":
+    deps["judge"] = c["judge"]
+  if name == "diffusion":
+    deps["uncond_prob"] = cfg.uncond_prob
+  blob = json.dumps(deps, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def claim_workdir(cfg: train.TrainConfig, workdir: str) -> bool:
   """Records cfg in workdir, or checks it equals the recorded one. True if already built."""
   path = pathlib.Path(workdir) / CONFIG_FILE
@@ -74,7 +89,8 @@ def build(cfg: train.TrainConfig, workdir: str, log: Callable, provenance: dict)
 
   def stage(name, loss_fn, p, make_batch):
     t0 = time.time()
-    p, histories[name] = train.run_stage(name, cfg, loss_fn, p, make_batch, ckpt(name), fp, log)
+    p, histories[name] = train.run_stage(name, cfg, loss_fn, p, make_batch, ckpt(name),
+                                         stage_fingerprint(cfg, name), log)
     seconds[name] = round(time.time() - t0, 1)
     return p
 

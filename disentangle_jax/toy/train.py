@@ -49,8 +49,8 @@ class TrainConfig:
   sizes: world.Sizes = world.Sizes()
   judge: judge_lib.JudgeConfig = judge_lib.JudgeConfig()
   vae: StageConfig = StageConfig(900, 16, 2e-3)
-  judge_stage: StageConfig = StageConfig(400, 64, 2e-3)
-  clip: StageConfig = StageConfig(600, 64, 1e-3)
+  judge_stage: StageConfig = StageConfig(1500, 64, 2e-3)
+  clip: StageConfig = StageConfig(2000, 64, 1e-3)
   diffusion: StageConfig = StageConfig(3000, 32, 1e-3)
   kl_weight: float = 1e-5
   uncond_prob: float = 0.1
