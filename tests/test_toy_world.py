@@ -44,26 +44,41 @@ def test_captions_round_trip_and_are_single_tokens():
     scenes.render(np.array([[0, 9, 0, 0]]), [0])
 
 
+class _Killed(Exception):
+  pass
+
+
 def test_stage_resumes_exactly_and_refuses_other_config(tmp_path):
   cfg = train.TrainConfig(dataset_size=64, judge_stage=train.StageConfig(4, 8, 1e-3),
                           checkpoint_every=2, log_every=2)
   data = train.make_data(cfg)
   params = judge_lib.init(cfg.judge, 0)
-  loss = lambda p, b, k: train.judge_loss(cfg.judge, p, b, k)  # noqa: E731
-  batches = lambda k: {"images": train.to_unit(data.images[train.batch_indices(  # noqa: E731
-      cfg, "judge", k, 64)]), "factors": data.factors[train.batch_indices(cfg, "judge", k, 64)]}
-  full, _ = train.run_stage("judge", cfg, loss, params, batches, str(tmp_path / "a"), "x", print)
-  half = dataclasses.replace(cfg, judge_stage=train.StageConfig(2, 8, 1e-3))
-  train.run_stage("judge", half, loss, params, batches, str(tmp_path / "b"), "x", print)
-  # Same checkpoint folder, full config: resumes at step 2 (same lr schedule needs same steps).
+
+  def loss(p, b, k):
+    return train.judge_loss(cfg.judge, p, b, k)
+
+  def batches(k, kill_at=None):
+    if k == kill_at:
+      raise _Killed()
+    idx = train.batch_indices(cfg, "judge", k, len(data.factors))
+    return {"images": train.to_unit(data.images[idx]), "factors": data.factors[idx]}
+
+  full, hist, _ = train.run_stage("judge", cfg, loss, params, batches, str(tmp_path / "a"), "x",
+                               print)
+  with pytest.raises(_Killed):  # killed after the step-2 checkpoint
+    train.run_stage("judge", cfg, loss, params, lambda k: batches(k, kill_at=3),
+                    str(tmp_path / "b"), "x", print)
+  resumed, hist_b, _ = train.run_stage("judge", cfg, loss, params, batches, str(tmp_path / "b"),
+                                    "x", print)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert hist == hist_b
   with pytest.raises(ValueError, match="another training config"):
     train.run_stage("judge", cfg, loss, params, batches, str(tmp_path / "b"), "y", print)
-  build.claim_workdir(cfg, str(tmp_path / "w"))
   assert not build.claim_workdir(cfg, str(tmp_path / "w"))
+  assert not build.claim_workdir(cfg, str(tmp_path / "w"))  # same config: resume
   with pytest.raises(ValueError, match="another training config"):
     build.claim_workdir(dataclasses.replace(cfg, seed=1), str(tmp_path / "w"))
-  leaves = jax.tree.leaves(full)
-  assert all(np.all(np.isfinite(x)) for x in leaves)
 
 
 @needs_weights

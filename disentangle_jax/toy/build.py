@@ -88,10 +88,8 @@ def build(cfg: train.TrainConfig, workdir: str, log: Callable, provenance: dict)
   seconds, histories = {}, {}
 
   def stage(name, loss_fn, p, make_batch):
-    t0 = time.time()
-    p, histories[name] = train.run_stage(name, cfg, loss_fn, p, make_batch, ckpt(name),
-                                         stage_fingerprint(cfg, name), log)
-    seconds[name] = round(time.time() - t0, 1)
+    p, histories[name], seconds[name] = train.run_stage(
+        name, cfg, loss_fn, p, make_batch, ckpt(name), stage_fingerprint(cfg, name), log)
     return p
 
   vae_p = stage("vae", functools.partial(train.vae_loss, sd.vae, cfg.kl_weight), params["vae"],
@@ -133,7 +131,7 @@ def build(cfg: train.TrainConfig, workdir: str, log: Callable, provenance: dict)
   final_sd = world.build_sd(cfg.sizes, size, scale, {"unet": diff_p["unet"], "vae": vae_p,
                                                      "text_encoder": diff_p["text_encoder"]}, tok)
   made = dict(provenance, seed=cfg.seed, fingerprint=fp, train_seconds=seconds,
-              total_seconds=round(time.time() - t_start, 1),
+              this_process_seconds=round(time.time() - t_start, 1),
               final_losses={k: h[-1][1] for k, h in histories.items()},
               latent_scale=scale, config=dataclasses.asdict(cfg))
   out = pathlib.Path(workdir) / WORLD_DIR
@@ -150,5 +148,5 @@ def build(cfg: train.TrainConfig, workdir: str, log: Callable, provenance: dict)
     (pathlib.Path(workdir) / "losses.png").write_bytes(plots.curves_plot(histories))
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
-  log(f"wrote {out} in {made['total_seconds']}s; final losses {made['final_losses']}")
+  log(f"wrote {out} in {made['this_process_seconds']}s; final losses {made['final_losses']}")
   return made

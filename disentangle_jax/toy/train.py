@@ -49,8 +49,8 @@ class TrainConfig:
   sizes: world.Sizes = world.Sizes()
   judge: judge_lib.JudgeConfig = judge_lib.JudgeConfig()
   vae: StageConfig = StageConfig(900, 16, 2e-3)
-  judge_stage: StageConfig = StageConfig(1500, 64, 2e-3)
-  clip: StageConfig = StageConfig(2000, 64, 1e-3)
+  judge_stage: StageConfig = StageConfig(1000, 64, 2e-3)
+  clip: StageConfig = StageConfig(1200, 64, 1e-3)
   diffusion: StageConfig = StageConfig(3000, 32, 1e-3)
   kl_weight: float = 1e-5
   uncond_prob: float = 0.1
@@ -142,13 +142,15 @@ def run_stage(name: str, cfg: TrainConfig, loss_fn: Callable, params, make_batch
               ckpt_dir: str, fingerprint: str, log: Callable):
   """Trains ``params`` for cfg.stage(name).steps steps, resuming from ``ckpt_dir``.
 
-  Returns (params, history) with history = [[step, loss], ...] every log_every steps.
+  Returns (params, history, seconds): history = [[step, loss], ...] every log_every steps;
+  seconds = training time over all runs of the stage (None if an old checkpoint lacks it).
   """
   stage = cfg.stage(name)
   tx = _optimizer(stage)
+  params = jax.tree.map(jnp.copy, params)  # the step donates its inputs: keep the caller's
   opt_state = tx.init(params)
   ckpt = checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint_every)
-  start, history = 0, []
+  start, history, before = 0, [], 0.0
   restored = ckpt.restore({"params": params, "opt": opt_state})
   if restored is not None:
     state, meta = restored
@@ -157,6 +159,7 @@ def run_stage(name: str, cfg: TrainConfig, loss_fn: Callable, params, make_batch
                        "--workdir (a run never mixes configs).")
     params, opt_state = state["params"], state["opt"]
     start, history = int(meta["step"]), [list(h) for h in meta["history"]]
+    before = meta.get("seconds")
     log(f"{name}: resumed at step {start}/{stage.steps}")
   step_fn = jax.jit(functools.partial(train_step, loss_fn, tx), donate_argnums=(0, 1))
   base = jax.random.key(cfg.seed)
@@ -175,11 +178,13 @@ def run_stage(name: str, cfg: TrainConfig, loss_fn: Callable, params, make_batch
       log(f"{name}: step {done}/{stage.steps} loss {mean:.5f} "
           f"{rate:.1f} steps/s ETA {(stage.steps - done) / rate:.0f}s")
     if done % cfg.checkpoint_every == 0 or done == stage.steps:
+      seconds = None if before is None else round(before + time.time() - t0, 1)
       ckpt.save(done, {"params": params, "opt": opt_state},
-                {"step": done, "history": history, "fingerprint": fingerprint}, force=True)
+                {"step": done, "history": history, "fingerprint": fingerprint,
+                 "seconds": seconds}, force=True)
   ckpt.wait()
   ckpt.close()
-  return params, history
+  return params, history, (before if start == stage.steps else seconds)
 
 
 def to_unit(images_uint8) -> np.ndarray:
