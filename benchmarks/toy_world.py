@@ -37,8 +37,11 @@ from disentangle_jax import disentangle, images, loss_models, metrics, mixing, m
 from disentangle_jax import noise, optimize, parallel, pipeline, sampler, schedule, study  # noqa
 from disentangle_jax.toy import evaluate, scenes, world  # noqa: E402
 
-# attribute: the c0 factors (shape, colour, position) of its preset.
-PRESETS = {"smiling": (0, 3, 0), "wooden": (1, 0, 1), "snow": (2, 1, 0), "night": (0, 2, 1)}
+from configs import toy as toy_configs  # noqa: E402
+
+# attribute name in the renderer: configs/toy.py preset (c0, attribute text, seed, T*, late).
+PRESETS = {"smiling": toy_configs.PRESETS["smiling"], "wooden": toy_configs.PRESETS["wooden"],
+           "snow": toy_configs.PRESETS["snow"], "night": toy_configs.PRESETS["night"]}
 METRICS = ("attribute_success", "content_preserved", "combined", "directional_clip",
            "content_distance")
 
@@ -63,9 +66,9 @@ def render_columns(w, c0, c1, seeds, lams: dict, num_steps: int) -> dict:
   return out
 
 
-def learn(w, c0, text, seeds, args, together: bool) -> np.ndarray:
-  """Learned lambda [S, T] (one per seed) or [T] (one for all seeds)."""
-  common = dict(prompt=c0, attribute=text, t_star=args.t_init, num_steps=args.num_steps,
+def learn(w, c0, text, seeds, args, t_init: int, together: bool) -> np.ndarray:
+  """Learned lambda [S, T] (one per seed) or [T] (one for all seeds), from a switch at t_init."""
+  common = dict(prompt=c0, attribute=text, t_star=t_init, num_steps=args.num_steps,
                 guidance=evaluate.GUIDANCE, loss=optimize.LossConfig(preprocess="standard"),
                 optimizer=optimize.OptimizerConfig(iterations=args.iterations))
   if together:
@@ -107,7 +110,8 @@ def main():
   parser.add_argument("--seeds", type=int, default=32)
   parser.add_argument("--num_steps", type=int, default=50)
   parser.add_argument("--t_stars", default="10,20,30")
-  parser.add_argument("--t_init", type=int, default=20, help="hard-switch init of learning")
+  parser.add_argument("--t_init", type=int, default=0,
+                      help="hard-switch init of learning; 0 = the preset's T* (configs/toy.py)")
   parser.add_argument("--iterations", type=int, default=10)
   parser.add_argument("--batch_seeds", type=int, default=8)
   parser.add_argument("--attributes", default=",".join(PRESETS))
@@ -124,15 +128,16 @@ def main():
   for name in args.attributes.split(","):
     t0 = time.time()
     attribute = scenes.ATTRIBUTES.index(name)
-    c0 = scenes.caption(PRESETS[name] + (0,))
-    c1 = scenes.caption(PRESETS[name] + (attribute,))
-    text = scenes.ATTRIBUTE_TEXT[name]
+    c0, text, _, t_star, _ = PRESETS[name]
+    c1 = c0 + text
+    assert scenes.parse_caption(c1)[3] == attribute, (c1, name)
+    t_init = args.t_init or round(t_star * args.num_steps / 50)
     lams = {"original": np.zeros(args.num_steps), "c1": np.ones(args.num_steps)}
     lams.update({f"switch {t}": mixing.hard_switch(args.num_steps, t) for t in t_stars})
     if not args.no_learn:
-      per_seed = learn(w, c0, text, seeds, args, together=False)  # [S, T]
+      per_seed = learn(w, c0, text, seeds, args, t_init, together=False)  # [S, T]
       lams["learned"] = per_seed.T
-      lams["batch"] = learn(w, c0, text, seeds[:args.batch_seeds], args, together=True)
+      lams["batch"] = learn(w, c0, text, seeds[:args.batch_seeds], args, t_init, together=True)
       lams["transfer"] = per_seed[0]
     columns = render_columns(w, c0, c1, seeds, lams, args.num_steps)
     scores = score(w, attribute, c0, c1, columns)

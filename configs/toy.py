@@ -19,12 +19,13 @@ from configs import disentangle
 TOY_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "disentangle_jax", "toy", "weights")
 
-# name: (c0, attribute appended to make c1, seed, T*, lambda_late).
+# name: (c0, attribute appended to make c1, seed, T*, lambda_late). T* from the hard-switch
+# table of benchmarks/toy_world.py (the global style "night" needs an earlier switch).
 PRESETS = {
     "snow": ("a photo of a red circle on the left", ", covered by snow", 42, 20, 1.0),
     "smiling": ("a photo of a yellow circle on the left", ", smiling", 42, 20, 1.0),
     "wooden": ("a photo of a red square on the right", ", wooden", 42, 20, 1.0),
-    "night": ("a photo of a blue circle on the right", ", at night", 42, 20, 1.0),
+    "night": ("a photo of a blue circle on the right", ", at night", 42, 10, 1.0),
 }
 
 
