@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from disentangle_jax import disentangle, images, loss_models, metrics, mixing, models  # noqa
 from disentangle_jax import noise, optimize, parallel, pipeline, sampler, schedule, study  # noqa
-from disentangle_jax.toy import evaluate, scenes, world  # noqa: E402
+from disentangle_jax.toy import evaluate, judge, scenes, world  # noqa: E402
 
 from configs import toy as toy_configs  # noqa: E402
 
@@ -98,7 +98,6 @@ def score(w, attribute: int, c0, c1, columns: dict) -> dict:
     m = metrics.item_metrics(nets, lm.params, jnp.asarray(original), jnp.asarray(imgs),
                              jnp.broadcast_to(text[0], (n, text.shape[1])),
                              jnp.broadcast_to(text[1], (n, text.shape[1])))
-    from disentangle_jax.toy import judge  # noqa: PLC0415
     out[name] = {**judge.score_edits(pred0, evaluate.judge_predict(w, imgs), attribute),
                  **{k: np.asarray(v) for k, v in m.items()}}
   return out
@@ -133,7 +132,7 @@ def main():
     assert scenes.parse_caption(c1)[3] == attribute, (c1, name)
     t_init = args.t_init or round(t_star * args.num_steps / 50)
     lams = {"original": np.zeros(args.num_steps), "c1": np.ones(args.num_steps)}
-    lams.update({f"switch {t}": mixing.hard_switch(args.num_steps, t) for t in t_stars})
+    lams.update({f"T*{t}": mixing.hard_switch(args.num_steps, t) for t in t_stars})
     if not args.no_learn:
       per_seed = learn(w, c0, text, seeds, args, t_init, together=False)  # [S, T]
       lams["learned"] = per_seed.T
@@ -144,6 +143,7 @@ def main():
     for method, ms in scores.items():
       sel = slice(1, None) if method == "transfer" else slice(None)  # transfer: other seeds
       table.append([name, method] + [_fmt(study.interval(ms[k][sel])) for k in METRICS])
+      print(" | ".join(table[-1]), flush=True)
     rows = [[images.to_uint8(columns[m][i]) for m in columns] for i in range(args.figure_seeds)]
     images.grid(rows, list(columns), [str(s) for s in seeds[:args.figure_seeds]]).save(
         os.path.join(args.out, f"{name}.png"))

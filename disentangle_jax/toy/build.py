@@ -18,8 +18,6 @@ import shutil
 import time
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from transformers.models.clip import modeling_flax_clip
 

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from transformers.models.clip import modeling_flax_clip
 
 from disentangle_jax import checkpoint, losses, models, schedule
 from disentangle_jax.toy import judge as judge_lib
