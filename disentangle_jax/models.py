@@ -415,18 +415,20 @@ def _tiny_merges() -> list[tuple[str, str]]:
   return merges
 
 
-def write_tiny_tokenizer(directory) -> None:
+def write_tiny_tokenizer(directory, merges: Sequence[tuple[str, str]] | None = None,
+                         max_length: int = _SD_MAX_LENGTH) -> None:
   """Writes the tiny byte-level BPE tokenizer (vocab.json, merges.txt, tokenizer_config.json).
 
   The vocabulary has CLIP's layout: the 256 byte symbols, the same with "</w>", one token per
   merge, then <|startoftext|> and <|endoftext|>. ``CLIPTokenizer.from_pretrained(directory)``
-  loads it offline.
+  loads it offline. ``merges`` replaces the tiny words' merges (the toy world's vocabulary);
+  ``max_length`` is the context length written to tokenizer_config.json.
   """
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   symbols = list(tokenization_clip.bytes_to_unicode().values())
   vocab = symbols + [s + "</w>" for s in symbols]
-  merges = _tiny_merges()
+  merges = _tiny_merges() if merges is None else list(merges)
   vocab += ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
   (directory / "vocab.json").write_text(
       json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
@@ -434,7 +436,7 @@ def write_tiny_tokenizer(directory) -> None:
       "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
   (directory / "tokenizer_config.json").write_text(json.dumps({
       "tokenizer_class": "CLIPTokenizer",
-      "model_max_length": _SD_MAX_LENGTH,
+      "model_max_length": max_length,
       "bos_token": "<|startoftext|>",
       "eos_token": "<|endoftext|>",
       "pad_token": "<|endoftext|>",

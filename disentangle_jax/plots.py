@@ -85,3 +85,20 @@ def study_plot(summary: Sequence[dict], metric_names: Sequence[str]) -> bytes:
   fig.suptitle("each source over all attributes and seeds; error bars: 95% interval of the mean "
                "(mean +- 1.96 std / sqrt(n))", fontsize=8)
   return _png(plt, fig)
+
+
+def curves_plot(histories: dict) -> bytes:
+  """One panel per named curve {name: [[step, value], ...]} (log scale). Returns PNG bytes."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # noqa: PLC0415
+  names = list(histories)
+  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), dpi=100,
+                           squeeze=False)
+  for ax, name in zip(axes[0], names):
+    h = np.asarray(histories[name], np.float64).reshape(-1, 2)
+    ax.plot(h[:, 0], h[:, 1])
+    ax.set_yscale("log")
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+  return _png(plt, fig)

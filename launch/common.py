@@ -308,7 +308,9 @@ def as_paths(value) -> tuple[str, ...]:
 
 def load_model(model_cfg):
   from disentangle_jax import models  # noqa: PLC0415
-  return models.load(models.ModelConfig(**model_cfg.to_dict()))
+  from disentangle_jax.toy import world  # noqa: PLC0415
+  with world.rebuild_hint(model_cfg.path):  # toy-world weights: errors say how to rebuild
+    return models.load(models.ModelConfig(**model_cfg.to_dict()))
 
 
 def encode_pair(model, prompt: str, target: str):
@@ -319,8 +321,10 @@ def encode_pair(model, prompt: str, target: str):
 
 def load_loss_models(loss_cfg, tokenizer):
   from disentangle_jax import loss_models  # noqa: PLC0415
-  return loss_models.load_loss_models(loss_models.LossModelConfig(**loss_cfg.to_dict()),
-                                      tokenizer=tokenizer)
+  from disentangle_jax.toy import world  # noqa: PLC0415
+  with world.rebuild_hint(loss_cfg.clip_path):
+    return loss_models.load_loss_models(loss_models.LossModelConfig(**loss_cfg.to_dict()),
+                                        tokenizer=tokenizer)
 
 
 def sampling(cfg):

@@ -1,0 +1,48 @@
+r"""Train the toy world from scratch (VAE, judge, toy CLIP, text encoder + UNet).
+
+  python -m launch.train_toy --config=configs/train_toy.py --workdir=workdir/toy
+  python -m launch.train_toy --config=configs/train_toy.py:smoke --workdir=/tmp/toy_smoke
+
+The world lands in <workdir>/world; copy it to disentangle_jax/toy/weights to ship it.
+":smoke" runs every stage for a few steps (checks the program end to end in minutes).
+"""
+import ml_collections
+
+
+def _stage(steps, batch, lr):
+  return ml_collections.ConfigDict(dict(steps=steps, batch=batch, lr=lr))
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  if arg not in ("", "smoke"):
+    raise ValueError(f"configs/train_toy.py has no variant {arg!r}; use '' or 'smoke'.")
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # every random number of the run (data, init, batches, noise) derives from it
+  c.dataset_size = 12000  # rendered training scenes (stream 0 of the renderer)
+  c.vae = _stage(900, 16, 2e-3)  # AutoencoderKL: steps, batch, Adam lr (cosine to 10%)
+  c.judge_stage = _stage(1000, 64, 2e-3)  # judge classifier
+  c.clip = _stage(1200, 64, 1e-3)  # toy CLIP, contrastive over the 120 captions
+  c.diffusion = _stage(3000, 32, 1e-3)  # text encoder + UNet, epsilon prediction
+  c.kl_weight = 1e-5  # weight of the VAE's KL term (SD's VAE is near-deterministic too)
+  c.uncond_prob = 0.1  # captions replaced by "" (classifier-free guidance training)
+  c.checkpoint_every = 200  # steps between checkpoints of each stage (resume after a kill)
+  c.log_every = 50  # steps between progress lines (loss, steps/s, ETA)
+  c.sizes = ml_collections.ConfigDict(dict(
+      unet_channels=(32, 64),  # UNet block widths (multiples of 32)
+      unet_heads=4,  # UNet attention heads
+      vae_channels=(16, 32, 32),  # VAE block widths: 3 blocks = 32 px -> 8 x 8 latents
+      vae_groups=8,  # VAE GroupNorm groups
+      text_width=64,  # text encoder width = UNet cross-attention width
+      text_layers=2,  # text encoder layers
+      clip_width=64,  # toy CLIP tower widths
+      clip_layers=2,  # toy CLIP layers per tower
+      clip_patch=4,  # toy CLIP patch size
+      clip_projection=32,  # toy CLIP embedding width
+  ))
+  if arg == "smoke":
+    c.dataset_size = 256
+    for name in ("vae", "judge_stage", "clip", "diffusion"):
+      c[name].steps = 4
+    c.checkpoint_every = 2
+    c.log_every = 2
+  return c

@@ -1,0 +1,1 @@
+"""The toy world: a procedural scene renderer, small SD-family models trained on it, a judge."""

