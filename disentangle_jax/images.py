@@ -9,6 +9,8 @@ from PIL import Image, ImageDraw  # noqa: F401  (Image is re-exported)
 # Pixels between grid cells and the height of the column-label band.
 GRID_PAD = 2
 LABEL_HEIGHT = 14
+# Grid cells are enlarged (whole factors, nearest neighbour) to at least this many px.
+MIN_CELL = 128
 
 
 def to_uint8(images) -> np.ndarray:
@@ -20,10 +22,22 @@ def to_uint8(images) -> np.ndarray:
 
 
 def grid(rows: Sequence[Sequence[np.ndarray]], column_labels: Sequence[str] | None = None,
-         row_labels: Sequence[str] | None = None) -> Image.Image:
-  """Tiles uint8 images [h, w, 3] (rows x columns, all the same size) into one PIL image."""
+         row_labels: Sequence[str] | None = None, min_cell: int = MIN_CELL) -> Image.Image:
+  """Tiles uint8 images [h, w, 3] (rows x columns, all the same size) into one PIL image.
+
+  Cells smaller than ``min_cell`` px are enlarged by a whole factor (nearest neighbour: every
+  model pixel stays visible as a block) so small models' images and the labels stay legible.
+  """
   if len(rows) == 0 or len(rows[0]) == 0:
     raise ValueError("grid needs at least one image.")
+  h0, w0 = rows[0][0].shape[:2]
+  for i, row in enumerate(rows):
+    for j, img in enumerate(row):
+      if img.shape[:2] != (h0, w0):
+        raise ValueError(f"grid image ({i}, {j}) has size {img.shape[:2]}, expected {(h0, w0)}.")
+  factor = max(1, -(-min_cell // max(h0, w0)))
+  rows = [[np.repeat(np.repeat(img, factor, axis=0), factor, axis=1) for img in row]
+          for row in rows]
   h, w = rows[0][0].shape[:2]
   n_rows, n_cols = len(rows), max(len(r) for r in rows)
   top = LABEL_HEIGHT if column_labels else 0
