@@ -120,4 +120,15 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    """Waits for pending saves and stops orbax's threads (idempotent)."""
+    if self._manager is not None:
+      self._manager.close()
+      self._manager = None
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    # Also on errors and Ctrl-C: orbax's background threads must end before the program
+    # removes or reports anything, or they print tracebacks after the one-line error.
+    self.close()

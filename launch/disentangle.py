@@ -24,7 +24,7 @@ _CONFIG, _WORKDIR = common.define_flags("configs/disentangle.py")
 
 
 def _run(cfg, out_dir):
-  from disentangle_jax import checkpoint, disentangle, errors, images, parallel, pipeline  # noqa
+  from disentangle_jax import checkpoint, disentangle, images, parallel, pipeline  # noqa
   from disentangle_jax import plots  # noqa: PLC0415
   with common.user_errors():
     checkpoint.check_save_every(cfg.checkpoint_every)
@@ -34,30 +34,26 @@ def _run(cfg, out_dir):
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
     ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint_every)
+  with ckpt:  # closed on every exit: a refusal, an error, Ctrl-C
     identity = common.identity(cfg, latent_shape=list(shape))
-    try:
+    with common.user_errors():
       disentangle.check_resumable(ckpt, spec, identity)  # before any compilation
-    except errors.UserError:
-      ckpt.close()  # orbax's background cleanup ends before the one-line exit, not during it
-      raise
-  mesh = parallel.make_mesh()
-  for e in edits:
-    logging.info("c0=%r c1=%r seeds=%s", e.prompt, e.target_prompt, e.seeds)
-  logging.info("%d edit(s), %d steps, latents %s, %d device(s)", len(edits),
-               spec.shared.sampling.num_steps, shape, mesh.size)
-  prep = disentangle.prepare(model, loss_models, spec, shape, mesh)
-  iter_dir = os.path.join(out_dir, "iterations")
-  os.makedirs(iter_dir, exist_ok=True)
+    mesh = parallel.make_mesh()
+    for e in edits:
+      logging.info("c0=%r c1=%r seeds=%s", e.prompt, e.target_prompt, e.seeds)
+    logging.info("%d edit(s), %d steps, latents %s, %d device(s)", len(edits),
+                 spec.shared.sampling.num_steps, shape, mesh.size)
+    prep = disentangle.prepare(model, loss_models, spec, shape, mesh)
+    iter_dir = os.path.join(out_dir, "iterations")
+    os.makedirs(iter_dir, exist_ok=True)
 
-  def on_iteration(k, metrics, imgs):
-    common.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.png"),
-                        common.png(images.grid([list(images.to_uint8(imgs))])))
-    common.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.json"), json.dumps(metrics))
+    def on_iteration(k, metrics, imgs):
+      common.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.png"),
+                          common.png(images.grid([list(images.to_uint8(imgs))])))
+      common.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.json"), json.dumps(metrics))
 
-  lam, history, prev_lam = disentangle.optimise(
-      prep, spec, ckpt, on_iteration, logging.info,
-      identity=identity)
-  ckpt.close()
+    lam, history, prev_lam = disentangle.optimise(prep, spec, ckpt, on_iteration, logging.info,
+                                                  identity=identity)
   edited = images.to_uint8(disentangle.final_images(prep, spec, lam, prev_lam))
   original = images.to_uint8(prep.problem.reference[:prep.num_items])
 

@@ -73,10 +73,10 @@ def _run(cfg, out_dir):
     with common.user_errors():
       ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints", key[:16]),
                                      cfg.checkpoint_every)
-    lam, history, prev_lam = disentangle.optimise(
-        prep, spec, ckpt, log=logging.info,
-        identity=common.identity(cfg, latent_shape=list(shape), image_key=key))
-    ckpt.close()
+    with ckpt:  # closed on every exit: a refusal, an error, Ctrl-C
+      lam, history, prev_lam = disentangle.optimise(
+          prep, spec, ckpt, log=logging.info,
+          identity=common.identity(cfg, latent_shape=list(shape), image_key=key))
   use = prev_lam if spec is not None and spec.faithful else lam
   edit = inversion.make_edit_fn(
       models.make_eps_fn(model.unet, model.config),

@@ -128,15 +128,15 @@ def test_switch_refuses_mismatched_lambda_files(tmp_path, cli, kind, message):
 
 def test_disentangle_several_attributes_in_one_run(tmp_path, cli):
   out = cli.run("disentangle", tmp_path, "--config.attributes=smile,snow",
-             "--config.seeds=1,2", "--config.num_steps=24", "--config.optimizer.iterations=2")
+             "--config.seeds=1,2", "--config.num_steps=10", "--config.optimizer.iterations=2")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "2 edit(s)" in out.stderr
-  # The presets' T* (20 and 12 of 50 steps) follow the step count: 10 and 6 of 24.
-  for name, target, t_star in (("smile", "A photo of person, smiling", 10),
-                               ("snow", "A photo of church exterior, covered by snow", 6)):
+  # The presets' T* (20 and 12 of 50 steps) follow the step count: 4 and 2 of 10.
+  for name, target, t_star in (("smile", "A photo of person, smiling", 4),
+                               ("snow", "A photo of church exterior, covered by snow", 2)):
     w = json.loads((tmp_path / name / "weights.json").read_text())
-    assert w["target_prompt"] == target and w["seeds"] == [1, 2] and len(w["lambda"]) == 24
-    assert w["init_lambda"] == [0.0] * t_star + [1.0] * (24 - t_star)
+    assert w["target_prompt"] == target and w["seeds"] == [1, 2] and len(w["lambda"]) == 10
+    assert w["init_lambda"] == [0.0] * t_star + [1.0] * (10 - t_star)
     assert [h["iteration"] for h in w["loss_history"]] == [1, 2]
     for image in ("original.png", "edited.png", "pair.png"):
       assert (tmp_path / name / image).is_file()

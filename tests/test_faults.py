@@ -43,7 +43,7 @@ def _snapshot(folder) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------
 # Bad flags, config values and presets: refused before any work, no workdir left behind.
 
-@pytest.mark.parametrize("module,args,message", [
+BAD_SETTINGS = [
     ("disentangle", ["--config.num_step=10"], "did you mean 'num_steps'"),
     ("disentangle", ["--config=configs/disentangle.py:smiel"], "no preset 'smiel'; presets: "),
     ("edit", ["--config=configs/edit.py:smiel"], "no preset 'smiel'"),
@@ -57,11 +57,16 @@ def _snapshot(folder) -> dict[str, str]:
     ("switch", ["--config.seeds=1,a"], "seeds=1,a is not a list of integers"),
     ("disentangle", ["--coordinator=localhost:1", "--num_processes=2"], "runs in one process"),
     ("switch", ["--nosuchflag=1"], "unknown flag --nosuchflag"),
-])
-def test_bad_settings_are_one_line_and_leave_no_workdir(tmp_path, cli, module, args, message):
-  out = cli.run(module, tmp_path / "wd", *args)
-  _refused(out, message)
-  assert not (tmp_path / "wd").exists()
+]
+
+
+def test_bad_settings_are_one_line_and_leave_no_workdir(tmp_path, cli):
+  # Every case is refused before any JAX work, so they run side by side.
+  outs = cli.run_all([(module, tmp_path / f"wd{i}", args)
+                      for i, (module, args, _) in enumerate(BAD_SETTINGS)])
+  for i, ((module, args, message), out) in enumerate(zip(BAD_SETTINGS, outs)):
+    _refused(out, message)
+    assert not (tmp_path / f"wd{i}").exists(), (module, args)
 
 
 def test_show_config_lists_fields_with_values_and_comments(tmp_path, cli):
@@ -129,8 +134,9 @@ def test_process_zero_without_its_peer_is_one_line(tmp_path, cli):
 # ------------------------------------------------------------------------------------------
 # One writer per workdir; a resumed run never mixes settings; a damaged checkpoint falls back.
 
-DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=2",
-               "--config.optimizer.iterations=3")
+# The program of tests/test_cli.py (same steps and shapes): compiled once per test session.
+DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
+               "--config.t_star=2", "--config.optimizer.iterations=3")
 
 
 def test_one_writer_identity_on_resume_and_checkpoint_fallback(tmp_path, cli):
@@ -148,10 +154,8 @@ def test_one_writer_identity_on_resume_and_checkpoint_fallback(tmp_path, cli):
   expected = json.loads((wd / "weights.json").read_text())
   before = _snapshot(wd)
 
-  for change, field in (("--config.model.tiny_seed=1", "model.tiny_seed"),
-                        ("--config.loss_models.tiny_seed=1", "loss_models.tiny_seed"),
-                        ("--config.num_steps=3", "num_steps: saved 2, now 3"),
-                        ("--config.image_size=128", "image_size: saved 0, now 128")):
+  for change, field in (("--config.model.tiny_seed=1", "model.tiny_seed: saved 0, now 1"),
+                        ("--config.num_steps=3", "num_steps: saved 4, now 3")):
     out = cli.run("disentangle", wd, *DISENTANGLE, change)
     _refused(out, field)
     assert "was saved by a run with other settings" in out.stderr
@@ -171,6 +175,37 @@ def test_one_writer_identity_on_resume_and_checkpoint_fallback(tmp_path, cli):
   out = cli.run("disentangle", wd, *DISENTANGLE)
   _refused(out, "can be read")
   assert f"delete {wd / 'checkpoints'}" in out.stderr
+
+
+def test_identity_covers_models_files_and_sizes(tmp_path):
+  from configs import disentangle as presets  # pylint: disable=import-outside-toplevel
+  from disentangle_jax import errors, run_identity  # pylint: disable=import-outside-toplevel
+  cfg = presets.get_config("smile")
+  base = run_identity.of_config(cfg.to_dict(), {"latent_shape": [8, 8, 4]})
+  changed = []
+  for field, value in (("loss_models.tiny_seed", 1), ("image_size", 128),
+                       ("model.dtype", "bfloat16"), ("model.attention", "chunked"),
+                       ("loss.beta", 0.03), ("prompt", "A photo of face")):
+    other = cfg.copy_and_resolve_references()
+    section, _, leaf = field.rpartition(".")
+    (other[section] if section else other)[leaf] = value
+    with pytest.raises(errors.RunMismatch, match=field.replace(".", r"\.") + ": saved"):
+      run_identity.check(base, run_identity.of_config(other.to_dict(), {"latent_shape": [8, 8, 4]}),
+                         "w", "use a new --workdir")
+    changed.append(field)
+  assert len(changed) == 6
+  other = cfg.copy_and_resolve_references()
+  other.checkpoint_every = 5  # cannot change results: not part of the identity
+  run_identity.check(base, run_identity.of_config(other.to_dict(), {"latent_shape": [8, 8, 4]}),
+                     "w", "x")
+  model = tmp_path / "sd"
+  (model / "unet").mkdir(parents=True)
+  (model / "unet" / "w.msgpack").write_bytes(b"a" * 100)
+  cfg.model.path = str(model)
+  before = run_identity.of_config(cfg.to_dict())
+  (model / "unet" / "w.msgpack").write_bytes(b"b" * 100)  # replaced in place, same size
+  with pytest.raises(errors.RunMismatch, match=r"model\.path#content"):
+    run_identity.check(before, run_identity.of_config(cfg.to_dict()), "w", "x")
 
 
 def test_ctrl_c_is_one_line_saying_the_run_resumes(tmp_path, cli):
@@ -229,23 +264,26 @@ def test_source_labels_avoid_the_baselines():
     weights_file.unique_labels(["/c1.json"], reserved, key=study.file_label)
 
 
-STUDY = ("--config.num_steps=2", "--config.t_stars=1", "--config.include_c1=False",
-         "--config.attributes=smile", "--config.seeds=0,1", "--config.batch_size=1")
+# The study of tests/test_study.py (same sources, batch and steps): compiled once per session.
+STUDY = ("--config.num_steps=4", "--config.t_stars=2", "--config.attributes=smile,snow",
+         "--config.seeds=0,1,2", "--config.batch_size=2", "--config.grid_seeds=2")
 
 
 def test_study_refuses_another_model_and_recomputes_damaged_chunks(tmp_path, cli):
   wd = tmp_path / "wd"
-  first = cli.run("study", wd, *STUDY)
+  _weights(tmp_path / "learned.json", (0.0, 1.0, 1.0, 1.0), num_steps=4)
+  study = STUDY + (f"--config.weights_files={tmp_path / 'learned.json'}",)
+  first = cli.run("study", wd, *study)
   assert first.returncode == 0, first.stderr[-3000:]
   rows = (wd / "rows.jsonl").read_text()
   before = _snapshot(wd)
-  other = cli.run("study", wd, *STUDY, "--config.model.tiny_seed=1")
+  other = cli.run("study", wd, *study, "--config.model.tiny_seed=1")
   _refused(other, "model.tiny_seed: saved 0, now 1")
   assert "different study" in other.stderr
   assert _snapshot(wd) == before
 
-  (wd / "rows" / "chunk_00001.jsonl").write_text('{"source": "T*=1", "attr')  # tampered
-  again = cli.run("study", wd, *STUDY)
+  (wd / "rows" / "chunk_00001.jsonl").write_text('{"source": "T*=2", "attr')  # tampered
+  again = cli.run("study", wd, *study)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "chunk_00001.jsonl is damaged" in again.stderr and "1 to do" in again.stderr
   assert (wd / "rows.jsonl").read_text() == rows
