@@ -1,6 +1,6 @@
 r"""Reproducibility of the shipped toy world: retrain with its recorded seed, compare losses.
 
-  python benchmarks/toy_reproduce.py --workdir=/tmp/toy_repro [--rtol 0.05]
+  python benchmarks/toy_reproduce.py --workdir=workdir/toy_repro [--rtol 0.05]
 
 Runs `python -m launch.train_toy --config=configs/train_toy.py --config.seed=<made.json seed>`
 into a fresh workdir (about an hour on a 2-core CPU) and prints each stage's final loss next to

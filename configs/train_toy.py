@@ -1,7 +1,7 @@
 r"""Train the toy world from scratch (VAE, judge, toy CLIP, text encoder + UNet).
 
   python -m launch.train_toy --config=configs/train_toy.py --workdir=workdir/toy
-  python -m launch.train_toy --config=configs/train_toy.py:smoke --workdir=/tmp/toy_smoke
+  python -m launch.train_toy --config=configs/train_toy.py:smoke --workdir=workdir/toy_smoke
 
 The world lands in <workdir>/world; copy it to disentangle_jax/toy/weights to ship it.
 ":smoke" runs every stage for a few steps (checks the program end to end in minutes).

@@ -148,41 +148,41 @@ def run_stage(name: str, cfg: TrainConfig, loss_fn: Callable, params, make_batch
   tx = _optimizer(stage)
   params = jax.tree.map(jnp.copy, params)  # the step donates its inputs: keep the caller's
   opt_state = tx.init(params)
-  ckpt = checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint_every)
-  start, history, before = 0, [], 0.0
-  restored = ckpt.restore({"params": params, "opt": opt_state})
-  if restored is not None:
-    state, meta = restored
-    if meta.get("fingerprint") != fingerprint:
-      raise ValueError(f"{ckpt_dir} holds a checkpoint of another training config; use a new "
-                       "--workdir (a run never mixes configs).")
-    params, opt_state = state["params"], state["opt"]
-    start, history = int(meta["step"]), [list(h) for h in meta["history"]]
-    before = meta.get("seconds")
-    log(f"{name}: resumed at step {start}/{stage.steps}")
-  step_fn = jax.jit(functools.partial(train_step, loss_fn, tx), donate_argnums=(0, 1))
-  base = jax.random.key(cfg.seed)
-  t0, losses_since = time.time(), []
-  for step in range(start, stage.steps):
-    batch = make_batch(step)
-    key = jax.random.fold_in(jax.random.fold_in(base, STAGES.index(name)), step)
-    params, opt_state, value = step_fn(params, opt_state, batch, key)
-    losses_since.append(value)
-    done = step + 1
-    if done % cfg.log_every == 0 or done == stage.steps:
-      mean = float(np.mean(jax.device_get(losses_since)))
-      losses_since = []
-      history.append([done, mean])
-      rate = (done - start) / (time.time() - t0)
-      log(f"{name}: step {done}/{stage.steps} loss {mean:.5f} "
-          f"{rate:.1f} steps/s ETA {(stage.steps - done) / rate:.0f}s")
-    if done % cfg.checkpoint_every == 0 or done == stage.steps:
-      seconds = None if before is None else round(before + time.time() - t0, 1)
-      ckpt.save(done, {"params": params, "opt": opt_state},
-                {"step": done, "history": history, "fingerprint": fingerprint,
-                 "seconds": seconds}, force=True)
-  ckpt.wait()
-  ckpt.close()
+  # Closed on every exit (also an exception mid-stage): pending saves finish before anyone
+  # else opens this folder.
+  with checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint_every) as ckpt:
+    start, history, before = 0, [], 0.0
+    restored = ckpt.restore({"params": params, "opt": opt_state})
+    if restored is not None:
+      state, meta = restored
+      if meta.get("fingerprint") != fingerprint:
+        raise ValueError(f"{ckpt_dir} holds a checkpoint of another training config; use a new "
+                         "--workdir (a run never mixes configs).")
+      params, opt_state = state["params"], state["opt"]
+      start, history = int(meta["step"]), [list(h) for h in meta["history"]]
+      before = meta.get("seconds")
+      log(f"{name}: resumed at step {start}/{stage.steps}")
+    step_fn = jax.jit(functools.partial(train_step, loss_fn, tx), donate_argnums=(0, 1))
+    base = jax.random.key(cfg.seed)
+    t0, losses_since = time.time(), []
+    for step in range(start, stage.steps):
+      batch = make_batch(step)
+      key = jax.random.fold_in(jax.random.fold_in(base, STAGES.index(name)), step)
+      params, opt_state, value = step_fn(params, opt_state, batch, key)
+      losses_since.append(value)
+      done = step + 1
+      if done % cfg.log_every == 0 or done == stage.steps:
+        mean = float(np.mean(jax.device_get(losses_since)))
+        losses_since = []
+        history.append([done, mean])
+        rate = (done - start) / (time.time() - t0)
+        log(f"{name}: step {done}/{stage.steps} loss {mean:.5f} "
+            f"{rate:.1f} steps/s ETA {(stage.steps - done) / rate:.0f}s")
+      if done % cfg.checkpoint_every == 0 or done == stage.steps:
+        seconds = None if before is None else round(before + time.time() - t0, 1)
+        ckpt.save(done, {"params": params, "opt": opt_state},
+                  {"step": done, "history": history, "fingerprint": fingerprint,
+                   "seconds": seconds}, force=True)
   return params, history, (before if start == stage.steps else seconds)
 
 
