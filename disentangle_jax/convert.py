@@ -24,6 +24,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from disentangle_jax import errors
+
 NAMINGS = ("diffusers", "transformers")
 
 # diffusers' attention projections: PyTorch name -> Flax name.
@@ -166,3 +168,13 @@ def cast_floating(params, dtype) -> Any:
     return x.astype(dtype, copy=False) if floating else x
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: cast(v) for k, v in flat.items()})
+
+
+def import_torch(what: str, fix: str):
+  """torch, imported only to read a pickled PyTorch file (the library never needs it
+  otherwise). Without torch: errors.UserError "<what> needs torch (pip install ...); <fix>"."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  # optional: pickled files only
+  except ImportError:
+    raise errors.UserError(f"{what} needs torch (pip install torch==2.13.0); {fix}") from None
+  return torch

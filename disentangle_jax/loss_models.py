@@ -32,7 +32,7 @@ from flax import traverse_util
 from transformers import modeling_flax_pytorch_utils
 from transformers.models.clip import modeling_flax_clip
 
-from disentangle_jax import errors, library_logs, losses
+from disentangle_jax import convert, library_logs, losses
 
 Params = Any
 
@@ -240,12 +240,8 @@ def vgg_params_from_state_dict(state: Mapping[str, np.ndarray],
 
 
 def _read_pickle_state_dict(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise errors.UserError(
-        f"reading the pickled VGG16 checkpoint {path} needs torch (pip install torch==2.13.0); "
-        "or convert it once to .safetensors and drop allow_pickle.") from None
+  torch = convert.import_torch(f"reading the pickled VGG16 checkpoint {path}",
+                               "or convert it once to .safetensors and drop allow_pickle.")
   state = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state, Mapping):
     raise ValueError(

@@ -512,13 +512,9 @@ def _find_weights(component: pathlib.Path, candidates, allow_pickle: bool):
   raise FileNotFoundError(f"{component} has no weight file; looked for {looked_for}.")
 
 
-def _import_torch(path: pathlib.Path):
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ValueError(f"{path} is a PyTorch .bin file and reading it needs torch "
-                     "(pip install torch==2.13.0), or convert it to safetensors.") from None
-  return torch
+def _import_torch_for(path: pathlib.Path):
+  return convert.import_torch(f"reading the PyTorch .bin file {path}",
+                              "or convert it to safetensors.")
 
 
 def _read_pickle(path: pathlib.Path, torch) -> dict[str, np.ndarray]:
@@ -532,7 +528,7 @@ def _load_component(component: pathlib.Path, candidates, naming: str, shape_tree
   """Reads one component's weights as a nested numpy dict matching ``shape_tree``."""
   kind, path = _find_weights(component, candidates, allow_pickle)
   logger.info("Reading %s", path)
-  torch = _import_torch(path) if kind == "pickle" else None
+  torch = _import_torch_for(path) if kind == "pickle" else None
   try:
     if kind == "msgpack":
       state = flax.serialization.msgpack_restore(path.read_bytes())

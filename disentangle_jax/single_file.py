@@ -41,6 +41,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from disentangle_jax import convert
+
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".safetensors", ".ckpt")
@@ -167,12 +169,8 @@ def _one_line(error: Exception, limit: int = 200) -> str:
 
 
 def _import_torch(path: pathlib.Path):
-  try:
-    import torch  # pylint: disable=g-import-not-at-top  # optional: only for .ckpt files
-  except ImportError:
-    raise ValueError(f"{path} is a PyTorch .ckpt file and reading it needs torch "
-                     "(pip install torch==2.13.0); or convert it to .safetensors.") from None
-  return torch
+  return convert.import_torch(f"reading the PyTorch .ckpt file {path}",
+                              "or convert it to .safetensors.")
 
 
 # ----------------------------------------------------------------------------------------------

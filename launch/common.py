@@ -391,9 +391,3 @@ def png(image) -> bytes:
   buf = io.BytesIO()
   image.save(buf, format="PNG")
   return buf.getvalue()
-
-
-def write_atomic(path: str, data) -> None:
-  """Writes a whole file under a temporary name, then renames it into place."""
-  from disentangle_jax import workdir  # noqa: PLC0415
-  workdir.write_atomic(path, data)

@@ -25,7 +25,7 @@ _CONFIG, _WORKDIR = common.define_flags("configs/disentangle.py")
 
 def _run(cfg, out_dir):
   from disentangle_jax import checkpoint, disentangle, images, parallel, pipeline  # noqa
-  from disentangle_jax import plots  # noqa: PLC0415
+  from disentangle_jax import plots, workdir  # noqa: PLC0415
   with common.user_errors():
     checkpoint.check_save_every(cfg.checkpoint_every)
     names, spec = common.edit_set(cfg)  # K edits learned together (K = 1: the preset)
@@ -48,16 +48,15 @@ def _run(cfg, out_dir):
     os.makedirs(iter_dir, exist_ok=True)
 
     def on_iteration(k, metrics, imgs):
-      common.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.png"),
-                          common.png(images.grid([list(images.to_uint8(imgs))])))
-      common.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.json"), json.dumps(metrics))
+      workdir.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.png"),
+                           common.png(images.grid([list(images.to_uint8(imgs))])))
+      workdir.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.json"), json.dumps(metrics))
 
     lam, history, prev_lam = disentangle.optimise(prep, spec, ckpt, on_iteration, logging.info,
                                                   identity=identity)
   edited = images.to_uint8(disentangle.final_images(prep, spec, lam, prev_lam))
   original = images.to_uint8(prep.problem.reference[:prep.num_items])
 
-  from disentangle_jax import workdir  # noqa: PLC0415
   with workdir.staged(out_dir) as out:
     start = 0
     for k, (name, e) in enumerate(zip(names, edits)):  # one folder per edit when several
