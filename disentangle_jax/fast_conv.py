@@ -15,6 +15,17 @@ reading the module's own ``kernel`` / ``bias``: parameter trees are unchanged, a
 convolution falls through to Flax. Forward mode (``jax.jvp``) is not supported through
 ``conv`` (it is a ``custom_vjp``); use ``model.conv = "xla"`` for that.
 
+Hoisting the flip (``model.conv = "fast_hoisted"``): the flipped kernel is a function of the
+frozen weights only, yet ``conv``'s backward recomputes it at every step of the backward scan
+(XLA's loop-invariant code motion leaves reverse/transpose chains in the loop: it deems them
+not worth hoisting). ``prepare(params)`` computes every conv kernel's flipped form once,
+outside the loop, as an extra leaf ``kernel_bwd`` next to each 4-D ``kernel``; the sampler
+calls it before its scan (``eps_fn.prepare``). The interceptor then uses ``conv_prepared``,
+whose backward reads ``kernel_bwd`` instead of flipping. Same numbers as ``conv`` (the same
+convolutions on the same values); the saved params trees and checkpoints are unchanged (the
+extra leaves exist only inside the traced program, and are removed as dead code where nothing
+is differentiated). Cost: a second copy of the conv kernels lives while the gradient runs.
+
 Shapes: N batch, H W spatial, I input features, O output features (NHWC x HWIO -> NHWC).
 """
 from __future__ import annotations
@@ -68,10 +79,14 @@ def _conv_fwd(x, kernel, strides, padding, precision):
 
 def _conv_bwd(strides, padding, precision, residuals, g):
   x, kernel = residuals
+  # [kh, kw, O, I]: reversed in space, features swapped, materialised in HWIO order.
+  return _grads(x, kernel, flip(kernel), strides, padding, precision, g)
+
+
+def _grads(x, kernel, flipped, strides, padding, precision, g):
+  """(dx, dkernel) of the convolution, dx through the flipped kernel [kh, kw, O, I]."""
   pads = tuple(input_grad_padding(x.shape[1 + a], kernel.shape[a], strides[a], g.shape[1 + a],
                                   padding[a]) for a in range(2))
-  # [kh, kw, O, I]: reversed in space, features swapped, materialised in HWIO order.
-  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
   dx = lax.conv_general_dilated(g, flipped, (1, 1), pads, lhs_dilation=strides,
                                 precision=precision, dimension_numbers=_DIMENSION_NUMBERS)
   # The kernel gradient (unused, so removed, when only activations are differentiated).
@@ -81,6 +96,52 @@ def _conv_bwd(strides, padding, precision, residuals, g):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+BWD_KERNEL = "kernel_bwd"  # the name of prepare()'s extra leaf, next to a conv's "kernel"
+
+
+def flip(kernel: jax.Array) -> jax.Array:
+  """[kh, kw, I, O] -> [kh, kw, O, I]: reversed in space, features swapped (input gradient's)."""
+  return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def conv_prepared(x: jax.Array, kernel: jax.Array, kernel_bwd: jax.Array,
+                  strides: tuple[int, int], padding: Padding, precision=None) -> jax.Array:
+  """``conv`` whose backward uses ``kernel_bwd`` (= ``flip(kernel)``, precomputed) for dx.
+
+  The output does not depend on ``kernel_bwd``: its cotangent is zero.
+  """
+  del kernel_bwd
+  return _plain(x, kernel, strides, padding, precision)
+
+
+def _prepared_fwd(x, kernel, kernel_bwd, strides, padding, precision):
+  return _plain(x, kernel, strides, padding, precision), (x, kernel, kernel_bwd)
+
+
+def _prepared_bwd(strides, padding, precision, residuals, g):
+  x, kernel, kernel_bwd = residuals
+  dx, dkernel = _grads(x, kernel, kernel_bwd, strides, padding, precision, g)
+  return dx, dkernel, jnp.zeros_like(kernel_bwd)
+
+
+conv_prepared.defvjp(_prepared_fwd, _prepared_bwd)
+
+
+def prepare(params):
+  """``params`` with ``kernel_bwd = flip(kernel)`` beside every 4-D ``kernel`` (nested dicts).
+
+  Other leaves and trees without conv kernels pass through unchanged (same objects).
+  """
+  if not hasattr(params, "items"):
+    return params
+  out = {key: prepare(value) for key, value in params.items()}
+  kernel = out.get("kernel")
+  if getattr(kernel, "ndim", 0) == 4 and BWD_KERNEL not in out:
+    out[BWD_KERNEL] = flip(kernel)
+  return out
 
 
 def _pairs(value, n: int = 2) -> tuple[int, ...]:
@@ -130,7 +191,11 @@ def intercept(next_fun, args, kwargs, context):
   kernel = module.get_variable("params", "kernel")
   bias = module.get_variable("params", "bias") if module.use_bias else None
   x, kernel, bias = module.promote_dtype(args[0], kernel, bias, dtype=module.dtype)
-  y = conv(x, kernel, strides, padding, module.precision)
+  if module.has_variable("params", BWD_KERNEL):  # prepare()d: the flip was hoisted
+    kernel_bwd = module.get_variable("params", BWD_KERNEL).astype(kernel.dtype)
+    y = conv_prepared(x, kernel, kernel_bwd, strides, padding, module.precision)
+  else:
+    y = conv(x, kernel, strides, padding, module.precision)
   if bias is not None:
     y = y + bias
   return y

@@ -145,6 +145,13 @@ def check_inputs(x_T, noise, cond, uncond, tables) -> int:
   return num_steps
 
 
+def prepare_params(eps_fn: EpsFn, params):
+  """``eps_fn.prepare(params)`` if ``eps_fn`` has one, else ``params``: loop-invariant weight
+  transforms (``fast_conv.prepare``'s flipped kernels), computed once outside the scan."""
+  prepare = getattr(eps_fn, "prepare", None)
+  return params if prepare is None else prepare(params)
+
+
 def _ddim_step(eps_fn, params, uncond, guidance, x, xs):
   t, alpha, alpha_prev, sigma, noise_i, cond_i = xs
   e = cfg_eps(eps_fn, params, x, t, cond_i, uncond, guidance)
@@ -197,6 +204,7 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
   PLMS is deterministic: it ignores ``tables.sigma`` but still adds ``noise``.
   """
   num_steps = check_inputs(x_T, noise, cond, uncond, tables)
+  params = prepare_params(eps_fn, params)
   dtype = x_T.dtype
   tb = _tables_as_arrays(tables, dtype)
   guidance = jnp.asarray(guidance, dtype)
