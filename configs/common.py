@@ -14,7 +14,7 @@ def model_config() -> ml_collections.ConfigDict:
       allow_pickle=False,  # allow PyTorch .bin (pickle) weights; off by default: pickle can run code
       dtype="float32",  # compute dtype: float32 | bfloat16 | float64
       attention="standard",  # "standard" | "chunked" (memory-efficient) | "dot_product" (jax.nn)
-      conv="fast",  # "fast" (custom-VJP conv: fast backward inside the sampler's scan) | "xla"
+      conv="fast",  # "fast" (custom-VJP conv) | "fast_hoisted" (+ flips out of the loop) | "xla"
       block_remat="none",  # remat inside UNet/VAE: "none" | "blocks" | "layers" (less memory)
       tiny_seed=0,  # seed of the built-in tiny random model
   ))

@@ -22,6 +22,8 @@ PLAIN = dict(conv="xla")
 OPTIONS = {
     "blocks": (dict(block_remat="blocks"), 1e-10),
     "layers": (dict(block_remat="layers"), 1e-10),
+    "hoisted_layers": (dict(conv="fast_hoisted", block_remat="layers"), 1e-10),
+    "chunked": (dict(attention="chunked"), 1e-10),
     "dot_product": (dict(attention="dot_product"), 1e-6),
 }
 STEPS = 2
@@ -78,6 +80,16 @@ def test_block_remat_is_in_the_program(tiny_model, level):
   grad = jax.grad(lambda x: eps(tiny_model.params["unet"], x, 1, emb).sum())
   jaxpr = str(jax.make_jaxpr(grad)(x))
   assert jaxpr.count("optimization_barrier") >= 4  # one per remat.recompute_in_backward
+
+
+def test_hoisted_eps_fn_prepares_and_accepts_both_trees(tiny_model):
+  eps = models.make_eps_fn(tiny_model.unet, models.ModelConfig(conv="fast_hoisted"))
+  params = tiny_model.params["unet"]
+  prepared = sampler.prepare_params(eps, params)
+  assert len(jax.tree.leaves(prepared)) > len(jax.tree.leaves(params))
+  x, emb = jnp.ones((2, 8, 8, 4)), jnp.ones((2, 77, 32))
+  np.testing.assert_array_equal(eps(prepared, x, 1, emb), eps(params, x, 1, emb))
+  assert sampler.prepare_params(models.make_eps_fn(tiny_model.unet), params) is params
 
 
 @pytest.mark.parametrize("field,value", [("conv", "cudnn"), ("block_remat", "all"),

@@ -35,7 +35,7 @@ def run_options(config: ModelConfig):
   """
   interceptors = [remat_lib.interceptor(config.block_remat),
                   attention_lib.intercept if config.attention == "dot_product" else None,
-                  fast_conv.intercept if config.conv == "fast" else None]
+                  fast_conv.intercept if config.conv in ("fast", "fast_hoisted") else None]
   with contextlib.ExitStack() as stack:
     for interceptor in interceptors:
       if interceptor is not None:
@@ -47,7 +47,9 @@ def make_eps_fn(unet, config: ModelConfig = ModelConfig()) -> Callable:
   """Wraps the UNet as eps_fn(params, x [N,H,W,C], t [] or [N] int, emb [N,L,D]) -> [N,H,W,C].
 
   Closes over the module and the static ``config`` (its conv / block_remat / attention run
-  options) only. The output has the module's compute dtype.
+  options) only. The output has the module's compute dtype. With conv "fast_hoisted" it has
+  ``eps_fn.prepare = fast_conv.prepare``, which the sampler applies to the params once, outside
+  its scan (``sampler.prepare_params``); eps_fn accepts params with or without it.
   """
   @library_logs.quietly
   def eps_fn(params, x, t, emb):
@@ -58,6 +60,8 @@ def make_eps_fn(unet, config: ModelConfig = ModelConfig()) -> Callable:
     with run_options(config):
       out = unet.apply({"params": params}, jnp.transpose(x, (0, 3, 1, 2)), t, emb).sample
     return jnp.transpose(out, (0, 2, 3, 1))
+  if config.conv == "fast_hoisted":
+    eps_fn.prepare = fast_conv.prepare
   return eps_fn
 
 

@@ -10,7 +10,7 @@ from disentangle_jax import remat as remat_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 ATTENTIONS = ("standard", "chunked", "dot_product")
-CONVS = ("fast", "xla")
+CONVS = ("fast", "fast_hoisted", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ModelConfig:
   allow_pickle: bool = False  # opt-in to read PyTorch .bin (pickle) weights (needs torch)
   dtype: str = "float32"  # networks' weights/activations: float32 | bfloat16 (mixed) | float64
   attention: str = "standard"  # "standard" | "chunked" (memory-efficient) | "dot_product" (jax.nn)
-  conv: str = "fast"  # "fast" (fast_conv: custom_vjp, fast backward in loops) | "xla" (plain)
+  conv: str = "fast"  # "fast" (fast_conv custom_vjp) | "fast_hoisted" (fast_conv.prepare) | "xla"
   block_remat: str = "none"  # remat inside UNet / VAE: a key of remat.LEVELS
   tiny_seed: int = 0  # seed of the tiny random model's weights
   tiny_latent_size: int = 8  # default latent H = W of the tiny model (images 8x larger)
