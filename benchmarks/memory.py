@@ -24,9 +24,11 @@ Variants (``--variants``):
   step_bf16_chunked
   step_chunked_split, step_bf16_chunked_split
                   + the CFG batch of 2 run as two batch-1 UNet calls, each under its own
-                  jax.checkpoint (nested in the step's): the step's backward holds one half's
+                  remat.recompute_in_backward (nested in the step's; plain jax.checkpoint
+                  is merged back into the forward by XLA:CPU's CSE, see remat.py): the step's
+                  backward holds one half's
                   activations at a time, for one extra UNet forward per step
-  step_chunked_vae, step_bf16_chunked_vae   + jax.checkpoint around the VAE decoder
+  step_chunked_vae, step_bf16_chunked_vae   + remat.recompute_in_backward around the decoder
   step_chunked_blocks, step_chunked_layers, step_bf16_chunked_layers
                   + remat inside the UNet and the VAE decoder (model.block_remat "blocks":
                   per down/mid/up block and transformer block; "layers": per ResNet,
@@ -60,7 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
-from disentangle_jax import loss_models, losses, models, optimize, pipeline, sampler, schedule
+from disentangle_jax import (loss_models, losses, models, optimize, pipeline, remat, sampler,
+                             schedule)
 from sd_configs import SCALING_FACTOR, SD15_UNET, SD15_VAE
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
@@ -151,7 +154,7 @@ def abstract_inputs(steps: int, text_dtype):
 
 def split_cfg(eps_fn):
   """eps_fn that runs its batch [2B] as two [B] calls, each rematerialised on its own."""
-  half = jax.checkpoint(eps_fn, policy=jax.checkpoint_policies.nothing_saveable)
+  half = remat.recompute_in_backward(eps_fn, skip_tie=(0,))
 
   def fn(params, x, t, emb):
     b = x.shape[0] // 2
@@ -179,7 +182,7 @@ def grad_program(unet, vae, variant: Variant):
   """
   decode = models.make_decode_fn(vae, SCALING_FACTOR, variant.model_config)
   if variant.vae_remat:
-    decode = jax.checkpoint(decode, policy=jax.checkpoint_policies.nothing_saveable)
+    decode = remat.recompute_in_backward(decode, skip_tie=(0,))
   eps_fn = models.make_eps_fn(unet, variant.model_config)
   if variant.split_cfg:
     eps_fn = split_cfg(eps_fn)

@@ -79,8 +79,13 @@ def _conv_fwd(x, kernel, strides, padding, precision):
 
 def _conv_bwd(strides, padding, precision, residuals, g):
   x, kernel = residuals
-  # [kh, kw, O, I]: reversed in space, features swapped, materialised in HWIO order.
-  return _grads(x, kernel, flip(kernel), strides, padding, precision, g)
+  # [kh, kw, O, I]: reversed in space, features swapped, materialised in HWIO order. The exact
+  # "+ 0 * g[0]" (not foldable: g may be inf or NaN) ties the flip to this backward; without
+  # it, depending on the weights only, flips are scheduled early and kept alive (SD UNet's
+  # backward with block_remat "layers": 4.07 GiB temporaries, 3.78 GiB with the tie; XLA still
+  # moves the reverse ahead of the add for some of them).
+  tie = 0 * g.reshape(-1)[0].astype(kernel.dtype)
+  return _grads(x, kernel, flip(kernel + tie), strides, padding, precision, g)
 
 
 def _grads(x, kernel, flipped, strides, padding, precision, g):
