@@ -49,7 +49,7 @@ from shared_weights import SharedWeights, describe, size_configs
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "mid"], "Model sizes: tiny, mid (see throughput.py).")
 _STEPS = flags.DEFINE_list("steps", ["10", "50"], "Sampling step counts T.")
 _OURS = flags.DEFINE_list(
-    "ours", ["full/xla", "full/fast", "none/fast", "full/fast/blocks"],
+    "ours", ["full/xla", "full/fast", "full/fast_hoisted", "none/fast", "full/fast/blocks"],
     "Our variants as remat/conv[/block_remat] (sampler.REMAT_POLICIES / model.conv / "
     "model.block_remat).")
 _TORCH = flags.DEFINE_list("torch", ["autograd", "checkpoint"], "PyTorch rows.")
