@@ -3,8 +3,8 @@
 Step remat (``sampler.REMAT_POLICIES``) keeps the sampler's memory flat in T, but the backward
 of one CFG UNet call, and of the VAE decoder, still holds every activation of that network.
 ``interceptor(level)`` returns a ``flax.linen.intercept_methods`` interceptor that runs chosen
-sub-modules under ``jax.checkpoint``: their backward recomputes their forward from the block's
-inputs, so only block boundaries are stored.
+sub-modules under ``recompute_in_backward``: their backward recomputes their forward from the
+block's inputs, so only block boundaries are stored.
 
 Levels (``model.block_remat``):
   "none":   no interceptor.
@@ -14,25 +14,23 @@ Levels (``model.block_remat``):
             so less memory, for one more recomputation of each layer in the backward.
 
 How: the interceptor reads the sub-module's variables (at the caller's trace level), then
-calls a pure function of (variables, array arguments) under ``jax.checkpoint`` that applies an
-unbound clone of the module with those variables. Non-array arguments (``deterministic``) are
-static. Inside the clone other interceptors (fast convolution, attention) still apply, and a
+calls a pure function of (variables, array arguments) under ``recompute_in_backward`` that
+applies an unbound clone of the module with those variables. Non-array arguments
+(``deterministic``) are static. Inside the clone other interceptors (fast convolution, attention) still apply, and a
 transformer block inside a rematerialised down block is rematerialised again (nested).
 Results are the same up to float32 re-association (the recomputation is the same program).
 
-Why not plain ``jax.checkpoint``: its recomputation depends only on the block's inputs (an
-optimisation barrier over them), which exist already in the forward pass, so XLA's scheduler
-is free to run it early; XLA:CPU does, for every block (seen in the optimised HLO's order: all
-recomputations next to their forward, before the first backward convolution), which keeps
-every activation alive and makes block remat save almost nothing (the SD decoder's backward:
-5.95 -> 5.25 GiB). ``recompute_in_backward`` is a ``custom_vjp`` whose backward puts the
-saved inputs and the incoming cotangent through one ``lax.optimization_barrier`` before
-recomputing. But XLA:CPU expands optimisation barriers before its CSE pass (checked: with
-plain ``jax.checkpoint`` the recomputed layers are merged with the forward's, i.e. no remat at
-all), so the saved activations are also tied to the cotangent by an exact ``+ 0 * g[0]``
-(``_tie``): the recomputation cannot be merged with the forward, nor start before the block's
-backward does. Forward mode
-(``jax.jvp``) is not available through it (use block_remat "none" for that).
+Why not plain ``jax.checkpoint``: on XLA:CPU it does not rematerialise outside loops. Its
+recomputation is kept apart from the forward only by an optimisation barrier over the block's
+inputs, and XLA:CPU expands barriers before its CSE pass, which then merges the recomputation
+back into the forward (checked in the optimised HLO: no recomputed convolution left; the SD
+decoder's backward with "layers" needed 5.25 GiB, 5.95 without remat).
+``recompute_in_backward`` is a ``custom_vjp`` that saves the inputs and, in its backward,
+recomputes from inputs tied to the cotangent by an exact ``+ 0 * g[0]`` (``_tie``; XLA cannot
+fold it, g may be inf or NaN), also behind an optimisation barrier (for backends that keep
+them): the recomputation can be neither merged with the forward nor scheduled before the
+block's backward (the same decoder: 2.50 GiB). Forward mode (``jax.jvp``) is not available
+through it (use block_remat "none" for that).
 """
 from __future__ import annotations
 
