@@ -16,8 +16,9 @@ Levels (``model.block_remat``):
 How: the interceptor reads the sub-module's variables (at the caller's trace level), then
 calls a pure function of (variables, array arguments) under ``recompute_in_backward`` that
 applies an unbound clone of the module with those variables. Non-array arguments
-(``deterministic``) are static. Inside the clone other interceptors (fast convolution, attention) still apply, and a
-transformer block inside a rematerialised down block is rematerialised again (nested).
+(``deterministic``) are static. Inside the clone other interceptors (fast convolution,
+attention) still apply, and a transformer block inside a rematerialised down block is
+rematerialised again (nested).
 Results are the same up to float32 re-association (the recomputation is the same program).
 
 Why not plain ``jax.checkpoint``: on XLA:CPU it does not rematerialise outside loops. Its
