@@ -13,6 +13,12 @@ Shapes: T steps, B batch, H W C latent (NHWC), L tokens, D embedding width.
 The noise predictor is any function ``eps_fn(params, x [N,H,W,C], t [] int32, emb [N,L,D]) ->
 [N,H,W,C]`` (``models.make_eps_fn`` wraps the Flax UNet; tests use analytic predictors). CFG
 evaluates the unconditional and the conditional halves in one batched call of size 2B.
+
+What the network predicts is a property of the predictor, not of the call: a plain function
+predicts the noise epsilon; a ``Predictor(fn, "v_prediction")`` (SD 2.x 768 px) predicts
+v = sqrt(a) eps - sqrt(1 - a) x0. Guidance and PLMS' Adams-Bashforth combine the raw outputs
+(as diffusers does); ``ddim_update`` converts the combined output to (x0, eps) with the current
+sample and level, exactly as diffusers' DDIMScheduler / PNDMScheduler / DDIMInverseScheduler.
 """
 from __future__ import annotations
 
@@ -27,6 +33,33 @@ from disentangle_jax import errors
 from disentangle_jax import schedule as schedule_lib
 
 EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+PREDICTION_TYPES = schedule_lib.PREDICTION_TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """A noise-prediction network that states what it predicts (static; hashable).
+
+  Calls like the wrapped ``fn``; ``prediction_type`` is "epsilon" or "v_prediction" (the
+  model's scheduler config). Plain functions are epsilon predictors (``prediction_type_of``).
+  """
+
+  fn: Callable
+  prediction_type: str = "epsilon"
+
+  def __post_init__(self):
+    if self.prediction_type not in PREDICTION_TYPES:
+      raise errors.UserError(f"scheduler prediction_type={self.prediction_type!r} is not "
+                             f"supported; use one of {PREDICTION_TYPES}.")
+
+  def __call__(self, params, x, t, emb):
+    return self.fn(params, x, t, emb)
+
+
+def prediction_type_of(eps_fn) -> str:
+  """What ``eps_fn`` predicts: its ``prediction_type`` ("epsilon" for a plain function)."""
+  return getattr(eps_fn, "prediction_type", "epsilon")
 
 SAMPLER_KINDS = ("ddim", "plms")
 
@@ -93,12 +126,21 @@ def cfg_eps(eps_fn: EpsFn, params, x, t, cond, uncond, guidance):
   return e_u + guidance * (e_c - e_u)
 
 
-def ddim_update(x, e, alpha, alpha_prev, sigma):
+def ddim_update(x, e, alpha, alpha_prev, sigma, prediction_type: str = "epsilon"):
   """One DDIM step without its noise term: returns (x_next_mean, x0_hat).
 
   x0_hat = (x - sqrt(1 - a) e) / sqrt(a);  x_next = sqrt(a_prev) x0_hat + sqrt(1 - a_prev -
   sigma^2) e. The caller adds noise[i] (= sigma_i z_i, or an inversion residual).
+  With ``prediction_type="v_prediction"`` (static) ``e`` is v: x0_hat = sqrt(a) x - sqrt(1 - a) v
+  and the noise is sqrt(a) v + sqrt(1 - a) x (diffusers' formulas; finite at a = 0).
   """
+  if prediction_type == "v_prediction":
+    x0 = jnp.sqrt(alpha) * x - jnp.sqrt(1 - alpha) * e
+    e = jnp.sqrt(alpha) * e + jnp.sqrt(1 - alpha) * x
+    direction = jnp.sqrt(jnp.maximum(1 - alpha_prev - sigma**2, 0)) * e
+    return jnp.sqrt(alpha_prev) * x0 + direction, x0
+  if prediction_type != "epsilon":
+    raise ValueError(f"prediction_type={prediction_type!r}; use one of {PREDICTION_TYPES}.")
   x0 = (x - jnp.sqrt(1 - alpha) * e) / jnp.sqrt(alpha)
   direction = jnp.sqrt(jnp.maximum(1 - alpha_prev - sigma**2, 0)) * e
   return jnp.sqrt(alpha_prev) * x0 + direction, x0
@@ -148,20 +190,22 @@ def check_inputs(x_T, noise, cond, uncond, tables) -> int:
 def _ddim_step(eps_fn, params, uncond, guidance, x, xs):
   t, alpha, alpha_prev, sigma, noise_i, cond_i = xs
   e = cfg_eps(eps_fn, params, x, t, cond_i, uncond, guidance)
-  x_next, _ = ddim_update(x, e, alpha, alpha_prev, sigma)
+  x_next, _ = ddim_update(x, e, alpha, alpha_prev, sigma, prediction_type_of(eps_fn))
   return x_next + noise_i
 
 
 def _plms_first_step(eps_fn, params, uncond, guidance, x, t, t_next, alpha, alpha_prev, cond_0,
                      noise_0, single_step: bool):
   """PLMS step 0: a pseudo improved Euler step (one extra UNet call at t_1, same c_0)."""
+  pred = prediction_type_of(eps_fn)
   e0 = cfg_eps(eps_fn, params, x, t, cond_0, uncond, guidance)
   if single_step:  # diffusers' PNDM with one step: a plain DDIM step.
-    x_next, _ = ddim_update(x, e0, alpha, alpha_prev, 0.0)
+    x_next, _ = ddim_update(x, e0, alpha, alpha_prev, 0.0, pred)
     return x_next + noise_0, e0
-  x_pred, _ = ddim_update(x, e0, alpha, alpha_prev, 0.0)
+  x_pred, _ = ddim_update(x, e0, alpha, alpha_prev, 0.0, pred)
   e_next = cfg_eps(eps_fn, params, x_pred, t_next, cond_0, uncond, guidance)
-  x_next, _ = ddim_update(x, (e0 + e_next) / 2, alpha, alpha_prev, 0.0)
+  # Averaged raw outputs, converted with x and step 0's level (PNDM's cur_sample).
+  x_next, _ = ddim_update(x, (e0 + e_next) / 2, alpha, alpha_prev, 0.0, pred)
   return x_next + noise_0, e0
 
 
@@ -170,7 +214,7 @@ def _plms_step(eps_fn, params, uncond, guidance, carry, xs):
   t, alpha, alpha_prev, coefs, noise_i, cond_i = xs
   e = cfg_eps(eps_fn, params, x, t, cond_i, uncond, guidance)
   e_prime = coefs[0] * e + coefs[1] * hist[0] + coefs[2] * hist[1] + coefs[3] * hist[2]
-  x_next, _ = ddim_update(x, e_prime, alpha, alpha_prev, 0.0)
+  x_next, _ = ddim_update(x, e_prime, alpha, alpha_prev, 0.0, prediction_type_of(eps_fn))
   hist = jnp.concatenate([e[None], hist[:2]])
   return (x_next + noise_i, hist)
 
@@ -194,7 +238,9 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
     tables: ``schedule.step_tables(...)`` for T steps (numpy or traced arrays).
     config: static sampler kind and remat policy.
 
-  PLMS is deterministic: it ignores ``tables.sigma`` but still adds ``noise``.
+  PLMS is deterministic: it ignores ``tables.sigma`` but still adds ``noise``. A
+  ``Predictor`` with prediction_type "v_prediction" is sampled as diffusers does (module
+  docstring).
   """
   num_steps = check_inputs(x_T, noise, cond, uncond, tables)
   dtype = x_T.dtype
