@@ -37,6 +37,7 @@ def add_sampling(c: ml_collections.ConfigDict, sampler: bool = True) -> None:
   c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
   c.num_steps = 50  # sampling steps T (one weight per step; weights files must match)
   c.guidance = 7.5  # classifier-free guidance scale
+  c.negative_prompt = ""  # CFG's unconditional prompt ("" = none, the paper's); never mixed
   if sampler:
     c.sampler = "ddim"  # "ddim" | "plms" (the reference release's; weights files must match)
     c.eta = 0.0  # DDIM stochasticity (the noise is fixed per seed either way)

@@ -23,13 +23,14 @@ sample and level, exactly as diffusers' DDIMScheduler / PNDMScheduler / DDIMInve
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import errors
+from disentangle_jax import errors, mixing
 from disentangle_jax import schedule as schedule_lib
 
 EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -114,16 +115,23 @@ def cfg_eps(eps_fn: EpsFn, params, x, t, cond, uncond, guidance):
   """Classifier-free guided noise prediction in one UNet call of batch 2B.
 
   Args:
-    x: [B, H, W, C]; t: [] int; cond: [L, D] or [B, L, D]; uncond: [L, D] or [B, L, D];
+    x: [B, H, W, C]; t: [] int; cond: [L, D] or [B, L, D]; uncond: [L, D] or [B, L, D] (or
+    pytrees of such leaves, e.g. SDXL's tokens + pooled; eps_fn gets the [2B, L, D] pytree);
     guidance: [] (e = e_u + guidance * (e_c - e_u)).
   """
   b = x.shape[0]
-  cond = jnp.broadcast_to(cond, (b,) + cond.shape[-2:])
-  uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[-2:]).astype(cond.dtype)
-  e = eps_fn(params, jnp.concatenate([x, x]), t, jnp.concatenate([uncond, cond]))
+  e = eps_fn(params, jnp.concatenate([x, x]), t,
+             jax.tree.map(functools.partial(_cfg_batch, b), uncond, cond))
   e = e.astype(x.dtype)
   e_u, e_c = e[:b], e[b:]
   return e_u + guidance * (e_c - e_u)
+
+
+def _cfg_batch(b, uncond, cond):
+  """[2B, L, D]: the unconditional half, then the conditional half."""
+  cond = jnp.broadcast_to(cond, (b,) + cond.shape[-2:])
+  uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[-2:]).astype(cond.dtype)
+  return jnp.concatenate([uncond, cond])
 
 
 def ddim_update(x, e, alpha, alpha_prev, sigma, prediction_type: str = "epsilon"):
@@ -176,14 +184,18 @@ def check_inputs(x_T, noise, cond, uncond, tables) -> int:
     raise ValueError(f"noise has shape {tuple(noise.shape)}; expected [T, B, H, W, C] = "
                      f"{(num_steps,) + tuple(x_T.shape)} (T = {num_steps} steps, x_T "
                      f"{tuple(x_T.shape)}).")
-  if cond.ndim not in (3, 4) or cond.shape[0] != num_steps:
-    raise ValueError(f"cond has shape {tuple(cond.shape)}; expected [T, L, D] or [T, B, L, D] "
-                     f"with T = {num_steps} (one embedding per step: mixing.mix).")
-  if cond.ndim == 4 and cond.shape[1] != x_T.shape[0]:
-    raise ValueError(f"cond has batch {cond.shape[1]} but x_T has batch {x_T.shape[0]}.")
-  if tuple(uncond.shape[-2:]) != tuple(cond.shape[-2:]):
-    raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond's embeddings are "
-                     f"{tuple(cond.shape[-2:])} [L, D]: encode both with the same text encoder.")
+  if jax.tree.structure(cond) != jax.tree.structure(uncond):
+    raise ValueError(f"cond is {jax.tree.structure(cond)} but uncond is "
+                     f"{jax.tree.structure(uncond)}: encode both with the same model.")
+  for cond, uncond in zip(jax.tree.leaves(cond), jax.tree.leaves(uncond)):
+    if cond.ndim not in (3, 4) or cond.shape[0] != num_steps:
+      raise ValueError(f"cond has shape {tuple(cond.shape)}; expected [T, L, D] or [T, B, L, D] "
+                       f"with T = {num_steps} (one embedding per step: mixing.mix).")
+    if cond.ndim == 4 and cond.shape[1] != x_T.shape[0]:
+      raise ValueError(f"cond has batch {cond.shape[1]} but x_T has batch {x_T.shape[0]}.")
+    if tuple(uncond.shape[-2:]) != tuple(cond.shape[-2:]):
+      raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond's embeddings are "
+                       f"{tuple(cond.shape[-2:])} [L, D]: encode both with the same text encoder.")
   return num_steps
 
 
@@ -232,8 +244,9 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
     params: its parameters (a pytree; traced).
     x_T: [B, H, W, C] initial latents.
     noise: [T, B, H, W, C] added after step i's deterministic update.
-    cond: [T, L, D] or [T, B, L, D] conditional embedding of each step.
-    uncond: [L, D] (or [B, L, D]) unconditional embedding, never mixed.
+    cond: [T, L, D] or [T, B, L, D] conditional embedding of each step (or a pytree of such
+      leaves, the structure the model's eps_fn takes: ``mixing.mix``).
+    uncond: [L, D] (or [B, L, D]) unconditional embedding, never mixed (same structure).
     guidance: [] CFG scale (7.5 in the paper).
     tables: ``schedule.step_tables(...)`` for T steps (numpy or traced arrays).
     config: static sampler kind and remat policy.
@@ -263,7 +276,7 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
       lambda p, x, *a: _plms_first_step(eps_fn, p, uncond, guidance, x, *a,
                                         single_step=num_steps == 1), config.remat)
   x1, e0 = first(params, x_T, tb.timesteps[0], tb.next_timesteps[0], tb.alpha[0],
-                 tb.alpha_prev[0], cond[0], noise[0])
+                 tb.alpha_prev[0], mixing.select(cond, 0), noise[0])
   if num_steps == 1:
     return x1[None] if trajectory else x1
   coefs = np.concatenate([_PLMS_COEFS, np.repeat(_PLMS_COEFS[-1:], max(num_steps - 4, 0), 0)])
@@ -277,5 +290,6 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
   plms_body = _maybe_remat(plms_body, config.remat)
   (x0, _), xs = jax.lax.scan(
       plms_body, (x1, hist0),
-      (tb.timesteps[1:], tb.alpha[1:], tb.alpha_prev[1:], coefs, noise[1:], cond[1:]))
+      (tb.timesteps[1:], tb.alpha[1:], tb.alpha_prev[1:], coefs, noise[1:],
+       mixing.select(cond, slice(1, None))))
   return jnp.concatenate([x1[None], xs]) if trajectory else x0

@@ -57,7 +57,7 @@ def _run(cfg, out_dir):
   for note in notes:
     logging.info("input: %s", note)
 
-  prompts = common.encode_pair(model, prompt, target)
+  prompts = common.encode_pair(model, prompt, target, sampling.negative_prompt)
   inverter = inversion.make_inverter(model, inv_cfg.pin)
   inv = inversion.invert_images(inverter, model.params, pixels[None], prompts.c0, prompts.uncond,
                                 [cfg.seed], inv_cfg, model.schedule, cfg.encode_sample)
