@@ -28,10 +28,10 @@ def encode_edits(model, loss_models, edits: Sequence, negative_prompt: str = "")
   target_prompt) and the shared unconditional ``negative_prompt`` through the SD text encoder,
   c0 and c1 through CLIP's, in one call each."""
   texts = [t for e in edits for t in (e.prompt, e.target_prompt)]
-  emb = models.encode_prompts(model, texts + [negative_prompt])
+  emb, uncond = models.encode_with_negative(model, texts, negative_prompt)
   feats = loss_models_lib.encode_texts(loss_models, texts)
-  prompts = pipeline.PromptPair(*(mixing.select(emb, s) for s in (slice(0, -1, 2),
-                                                                  slice(1, -1, 2), -1)))
+  prompts = pipeline.PromptPair(mixing.select(emb, slice(0, None, 2)),
+                                mixing.select(emb, slice(1, None, 2)), uncond)
   return EncodedEdits(prompts, feats[0::2], feats[1::2])
 
 
@@ -39,7 +39,7 @@ def frozen_networks(model, loss_models) -> tuple[optimize.Networks, dict]:
   """The objective's networks (static apply functions) and their frozen parameters
   {"sd": {"unet", "vae"}, "clip", "vgg"}."""
   nets = optimize.Networks(
-      eps=models.make_eps_fn(model.unet, model.config),
+      eps=models.predictor(model),
       decode=models.make_decode_fn(model.vae, model.scaling_factor, model.config),
       clip_image=loss_models.clip_image_apply, vgg=loss_models.vgg_apply,
       clip_image_size=loss_models.clip_image_size, vgg_input_size=loss_models.vgg_input_size)

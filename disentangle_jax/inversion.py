@@ -230,7 +230,7 @@ def make_inverter(model, pin: str = "next") -> Inverter:
   from disentangle_jax import models  # noqa: PLC0415  (keeps this module free of diffusers)
   return Inverter(
       encode=jax.jit(models.make_encode_fn(model.vae, model.scaling_factor, model.config)),
-      invert=make_invert_fn(models.make_eps_fn(model.unet, model.config), pin))
+      invert=make_invert_fn(models.predictor(model), pin))
 
 
 class Inverted(NamedTuple):

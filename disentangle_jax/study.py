@@ -182,7 +182,7 @@ def prepare(model, loss_models, spec: StudySpec, mesh) -> StudyInputs:
   from disentangle_jax import loss_models as loss_models_lib  # noqa: PLC0415
   from disentangle_jax import models  # noqa: PLC0415
   texts = [p for a in spec.attributes for p in (a.prompt, a.target_prompt)]
-  emb = models.encode_prompts(model, texts + [spec.sampling.negative_prompt])
+  emb, uncond = models.encode_with_negative(model, texts, spec.sampling.negative_prompt)
   feats = loss_models_lib.encode_texts(loss_models, texts)
   lam = np.stack([mixing.constant(spec.sampling.num_steps, 0.0)] +
                  [np.asarray(s.lam, np.float32) for s in spec.sources], axis=1)
@@ -190,8 +190,8 @@ def prepare(model, loss_models, spec: StudySpec, mesh) -> StudyInputs:
   return parallel.replicate(StudyInputs(
       params={"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
               "clip": loss_models.params["clip"], "vgg": loss_models.params["vgg"]},
-      c0=mixing.select(emb, slice(0, -1, 2)), c1=mixing.select(emb, slice(1, -1, 2)),
-      uncond=mixing.select(emb, -1), text0=feats[0::2], text1=feats[1::2],
+      c0=mixing.select(emb, slice(0, None, 2)), c1=mixing.select(emb, slice(1, None, 2)),
+      uncond=uncond, text0=feats[0::2], text1=feats[1::2],
       lam=jnp.asarray(lam), guidance=jnp.asarray(spec.sampling.guidance, jnp.float32),
       tables=schedule.StepTables(*(jnp.asarray(t) for t in tables))), mesh)
 

@@ -79,7 +79,7 @@ def _run(cfg, out_dir):
           identity=common.identity(cfg, latent_shape=list(shape), image_key=key))
   use = prev_lam if spec is not None and spec.faithful else lam
   edit = inversion.make_edit_fn(
-      models.make_eps_fn(model.unet, model.config),
+      models.predictor(model),
       models.make_decode_fn(model.vae, model.scaling_factor, model.config))
   out = edit(model.params, inv.z0, inv.run, use, prompts, sampling.guidance, inv.tables)
   metrics = {
