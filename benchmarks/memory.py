@@ -64,7 +64,7 @@ import transformers
 
 from disentangle_jax import (loss_models, losses, models, optimize, pipeline, remat, sampler,
                              schedule)
-from sd_configs import SCALING_FACTOR, SD15_UNET, SD15_VAE
+from sd_configs import SCALING_FACTOR, SD15_UNET, SD15_VAE, SD21_UNET, SDXL_UNET, SDXL_VAE
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 ALL_VARIANTS = ("none", "step", "step_bf16", "step_chunked", "step_bf16_chunked",
@@ -88,6 +88,10 @@ _COMPONENTS = flags.DEFINE_list(
     f"Variants ({', '.join(COMPONENT_VARIANTS)}) whose parts are also compiled alone, to show "
     "where the peak comes from: the gradient through one CFG UNet call, through the VAE "
     "decoder and (--objective=full) through the CLIP + VGG losses. Empty to skip.")
+_FAMILIES = flags.DEFINE_list(
+    "families", [], "Also measure the lambda gradient (objective mean(images), step remat, "
+    "chunked attention, float32 and bfloat16) at other families' native sizes: sd21 (768 px), "
+    "sdxl (1024 px). Empty to skip.")
 _TARGET_GIB = flags.DEFINE_float("target_gib", 6.0, "Target for weights + temporaries (GiB).")
 _OBJECTIVE = flags.DEFINE_enum(
     "objective", "full", ["mean", "full"],
@@ -322,6 +326,53 @@ def none_rows(variant: Variant, steps: int) -> list[list]:
   return rows
 
 
+# Other families at their native size: (UNet config, VAE config, latent H = W, text
+# conditioning shapes {leaf: (L, D)} or one (L, D)).
+FAMILY_SIZES = {
+    "sd21": (SD21_UNET, SD15_VAE, 96, (77, 1024)),
+    "sdxl": (SDXL_UNET, SDXL_VAE, 128, {"tokens": (77, 2048), "pooled": (1, 1280)}),
+}
+
+
+def family_row(family: str, bf16: bool, steps: int) -> list:
+  """One row: value_and_grad of mean(decode(sample)) w.r.t. lambda [T] at ``family``'s size
+  (``models.make_eps_fn`` takes SDXL's pooled embedding and time ids), step remat + chunked
+  attention, batch 1, abstract weights."""
+  unet_cfg, vae_cfg, latent, text = FAMILY_SIZES[family]
+  dtype = jnp.bfloat16 if bf16 else jnp.float32
+  unet = diffusers.FlaxUNet2DConditionModel.from_config(
+      unet_cfg, dtype=dtype, use_memory_efficient_attention=True)
+  vae = diffusers.FlaxAutoencoderKL.from_config(vae_cfg, dtype=jnp.float32 if family == "sdxl"
+                                                else dtype)  # SDXL's VAE runs in float32
+  key = jax.random.PRNGKey(0)
+  vae_shapes = jax.eval_shape(vae.init_weights, key)
+  params = {"unet": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype),
+                                 jax.eval_shape(unet.init_weights, key)),
+            "vae": {k: vae_shapes[k] for k in _DECODER_PARAMS}}
+  emb = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, dtype), text,
+                     is_leaf=lambda x: isinstance(x, tuple))
+  eps_fn = models.make_eps_fn(unet)
+  decode = models.make_decode_fn(vae, vae_cfg["scaling_factor"])
+  render = functools.partial(pipeline.render, eps_fn, decode,
+                             config=sampler.SamplerConfig("ddim", remat="full"))
+
+  def loss(lam, params, x_T, noise, prompts, guidance, tables):
+    return jnp.mean(render(params, x_T, noise, lam, prompts, guidance, tables))
+
+  x_T = jax.ShapeDtypeStruct((1, latent, latent, 4), jnp.float32)
+  noise = jax.ShapeDtypeStruct((steps, 1, latent, latent, 4), jnp.float32)
+  lam = jax.ShapeDtypeStruct((steps,), jnp.float32)
+  start = time.perf_counter()
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(
+      lam, params, x_T, noise, pipeline.PromptPair(emb, emb, emb),
+      jax.ShapeDtypeStruct((), jnp.float32), schedule.step_tables(schedule.ScheduleConfig(),
+                                                                   steps)).compile()
+  mem = compiled.memory_analysis()
+  w, t = harness.gib(mem.argument_size_in_bytes), harness.gib(mem.temp_size_in_bytes)
+  return [f"{family} {8 * latent} px {'bf16' if bf16 else 'f32'}", steps, w, t, w + t,
+          time.perf_counter() - start]
+
+
 def print_header(steps: int) -> None:
   print("## Peak memory of value_and_grad w.r.t. lambda, SD v1.5 size (XLA:CPU estimates)\n")
   print(harness.machine_report())
@@ -379,6 +430,14 @@ def main(argv):
     print("\nNote: XLA:CPU has no native bfloat16 convolutions/matmuls and runs them in float32 "
           "(converts around each op), so its bf16 temporaries are NOT half of float32's; on "
           "GPU/TPU expect roughly half. The bf16 weights figure is exact.")
+  if _FAMILIES.value:
+    fam_rows = [family_row(f, bf16, steps) for f in _FAMILIES.value for bf16 in (False, True)]
+    print("\n## Other families at their native size: lambda gradient of mean(images), step "
+          "remat + chunked attention, batch 1\n")
+    print(harness.markdown_table(["family", "T", "weights GiB", "temporaries GiB",
+                                  "weights+temporaries GiB", "compile s"], fam_rows))
+    print("\nbf16 rows: XLA:CPU runs bf16 convolutions/matmuls in float32 (converts around each "
+          "op), so their temporaries are not half of float32's there; the weights are exact.")
   if _COMPONENTS.value:
     comp = [r for name in _COMPONENTS.value for r in component_rows(name)]
     print("\nWhere the peak comes from (each part's gradient compiled alone; the step-remat "

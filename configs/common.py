@@ -17,6 +17,7 @@ def model_config() -> ml_collections.ConfigDict:
       conv="fast",  # "fast" (custom-VJP conv) | "fast_hoisted" (+ flips out of the loop) | "xla"
       block_remat="none",  # remat inside UNet/VAE: "none" | "blocks" | "layers" (less memory)
       tiny_seed=0,  # seed of the built-in tiny random model
+      tiny_family="",  # family of the tiny random model: "" (SD 1.x layout) | "sd2" | "sdxl"
   ))
 
 
@@ -37,6 +38,7 @@ def add_sampling(c: ml_collections.ConfigDict, sampler: bool = True) -> None:
   c.rng_seed = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
   c.num_steps = 50  # sampling steps T (one weight per step; weights files must match)
   c.guidance = 7.5  # classifier-free guidance scale
+  c.negative_prompt = ""  # CFG's unconditional prompt ("" = none, the paper's); never mixed
   if sampler:
     c.sampler = "ddim"  # "ddim" | "plms" (the reference release's; weights files must match)
     c.eta = 0.0  # DDIM stochasticity (the noise is fixed per seed either way)
@@ -80,12 +82,32 @@ def steps_of_50(c: ml_collections.ConfigDict, steps: int):
   return (c.get_ref("num_steps") * steps + 25) // 50
 
 
+# Real-model settings by family (the model itself comes from --config.model.path; its family,
+# prediction type and schedule are read from the folder): native image size in px.
+SIZES = {
+    "sd": 512,  # Stable Diffusion v1.x (the paper's)
+    "sd2": 512,  # SD 2.x base (512 px, epsilon prediction)
+    "sd21": 768,  # SD 2.1 (768 px, v-prediction)
+    "sdxl": 1024,  # SDXL base (two text encoders, micro-conditioning)
+}
+
+
 def parse_preset_arg(arg: str, presets: dict, program: str) -> tuple[str, str]:
-  """"<preset>[,sd]" (the part after ":" in --config) -> (preset name, "" or "sd")."""
+  """"<preset>[,sd|,sd2|,sd21|,sdxl]" (the part after ":" in --config) -> (preset name, "" or
+  the size key of SIZES)."""
   name, _, size = arg.partition(",")
   if name not in presets:
     raise errors.UserError(f"{program} has no preset {name!r}; presets: "
                      f"{', '.join(sorted(presets))}.")
-  if size not in ("", "sd"):
-    raise errors.UserError(f"{program}: unknown size {size!r} after the preset; use ',sd'.")
+  if size and size not in SIZES:
+    raise errors.UserError(f"{program}: unknown size {size!r} after the preset; use one of "
+                           f"{', '.join(',' + s for s in SIZES)}.")
   return name, size
+
+
+def check_variant(arg: str, program: str) -> str:
+  """A "tiny" | SIZES-key variant argument of a program without presets; returns it."""
+  if arg != "tiny" and arg not in SIZES:
+    raise errors.UserError(f"{program} has no variant {arg!r}: use 'tiny' or one of "
+                           f"{', '.join(repr(s) for s in SIZES)}.")
+  return arg

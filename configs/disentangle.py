@@ -6,8 +6,10 @@ r"""Learn the per-step mixing weights of one attribute edit (METHOD.md sections 
       --config.loss_models.vgg_path=PATH/vgg16.safetensors --workdir=workdir/snow
 
 The argument after ":" is a preset name from PRESETS (the 14 settings of the reference
-release), optionally followed by ",sd" for Stable Diffusion v1.x settings (512 px, batch 1);
-without ",sd" the built-in tiny model is used (a quick demo, random weights).
+release), optionally followed by ",sd" for Stable Diffusion v1.x settings (512 px, batch 1),
+",sd2" (SD 2.x base, 512 px), ",sd21" (SD 2.1, 768 px, v-prediction) or ",sdxl" (SDXL base,
+1024 px; both text encoders); the family, prediction type and schedule are read from
+model.path. Without a size the built-in tiny model is used (a quick demo, random weights).
 
 Several attributes in one run (one lambda each, one compiled program, batch sharded):
   python -m launch.disentangle --config=configs/disentangle.py --config.attributes=smile,snow \
@@ -55,6 +57,6 @@ def get_config(arg: str = "smile") -> ml_collections.ConfigDict:
   common.add_sampling(c)  # rng_seed, num_steps, guidance, sampler, eta
   c.image_size = 0  # px; 0 = the model's native size
   common.add_learning(c, t_star, late)  # t_star, lambda_late, remat, faithful, loss, optimizer
-  if size == "sd":
-    c.image_size = 512
+  if size:
+    c.image_size = common.SIZES[size]
   return c

@@ -9,8 +9,9 @@ r"""Edit a real image (METHOD.md section 5): invert it, then apply or learn the 
       --workdir=workdir/church_snow_transfer
 
 The argument after ":" is a preset (PRESETS: the release's real-image example), optionally
-followed by ",sd" for Stable Diffusion v1.x settings (512 px); without ",sd" the built-in tiny
-model is used. ``image`` empty = a synthetic picture drawn in code (real_images.synthetic), for
+followed by ",sd" for Stable Diffusion v1.x settings (512 px), ",sd2" (SD 2.x base, 512 px),
+",sd21" (SD 2.1, 768 px, v-prediction) or ",sdxl" (SDXL base, 1024 px); without it the built-in
+tiny model is used. ``image`` empty = a synthetic picture drawn in code (real_images.synthetic), for
 the demo and the tests. ``weights`` set = apply that exported lambda (its prompts are used);
 empty = learn lambda on this image (same losses and checkpoints as launch.disentangle).
 The sampler is DDIM with eta = 0 (the inversion's residuals replace the random noise).
@@ -46,6 +47,6 @@ def get_config(arg: str = "snow") -> ml_collections.ConfigDict:
   c.encode_sample = False  # encode a VAE posterior sample (keyed by seed) instead of its mean
   c.image_size = 0  # px of the square model input; 0 = the model's native size
   common.add_learning(c, t_star, late)  # t_star, lambda_late, remat, faithful, loss, optimizer
-  if size == "sd":
-    c.image_size = 512
+  if size:
+    c.image_size = common.SIZES[size]
   return c

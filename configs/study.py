@@ -6,18 +6,17 @@ r"""The transfer study: lambda schedules x attributes x seeds, scored by CLIP an
       --config.loss_models.vgg_path=PATH/vgg16.safetensors \
       --config.weights_files=workdir/smile/weights.json --workdir=workdir/study_sd
 
-Variants (the part after ":"): "tiny" (default; built-in random models, seconds) and "sd"
-(Stable Diffusion v1.x settings of the paper; set the model paths).
+Variants (the part after ":"): "tiny" (default; built-in random models, seconds), "sd"
+(Stable Diffusion v1.x settings of the paper; set the model paths), and "sd2", "sd21", "sdxl"
+(SD 2.x base, SD 2.1 at 768 px, SDXL base at 1024 px; the family is read from model.path).
 """
 import ml_collections
 
 from configs import common
-from disentangle_jax import errors
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  if arg not in ("tiny", "sd"):
-    raise errors.UserError(f"configs/study.py has no variant {arg!r}: use 'tiny' or 'sd'.")
+  common.check_variant(arg, "configs/study.py")
   c = ml_collections.ConfigDict()
   c.model = common.model_config()
   c.loss_models = common.loss_models_config()
@@ -38,7 +37,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.preprocess = "standard"  # CLIP preprocessing of the metrics: "standard" | "release"
   c.batch_size = 4  # (attribute, seed) units per compiled call and per resumable chunk
   c.grid_seeds = 4  # sample images and grids are kept for the first this-many seeds
-  if arg == "sd":
-    c.image_size = 512
+  if arg != "tiny":
+    c.image_size = common.SIZES[arg]
     c.batch_size = 1
   return c

@@ -4,18 +4,17 @@
   python -m launch.switch --config=configs/switch.py:sd --config.model.path=/models/sd-v1-5 \
       --workdir=out/switch
 
-Variants (the part after ":"): "tiny" (default; built-in random model, a few seconds) and "sd"
-(Stable Diffusion v1.x settings of the paper; set model.path).
+Variants (the part after ":"): "tiny" (default; built-in random model, a few seconds), "sd"
+(Stable Diffusion v1.x settings of the paper; set model.path), and "sd2", "sd21", "sdxl"
+(SD 2.x base, SD 2.1 at 768 px, SDXL base at 1024 px; the family is read from model.path).
 """
 import ml_collections
 
 from configs import common
-from disentangle_jax import errors
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  if arg not in ("tiny", "sd"):
-    raise errors.UserError(f"configs/switch.py has no variant {arg!r}: use 'tiny' or 'sd'.")
+  common.check_variant(arg, "configs/switch.py")
   c = ml_collections.ConfigDict()
   c.model = common.model_config()
   c.prompt = "A photo of person"  # c0, the neutral prompt
@@ -30,8 +29,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.lambda_files = ""
   c.image_size = 0  # output size in px; 0 = the model's native size
   c.batch_size = 8  # images per compiled sampler call
-  if arg == "sd":
+  if arg != "tiny":
     c.seeds = (42,)
-    c.image_size = 512
+    c.image_size = common.SIZES[arg]
     c.batch_size = 1
   return c

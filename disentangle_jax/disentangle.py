@@ -147,8 +147,8 @@ def prepare(model, loss_models, spec: EditSpec | EditSet, latent_shape, mesh,
     group = np.zeros((x_T.shape[0],), np.int32)
   nets, params = edit_problem.frozen_networks(model, loss_models)
   params = parallel.replicate(params, mesh)
-  problem = edit_problem.place(edit_problem.encode_edits(model, loss_models, edits.specs), run,
-                               group, sampling.guidance, tables, mesh)
+  encoded = edit_problem.encode_edits(model, loss_models, edits.specs, sampling.negative_prompt)
+  problem = edit_problem.place(encoded, run, group, sampling.guidance, tables, mesh)
   render = optimize.make_problem_render_fn(nets, edits.shared.sampler_config)
   reference = render(params["sd"], problem, jnp.zeros(edits.init_lambda().shape, jnp.float32))
   if _effective_loss(edits).round_reference:  # the release saves the reference as 8-bit

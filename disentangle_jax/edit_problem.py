@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from disentangle_jax import loss_models as loss_models_lib
-from disentangle_jax import models, noise, optimize, parallel, pipeline, schedule
+from disentangle_jax import mixing, models, noise, optimize, parallel, pipeline, schedule
 
 
 class EncodedEdits(NamedTuple):
@@ -23,21 +23,23 @@ class EncodedEdits(NamedTuple):
   text1: jax.Array  # [K, E] ... and of each c1
 
 
-def encode_edits(model, loss_models, edits: Sequence) -> EncodedEdits:
+def encode_edits(model, loss_models, edits: Sequence, negative_prompt: str = "") -> EncodedEdits:
   """Every edit's c0 and c1 (``edits``: disentangle.EditSpec, each with prompt and
-  target_prompt) through the SD text encoder and CLIP's, in one call each."""
+  target_prompt) and the shared unconditional ``negative_prompt`` through the SD text encoder,
+  c0 and c1 through CLIP's, in one call each."""
   texts = [t for e in edits for t in (e.prompt, e.target_prompt)]
-  emb = models.encode_prompts(model, texts + [""])
+  emb, uncond = models.encode_with_negative(model, texts, negative_prompt)
   feats = loss_models_lib.encode_texts(loss_models, texts)
-  return EncodedEdits(pipeline.PromptPair(emb[0:-1:2], emb[1:-1:2], emb[-1]), feats[0::2],
-                      feats[1::2])
+  prompts = pipeline.PromptPair(mixing.select(emb, slice(0, None, 2)),
+                                mixing.select(emb, slice(1, None, 2)), uncond)
+  return EncodedEdits(prompts, feats[0::2], feats[1::2])
 
 
 def frozen_networks(model, loss_models) -> tuple[optimize.Networks, dict]:
   """The objective's networks (static apply functions) and their frozen parameters
   {"sd": {"unet", "vae"}, "clip", "vgg"}."""
   nets = optimize.Networks(
-      eps=models.make_eps_fn(model.unet, model.config),
+      eps=models.predictor(model),
       decode=models.make_decode_fn(model.vae, model.scaling_factor, model.config),
       clip_image=loss_models.clip_image_apply, vgg=loss_models.vgg_apply,
       clip_image_size=loss_models.clip_image_size, vgg_input_size=loss_models.vgg_input_size)

@@ -103,8 +103,10 @@ def _invert_step(eps_fn, params, cond, uncond, guidance, x, xs):
   """One inverse DDIM step: x at level alpha_prev_i -> level alpha_i, UNet evaluated at t_i."""
   t, alpha, alpha_prev = xs
   e = sampler.cfg_eps(eps_fn, params, x, t, cond, uncond, guidance)
-  # ddim_update with the roles of the two levels swapped (eta = 0).
-  x_noisier, _ = sampler.ddim_update(x, e, alpha_prev, alpha, 0.0)
+  # ddim_update with the roles of the two levels swapped (eta = 0); a v-prediction converts
+  # with x's own level alpha_prev, as diffusers' DDIMInverseScheduler does.
+  x_noisier, _ = sampler.ddim_update(x, e, alpha_prev, alpha, 0.0,
+                                     sampler.prediction_type_of(eps_fn))
   return x_noisier, None
 
 
@@ -138,7 +140,7 @@ def ddim_invert(eps_fn: sampler.EpsFn, params, z0: jax.Array, cond: jax.Array,
 def _reconstruct_step(eps_fn, params, cond, uncond, guidance, x, xs):
   t, alpha, alpha_prev, target, inject = xs
   e = sampler.cfg_eps(eps_fn, params, x, t, cond, uncond, guidance)
-  x_det, _ = sampler.ddim_update(x, e, alpha, alpha_prev, 0.0)
+  x_det, _ = sampler.ddim_update(x, e, alpha, alpha_prev, 0.0, sampler.prediction_type_of(eps_fn))
   residual = jnp.where(inject, target - x_det, jnp.zeros_like(x_det))
   # The same sum the sampler computes, so the lambda = 0 run follows this trajectory exactly.
   return x_det + residual, residual
@@ -228,7 +230,7 @@ def make_inverter(model, pin: str = "next") -> Inverter:
   from disentangle_jax import models  # noqa: PLC0415  (keeps this module free of diffusers)
   return Inverter(
       encode=jax.jit(models.make_encode_fn(model.vae, model.scaling_factor, model.config)),
-      invert=make_invert_fn(models.make_eps_fn(model.unet, model.config), pin))
+      invert=make_invert_fn(models.predictor(model), pin))
 
 
 class Inverted(NamedTuple):

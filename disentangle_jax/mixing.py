@@ -5,9 +5,16 @@ lambda[i] weights the TARGET prompt c1 at sampling step i (i = 0 is the noisiest
     c_i = lambda[i] * c1 + (1 - lambda[i]) * c0
 
 The reference release stores w = 1 - lambda; ``from_reference`` converts.
+
+An embedding is an array [L, D] or a pytree of such arrays, mixed leaf by leaf with the same
+lambda[i]: SDXL conditions on {"tokens": [77, 2048], "pooled": [1, 1280]} (both text encoders'
+penultimate tokens, and the second one's pooled projection as a one-token leaf), so its
+per-step mix applies to the token embeddings AND the pooled embedding alike. ``select`` indexes
+a batch of embeddings whatever its structure.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -105,16 +112,30 @@ def _read_lambda(path: str, ext: str) -> np.ndarray:
   return np.asarray([float(v) for v in text.split()], np.float32)
 
 
-def mix(lam: jax.Array, c0: jax.Array, c1: jax.Array) -> jax.Array:
+def select(emb, index):
+  """Rows ``index`` of a batch of embeddings [N, L, D] (an array or a pytree of them)."""
+  return jax.tree.map(lambda e: e[index], emb)
+
+
+def mix(lam: jax.Array, c0, c1):
   """Per-step conditional embeddings.
 
   Args:
     lam: [T] (or [T, B] for one lambda per batch element).
-    c0, c1: [L, D] (or [B, L, D]) neutral and target prompt embeddings.
+    c0, c1: [L, D] (or [B, L, D]) neutral and target prompt embeddings, or two pytrees of the
+      same structure with such leaves (every leaf mixed with the same lambda).
 
   Returns:
-    [T, L, D] if lam is [T] and c0 is [L, D], else [T, B, L, D], in c0's dtype: c_i = lam[i] * c1 + (1 - lam[i]) * c0, in c0's dtype.
+    [T, L, D] if lam is [T] and c0 is [L, D], else [T, B, L, D], in c0's dtype: c_i = lam[i] * c1
+    + (1 - lam[i]) * c0 (leaf by leaf for pytrees).
   """
+  if jax.tree.structure(c0) != jax.tree.structure(c1):
+    raise errors.UserError(f"c0 is {jax.tree.structure(c0)} but c1 is "
+                           f"{jax.tree.structure(c1)}: encode both with the same model.")
+  return jax.tree.map(functools.partial(_mix_leaf, lam), c0, c1)
+
+
+def _mix_leaf(lam, c0, c1):
   if c0.shape != c1.shape:
     raise errors.UserError(f"c0 has shape {c0.shape} but c1 has shape {c1.shape}: they must match.")
   # Mixed in at least float32 and cast once: a bfloat16 lambda would round 1.15 to 1.1484.

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from disentangle_jax import errors, losses, pipeline, sampler, schedule
+from disentangle_jax import errors, losses, mixing, pipeline, sampler, schedule
 
 # Sane upper bounds of the objective's settings: lambda is O(1), so a larger learning rate or
 # content weight can only blow the run up (checked before any work; NaN guard in disentangle).
@@ -121,7 +121,8 @@ def per_item(lam, prompts: pipeline.PromptPair, group):
   item, per-item PromptPair with c0, c1 [B, L, D])."""
   lam = jnp.asarray(lam)
   lam_k = lam[None] if lam.ndim == 1 else lam
-  return lam_k[group].T, pipeline.PromptPair(c0=prompts.c0[group], c1=prompts.c1[group],
+  return lam_k[group].T, pipeline.PromptPair(c0=mixing.select(prompts.c0, group),
+                                             c1=mixing.select(prompts.c1, group),
                                              uncond=prompts.uncond)
 
 

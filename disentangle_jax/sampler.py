@@ -13,20 +13,59 @@ Shapes: T steps, B batch, H W C latent (NHWC), L tokens, D embedding width.
 The noise predictor is any function ``eps_fn(params, x [N,H,W,C], t [] int32, emb [N,L,D]) ->
 [N,H,W,C]`` (``models.make_eps_fn`` wraps the Flax UNet; tests use analytic predictors). CFG
 evaluates the unconditional and the conditional halves in one batched call of size 2B.
+
+What the network predicts is a property of the predictor, not of the call: a plain function
+predicts the noise epsilon; a ``Predictor(fn, "v_prediction")`` (SD 2.x 768 px) predicts
+v = sqrt(a) eps - sqrt(1 - a) x0. Guidance and PLMS' Adams-Bashforth combine the raw outputs
+(as diffusers does); ``ddim_update`` converts the combined output to (x0, eps) with the current
+sample and level, exactly as diffusers' DDIMScheduler / PNDMScheduler / DDIMInverseScheduler.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import errors
+from disentangle_jax import errors, mixing
 from disentangle_jax import schedule as schedule_lib
 
 EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+PREDICTION_TYPES = schedule_lib.PREDICTION_TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """A noise-prediction network that states what it predicts (static; hashable).
+
+  Calls like the wrapped ``fn``; ``prediction_type`` is "epsilon" or "v_prediction" (the
+  model's scheduler config). Plain functions are epsilon predictors (``prediction_type_of``).
+  """
+
+  fn: Callable
+  prediction_type: str = "epsilon"
+
+  def __post_init__(self):
+    if self.prediction_type not in PREDICTION_TYPES:
+      raise errors.UserError(f"scheduler prediction_type={self.prediction_type!r} is not "
+                             f"supported; use one of {PREDICTION_TYPES}.")
+
+  def __call__(self, params, x, t, emb):
+    return self.fn(params, x, t, emb)
+
+  @property
+  def prepare(self):
+    """The wrapped network's loop-invariant weight transform, if any (``prepare_params``)."""
+    return getattr(self.fn, "prepare", None)
+
+
+def prediction_type_of(eps_fn) -> str:
+  """What ``eps_fn`` predicts: its ``prediction_type`` ("epsilon" for a plain function)."""
+  return getattr(eps_fn, "prediction_type", "epsilon")
 
 SAMPLER_KINDS = ("ddim", "plms")
 
@@ -81,24 +120,40 @@ def cfg_eps(eps_fn: EpsFn, params, x, t, cond, uncond, guidance):
   """Classifier-free guided noise prediction in one UNet call of batch 2B.
 
   Args:
-    x: [B, H, W, C]; t: [] int; cond: [L, D] or [B, L, D]; uncond: [L, D] or [B, L, D];
+    x: [B, H, W, C]; t: [] int; cond: [L, D] or [B, L, D]; uncond: [L, D] or [B, L, D] (or
+    pytrees of such leaves, e.g. SDXL's tokens + pooled; eps_fn gets the [2B, L, D] pytree);
     guidance: [] (e = e_u + guidance * (e_c - e_u)).
   """
   b = x.shape[0]
-  cond = jnp.broadcast_to(cond, (b,) + cond.shape[-2:])
-  uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[-2:]).astype(cond.dtype)
-  e = eps_fn(params, jnp.concatenate([x, x]), t, jnp.concatenate([uncond, cond]))
+  e = eps_fn(params, jnp.concatenate([x, x]), t,
+             jax.tree.map(functools.partial(_cfg_batch, b), uncond, cond))
   e = e.astype(x.dtype)
   e_u, e_c = e[:b], e[b:]
   return e_u + guidance * (e_c - e_u)
 
 
-def ddim_update(x, e, alpha, alpha_prev, sigma):
+def _cfg_batch(b, uncond, cond):
+  """[2B, L, D]: the unconditional half, then the conditional half."""
+  cond = jnp.broadcast_to(cond, (b,) + cond.shape[-2:])
+  uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[-2:]).astype(cond.dtype)
+  return jnp.concatenate([uncond, cond])
+
+
+def ddim_update(x, e, alpha, alpha_prev, sigma, prediction_type: str = "epsilon"):
   """One DDIM step without its noise term: returns (x_next_mean, x0_hat).
 
   x0_hat = (x - sqrt(1 - a) e) / sqrt(a);  x_next = sqrt(a_prev) x0_hat + sqrt(1 - a_prev -
   sigma^2) e. The caller adds noise[i] (= sigma_i z_i, or an inversion residual).
+  With ``prediction_type="v_prediction"`` (static) ``e`` is v: x0_hat = sqrt(a) x - sqrt(1 - a) v
+  and the noise is sqrt(a) v + sqrt(1 - a) x (diffusers' formulas; finite at a = 0).
   """
+  if prediction_type == "v_prediction":
+    x0 = jnp.sqrt(alpha) * x - jnp.sqrt(1 - alpha) * e
+    e = jnp.sqrt(alpha) * e + jnp.sqrt(1 - alpha) * x
+    direction = jnp.sqrt(jnp.maximum(1 - alpha_prev - sigma**2, 0)) * e
+    return jnp.sqrt(alpha_prev) * x0 + direction, x0
+  if prediction_type != "epsilon":
+    raise ValueError(f"prediction_type={prediction_type!r}; use one of {PREDICTION_TYPES}.")
   x0 = (x - jnp.sqrt(1 - alpha) * e) / jnp.sqrt(alpha)
   direction = jnp.sqrt(jnp.maximum(1 - alpha_prev - sigma**2, 0)) * e
   return jnp.sqrt(alpha_prev) * x0 + direction, x0
@@ -134,14 +189,18 @@ def check_inputs(x_T, noise, cond, uncond, tables) -> int:
     raise ValueError(f"noise has shape {tuple(noise.shape)}; expected [T, B, H, W, C] = "
                      f"{(num_steps,) + tuple(x_T.shape)} (T = {num_steps} steps, x_T "
                      f"{tuple(x_T.shape)}).")
-  if cond.ndim not in (3, 4) or cond.shape[0] != num_steps:
-    raise ValueError(f"cond has shape {tuple(cond.shape)}; expected [T, L, D] or [T, B, L, D] "
-                     f"with T = {num_steps} (one embedding per step: mixing.mix).")
-  if cond.ndim == 4 and cond.shape[1] != x_T.shape[0]:
-    raise ValueError(f"cond has batch {cond.shape[1]} but x_T has batch {x_T.shape[0]}.")
-  if tuple(uncond.shape[-2:]) != tuple(cond.shape[-2:]):
-    raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond's embeddings are "
-                     f"{tuple(cond.shape[-2:])} [L, D]: encode both with the same text encoder.")
+  if jax.tree.structure(cond) != jax.tree.structure(uncond):
+    raise ValueError(f"cond is {jax.tree.structure(cond)} but uncond is "
+                     f"{jax.tree.structure(uncond)}: encode both with the same model.")
+  for cond, uncond in zip(jax.tree.leaves(cond), jax.tree.leaves(uncond)):
+    if cond.ndim not in (3, 4) or cond.shape[0] != num_steps:
+      raise ValueError(f"cond has shape {tuple(cond.shape)}; expected [T, L, D] or [T, B, L, D] "
+                       f"with T = {num_steps} (one embedding per step: mixing.mix).")
+    if cond.ndim == 4 and cond.shape[1] != x_T.shape[0]:
+      raise ValueError(f"cond has batch {cond.shape[1]} but x_T has batch {x_T.shape[0]}.")
+    if tuple(uncond.shape[-2:]) != tuple(cond.shape[-2:]):
+      raise ValueError(f"uncond has shape {tuple(uncond.shape)} but cond's embeddings are "
+                       f"{tuple(cond.shape[-2:])} [L, D]: encode both with the same text encoder.")
   return num_steps
 
 
@@ -155,20 +214,22 @@ def prepare_params(eps_fn: EpsFn, params):
 def _ddim_step(eps_fn, params, uncond, guidance, x, xs):
   t, alpha, alpha_prev, sigma, noise_i, cond_i = xs
   e = cfg_eps(eps_fn, params, x, t, cond_i, uncond, guidance)
-  x_next, _ = ddim_update(x, e, alpha, alpha_prev, sigma)
+  x_next, _ = ddim_update(x, e, alpha, alpha_prev, sigma, prediction_type_of(eps_fn))
   return x_next + noise_i
 
 
 def _plms_first_step(eps_fn, params, uncond, guidance, x, t, t_next, alpha, alpha_prev, cond_0,
                      noise_0, single_step: bool):
   """PLMS step 0: a pseudo improved Euler step (one extra UNet call at t_1, same c_0)."""
+  pred = prediction_type_of(eps_fn)
   e0 = cfg_eps(eps_fn, params, x, t, cond_0, uncond, guidance)
   if single_step:  # diffusers' PNDM with one step: a plain DDIM step.
-    x_next, _ = ddim_update(x, e0, alpha, alpha_prev, 0.0)
+    x_next, _ = ddim_update(x, e0, alpha, alpha_prev, 0.0, pred)
     return x_next + noise_0, e0
-  x_pred, _ = ddim_update(x, e0, alpha, alpha_prev, 0.0)
+  x_pred, _ = ddim_update(x, e0, alpha, alpha_prev, 0.0, pred)
   e_next = cfg_eps(eps_fn, params, x_pred, t_next, cond_0, uncond, guidance)
-  x_next, _ = ddim_update(x, (e0 + e_next) / 2, alpha, alpha_prev, 0.0)
+  # Averaged raw outputs, converted with x and step 0's level (PNDM's cur_sample).
+  x_next, _ = ddim_update(x, (e0 + e_next) / 2, alpha, alpha_prev, 0.0, pred)
   return x_next + noise_0, e0
 
 
@@ -177,7 +238,7 @@ def _plms_step(eps_fn, params, uncond, guidance, carry, xs):
   t, alpha, alpha_prev, coefs, noise_i, cond_i = xs
   e = cfg_eps(eps_fn, params, x, t, cond_i, uncond, guidance)
   e_prime = coefs[0] * e + coefs[1] * hist[0] + coefs[2] * hist[1] + coefs[3] * hist[2]
-  x_next, _ = ddim_update(x, e_prime, alpha, alpha_prev, 0.0)
+  x_next, _ = ddim_update(x, e_prime, alpha, alpha_prev, 0.0, prediction_type_of(eps_fn))
   hist = jnp.concatenate([e[None], hist[:2]])
   return (x_next + noise_i, hist)
 
@@ -195,13 +256,16 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
     params: its parameters (a pytree; traced).
     x_T: [B, H, W, C] initial latents.
     noise: [T, B, H, W, C] added after step i's deterministic update.
-    cond: [T, L, D] or [T, B, L, D] conditional embedding of each step.
-    uncond: [L, D] (or [B, L, D]) unconditional embedding, never mixed.
+    cond: [T, L, D] or [T, B, L, D] conditional embedding of each step (or a pytree of such
+      leaves, the structure the model's eps_fn takes: ``mixing.mix``).
+    uncond: [L, D] (or [B, L, D]) unconditional embedding, never mixed (same structure).
     guidance: [] CFG scale (7.5 in the paper).
     tables: ``schedule.step_tables(...)`` for T steps (numpy or traced arrays).
     config: static sampler kind and remat policy.
 
-  PLMS is deterministic: it ignores ``tables.sigma`` but still adds ``noise``.
+  PLMS is deterministic: it ignores ``tables.sigma`` but still adds ``noise``. A
+  ``Predictor`` with prediction_type "v_prediction" is sampled as diffusers does (module
+  docstring).
   """
   num_steps = check_inputs(x_T, noise, cond, uncond, tables)
   params = prepare_params(eps_fn, params)
@@ -225,7 +289,7 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
       lambda p, x, *a: _plms_first_step(eps_fn, p, uncond, guidance, x, *a,
                                         single_step=num_steps == 1), config.remat)
   x1, e0 = first(params, x_T, tb.timesteps[0], tb.next_timesteps[0], tb.alpha[0],
-                 tb.alpha_prev[0], cond[0], noise[0])
+                 tb.alpha_prev[0], mixing.select(cond, 0), noise[0])
   if num_steps == 1:
     return x1[None] if trajectory else x1
   coefs = np.concatenate([_PLMS_COEFS, np.repeat(_PLMS_COEFS[-1:], max(num_steps - 4, 0), 0)])
@@ -239,5 +303,6 @@ def sample(eps_fn: EpsFn, params, x_T: jax.Array, noise: jax.Array, cond: jax.Ar
   plms_body = _maybe_remat(plms_body, config.remat)
   (x0, _), xs = jax.lax.scan(
       plms_body, (x1, hist0),
-      (tb.timesteps[1:], tb.alpha[1:], tb.alpha_prev[1:], coefs, noise[1:], cond[1:]))
+      (tb.timesteps[1:], tb.alpha[1:], tb.alpha_prev[1:], coefs, noise[1:],
+       mixing.select(cond, slice(1, None))))
   return jnp.concatenate([x1[None], xs]) if trajectory else x0

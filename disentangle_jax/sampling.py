@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from disentangle_jax import sampler, schedule
+from disentangle_jax import errors, sampler, schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,9 +21,14 @@ class SamplingConfig:
   eta: float = 0.0  # DDIM stochasticity; 0 = deterministic
   guidance: float = 7.5  # classifier-free guidance scale
   rng_seed: int = 0  # base key; each seed's key is fold_in(key(rng_seed), seed)
+  # The CFG unconditional prompt of every program ("" = none, the paper's); never mixed.
+  negative_prompt: str = ""
 
   def __post_init__(self):
     sampler.check_settings(self.num_steps, self.kind, self.eta, self.guidance)
+    if not isinstance(self.negative_prompt, str):
+      raise errors.UserError(f"negative_prompt={self.negative_prompt!r} must be a string "
+                             "('' = no negative prompt).")
 
   def sampler_config(self, remat: str = "none") -> sampler.SamplerConfig:
     """The static part the compiled sampler needs (kind, and the caller's remat policy)."""

@@ -7,6 +7,13 @@ steps the timesteps are 981, 961, ..., 1 and the "previous" alpha of the last st
 built from SD v1's scheduler_config.json: identical timesteps, alphas equal to float32 rounding
 (tests/test_schedule.py).
 
+SD 2.x / SDXL scheduler options follow diffusers' DDIMScheduler exactly: ``prediction_type``
+("epsilon" | "v_prediction", what the UNet outputs; the sampler converts), ``timestep_spacing``
+(leading / trailing / linspace, Table 2 of arXiv 2305.08891), ``steps_offset`` (added to
+"leading" timesteps only) and ``rescale_betas_zero_snr`` (betas rescaled to zero terminal SNR,
+Algorithm 1 of 2305.08891; alphas_cumprod[-1] = 0, so it needs v-prediction). In every spacing
+the "previous" level of step i is ``t_i - num_train_timesteps // T``, as in diffusers' step().
+
 Everything here is float64 numpy; the sampler casts the tables to its compute dtype. Tables are
 passed to jitted code as *arguments*, so a change of eta never recompiles.
 """
@@ -16,6 +23,8 @@ import dataclasses
 from typing import NamedTuple
 
 import numpy as np
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +36,20 @@ class ScheduleConfig:
   beta_end: float = 0.012
   beta_schedule: str = "scaled_linear"  # "scaled_linear" | "linear"
   timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace"
-  steps_offset: int = 1
+  steps_offset: int = 1  # added to the "leading" timesteps (diffusers ignores it otherwise)
   set_alpha_to_one: bool = False
+  prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" | "v_prediction"
+  rescale_betas_zero_snr: bool = False  # rescale betas to zero terminal SNR (needs v-prediction)
 
   def __post_init__(self):
+    if self.prediction_type not in PREDICTION_TYPES:
+      raise ValueError(
+          f"scheduler prediction_type={self.prediction_type!r} is not supported; use one of "
+          f"{PREDICTION_TYPES} (SD v1 / SDXL predict 'epsilon', SD 2.x 768 px 'v_prediction').")
+    if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+      raise ValueError(
+          "scheduler rescale_betas_zero_snr=True needs prediction_type='v_prediction': with zero "
+          "terminal SNR alphas_cumprod[-1] = 0 and the epsilon formula divides by sqrt(0).")
     if self.beta_schedule not in ("scaled_linear", "linear"):
       raise ValueError(
           f"schedule.beta_schedule={self.beta_schedule!r} is not supported; "
@@ -47,12 +66,12 @@ class ScheduleConfig:
     """Builds the schedule from a diffusers scheduler_config.json dict (unknown keys ignored)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in config.items() if k in fields}
-    if config.get("prediction_type", "epsilon") != "epsilon":
-      raise ValueError(
-          f"scheduler prediction_type={config['prediction_type']!r} is not supported: "
-          "Stable Diffusion v1.x predicts 'epsilon'.")
     if config.get("trained_betas") is not None:
       raise ValueError("scheduler 'trained_betas' are not supported; use beta_start/beta_end.")
+    for name in ("clip_sample", "thresholding"):  # x0 clipping / dynamic thresholding
+      if config.get(name):
+        raise ValueError(f"scheduler {name}={config[name]!r} is not supported (the sampler never "
+                         f"clips x0; latent diffusion models set it false): set {name} to false.")
     return cls(**kwargs)
 
 
@@ -84,13 +103,26 @@ def betas(cfg: ScheduleConfig) -> np.ndarray:
   return np.linspace(cfg.beta_start, cfg.beta_end, n, dtype=np.float64)
 
 
+def rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
+  """diffusers' ``rescale_zero_terminal_snr``: betas whose sqrt(alphas_cumprod) is shifted to
+  end at 0 and scaled to keep its first value (arXiv 2305.08891, Algorithm 1)."""
+  sqrt_ac = np.sqrt(np.cumprod(1.0 - b))
+  first, last = sqrt_ac[0], sqrt_ac[-1]
+  sqrt_ac = (sqrt_ac - last) * (first / (first - last))
+  ac = sqrt_ac**2
+  return 1.0 - np.concatenate([ac[:1], ac[1:] / ac[:-1]])
+
+
 def alphas_cumprod(cfg: ScheduleConfig) -> np.ndarray:
   """Cumulative product of (1 - beta), float64 [num_train_timesteps].
 
   diffusers' PyTorch schedulers compute this in float32 (torch.linspace, cumprod accumulated
   in double); the float64 values here agree with theirs to float32 rounding (<= 1e-6 relative).
   """
-  return np.cumprod(1.0 - betas(cfg))
+  b = betas(cfg)
+  if cfg.rescale_betas_zero_snr:
+    b = rescale_zero_terminal_snr(b)
+  return np.cumprod(1.0 - b)
 
 
 def timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:

@@ -182,7 +182,7 @@ def prepare(model, loss_models, spec: StudySpec, mesh) -> StudyInputs:
   from disentangle_jax import loss_models as loss_models_lib  # noqa: PLC0415
   from disentangle_jax import models  # noqa: PLC0415
   texts = [p for a in spec.attributes for p in (a.prompt, a.target_prompt)]
-  emb = models.encode_prompts(model, texts + [""])
+  emb, uncond = models.encode_with_negative(model, texts, spec.sampling.negative_prompt)
   feats = loss_models_lib.encode_texts(loss_models, texts)
   lam = np.stack([mixing.constant(spec.sampling.num_steps, 0.0)] +
                  [np.asarray(s.lam, np.float32) for s in spec.sources], axis=1)
@@ -190,7 +190,8 @@ def prepare(model, loss_models, spec: StudySpec, mesh) -> StudyInputs:
   return parallel.replicate(StudyInputs(
       params={"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
               "clip": loss_models.params["clip"], "vgg": loss_models.params["vgg"]},
-      c0=emb[0:-1:2], c1=emb[1:-1:2], uncond=emb[-1], text0=feats[0::2], text1=feats[1::2],
+      c0=mixing.select(emb, slice(0, None, 2)), c1=mixing.select(emb, slice(1, None, 2)),
+      uncond=uncond, text0=feats[0::2], text1=feats[1::2],
       lam=jnp.asarray(lam), guidance=jnp.asarray(spec.sampling.guidance, jnp.float32),
       tables=schedule.StepTables(*(jnp.asarray(t) for t in tables))), mesh)
 
@@ -223,7 +224,8 @@ def evaluate_units(inputs: StudyInputs, attr: jax.Array, x_T: jax.Array, run_noi
   k = cols - 1
   rep = functools.partial(_repeat_units, times=cols)
   lam = jnp.tile(inputs.lam, (1, u))  # [T, U * (1 + K)], unit-major
-  prompts = pipeline.PromptPair(rep(inputs.c0[attr], 0), rep(inputs.c1[attr], 0), inputs.uncond)
+  prompts = pipeline.PromptPair(*(jax.tree.map(lambda c: rep(c[attr], 0), c)
+                                  for c in (inputs.c0, inputs.c1)), inputs.uncond)
   images = pipeline.render(eps_fn, decode_fn, inputs.params["sd"], rep(x_T, 0),
                            rep(run_noise, 1), lam, prompts, inputs.guidance, inputs.tables,
                            sampler_cfg)
@@ -257,13 +259,13 @@ def image_inputs(inverter, sd_params, pixels, inputs: StudyInputs, spec: StudySp
   pixels: [N, h, w, 3] in [0, 1], the study's images fitted to the model's size.
   """
   config = spec.inversion_config
-  c0, uncond = parallel.to_host(inputs.c0), parallel.to_host(inputs.uncond)
+  c0, uncond = jax.tree.map(parallel.to_host, (inputs.c0, inputs.uncond))
 
   def unit_inputs(units) -> noise.RunNoise:
     found = {}
     for a in sorted({a for a, _ in units}):
       idx = sorted({i for aa, i in units if aa == a})  # padding repeats units: invert once
-      inv = inversion.invert_images(inverter, sd_params, pixels[idx], c0[a], uncond, idx,
+      inv = inversion.invert_images(inverter, sd_params, pixels[idx], mixing.select(c0, a), uncond, idx,
                                     config, sched)
       for j, i in enumerate(idx):
         found[(a, i)] = (inv.run.x_T[j], inv.run.noise[:, j])

@@ -313,9 +313,11 @@ def load_model(model_cfg):
     return models.load(models.ModelConfig(**model_cfg.to_dict()))
 
 
-def encode_pair(model, prompt: str, target: str):
+def encode_pair(model, prompt: str, target: str, negative_prompt: str = ""):
   from disentangle_jax import models, pipeline  # noqa: PLC0415
-  c0, c1, uncond = models.encode_prompts(model, [prompt, target, ""])
+  from disentangle_jax import mixing  # noqa: PLC0415
+  emb, uncond = models.encode_with_negative(model, [prompt, target], negative_prompt)
+  c0, c1 = (mixing.select(emb, i) for i in range(2))
   return pipeline.PromptPair(c0=c0, c1=c1, uncond=uncond)
 
 
@@ -333,7 +335,8 @@ def sampling(cfg):
   from disentangle_jax import sampling as sampling_lib  # noqa: PLC0415
   return sampling_lib.SamplingConfig(
       num_steps=cfg.num_steps, kind=cfg.get("sampler", "ddim"), eta=cfg.get("eta", 0.0),
-      guidance=cfg.guidance, rng_seed=cfg.rng_seed)
+      guidance=cfg.guidance, rng_seed=cfg.rng_seed,
+      negative_prompt=cfg.get("negative_prompt", ""))
 
 
 def edit_spec(cfg, **overrides):

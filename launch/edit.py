@@ -57,7 +57,7 @@ def _run(cfg, out_dir):
   for note in notes:
     logging.info("input: %s", note)
 
-  prompts = common.encode_pair(model, prompt, target)
+  prompts = common.encode_pair(model, prompt, target, sampling.negative_prompt)
   inverter = inversion.make_inverter(model, inv_cfg.pin)
   inv = inversion.invert_images(inverter, model.params, pixels[None], prompts.c0, prompts.uncond,
                                 [cfg.seed], inv_cfg, model.schedule, cfg.encode_sample)
@@ -79,7 +79,7 @@ def _run(cfg, out_dir):
           identity=common.identity(cfg, latent_shape=list(shape), image_key=key))
   use = prev_lam if spec is not None and spec.faithful else lam
   edit = inversion.make_edit_fn(
-      models.make_eps_fn(model.unet, model.config),
+      models.predictor(model),
       models.make_decode_fn(model.vae, model.scaling_factor, model.config))
   out = edit(model.params, inv.z0, inv.run, use, prompts, sampling.guidance, inv.tables)
   metrics = {

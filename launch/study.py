@@ -81,7 +81,7 @@ def _run(cfg, out_dir, write):
   mesh = parallel.make_mesh()
   inputs = study.prepare(model, loss_models, spec, mesh)
   evaluate = study.make_evaluate_fn(
-      models.make_eps_fn(model.unet, model.config),
+      models.predictor(model),
       models.make_decode_fn(model.vae, model.scaling_factor, model.config),
       spec.sampling.sampler_config(),
       metrics.from_loss_models(loss_models, spec.preprocess))

@@ -33,9 +33,10 @@ def _run(cfg, out_dir):
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
   from disentangle_jax import models  # noqa: PLC0415
-  prompts = common.encode_pair(model, spec.prompt, spec.target_prompt)
+  prompts = common.encode_pair(model, spec.prompt, spec.target_prompt,
+                               spec.sampling.negative_prompt)
   render = pipeline.make_render_fn(
-      models.make_eps_fn(model.unet, model.config),
+      models.predictor(model),
       models.make_decode_fn(model.vae, model.scaling_factor, model.config),
       spec.sampling.sampler_config())
   logging.info("c0=%r c1=%r, %d seeds x %d columns, latents %s", spec.prompt,

@@ -65,7 +65,7 @@ def test_from_diffusers_config_reads_sd_v1_json():
       {"_class_name": "PNDMScheduler", "skip_prk_steps": True, **SD_V1_SCHEDULER})
   assert cfg == schedule.ScheduleConfig()
   with pytest.raises(ValueError, match="prediction_type"):
-    schedule.ScheduleConfig.from_diffusers_config({"prediction_type": "v_prediction"})
+    schedule.ScheduleConfig.from_diffusers_config({"prediction_type": "sample"})
 
 
 @pytest.mark.parametrize("bad", [0, -3, 1001, 2.5])

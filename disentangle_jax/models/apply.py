@@ -7,6 +7,10 @@ captures weights:
   decode(params["vae"], latents [B,H,W,C]) -> images [B,8H,8W,3] in [0, 1]
   encode(params["vae"], images [B,h,w,3] in [0, 1], key=None) -> latents [B,h/8,w/8,C]
   text_fn(params["text_encoder"], ids [N,L] int32) -> embeddings [N,L,D]
+  hidden_fn(params["text_encoder_2"], ids) -> (hidden_states[layer] [N,L,D], pooled [N,P] | None)
+
+``predictor(model)`` is the eps_fn of a loaded model whatever its family (family.py): a
+``sampler.Predictor`` for v-prediction, SDXL's pooled embedding and time ids as UNet inputs.
 
 Shapes: B batch, N UNet batch (2B under CFG), H W C latent (NHWC), L tokens, D text width.
 """
@@ -20,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from disentangle_jax import attention as attention_lib
-from disentangle_jax import fast_conv, library_logs
+from disentangle_jax import fast_conv, library_logs, sampler
 from disentangle_jax import remat as remat_lib
+from disentangle_jax.models import family as family_lib
 from disentangle_jax.models.build import vae_scale_factor
 from disentangle_jax.models.config import ModelConfig
 
@@ -43,26 +48,51 @@ def run_options(config: ModelConfig):
     yield
 
 
-def make_eps_fn(unet, config: ModelConfig = ModelConfig()) -> Callable:
+def make_eps_fn(unet, config: ModelConfig = ModelConfig(), prediction_type: str = "epsilon",
+                vae_factor: int = 8) -> Callable:
   """Wraps the UNet as eps_fn(params, x [N,H,W,C], t [] or [N] int, emb [N,L,D]) -> [N,H,W,C].
 
   Closes over the module and the static ``config`` (its conv / block_remat / attention run
   options) only. The output has the module's compute dtype. With conv "fast_hoisted" it has
   ``eps_fn.prepare = fast_conv.prepare``, which the sampler applies to the params once, outside
-  its scan (``sampler.prepare_params``); eps_fn accepts params with or without it.
+  its scan (``sampler.prepare_params``); eps_fn accepts params with or without it. An SDXL
+  UNet (addition_embed_type "text_time") takes emb = {"tokens": [N,L,D], "pooled": [N,1,P]}
+  and the time ids of an image of (H, W) * ``vae_factor`` px (family.time_ids). With
+  ``prediction_type="v_prediction"`` the result is a ``sampler.Predictor`` (the sampler
+  converts v).
   """
+  text_time = unet.addition_embed_type == "text_time"
+
   @library_logs.quietly
   def eps_fn(params, x, t, emb):
-    if x.ndim != 4 or emb.ndim != 3 or emb.shape[0] != x.shape[0]:
+    tokens = emb["tokens"] if text_time else emb
+    if x.ndim != 4 or tokens.ndim != 3 or tokens.shape[0] != x.shape[0]:
       raise ValueError(f"eps_fn needs x [N, H, W, C] and emb [N, L, D] with the same N; got x "
-                       f"{tuple(x.shape)} and emb {tuple(emb.shape)}.")
+                       f"{tuple(x.shape)} and emb {tuple(tokens.shape)}.")
     t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
+    extra = {}
+    if text_time:
+      ids = family_lib.time_ids(x.shape[1] * vae_factor, x.shape[2] * vae_factor)
+      extra["added_cond_kwargs"] = {
+          "text_embeds": emb["pooled"][:, 0],
+          "time_ids": jnp.broadcast_to(jnp.asarray(ids, emb["pooled"].dtype),
+                                       (x.shape[0], len(ids)))}
     with run_options(config):
-      out = unet.apply({"params": params}, jnp.transpose(x, (0, 3, 1, 2)), t, emb).sample
+      out = unet.apply({"params": params}, jnp.transpose(x, (0, 3, 1, 2)), t, tokens,
+                       **extra).sample
     return jnp.transpose(out, (0, 2, 3, 1))
   if config.conv == "fast_hoisted":
     eps_fn.prepare = fast_conv.prepare
-  return eps_fn
+  if prediction_type == "epsilon":
+    return eps_fn
+  return sampler.Predictor(eps_fn, prediction_type)
+
+
+def predictor(model) -> Callable:
+  """The noise predictor of a loaded ``StableDiffusion`` (its prediction type, its family's
+  UNet inputs, its run options): what programs pass to the sampler and the inversion."""
+  return make_eps_fn(model.unet, model.config, model.schedule.prediction_type,
+                     model.vae_scale_factor)
 
 
 def make_decode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig()) -> Callable:
@@ -128,3 +158,22 @@ def make_text_fn(text_encoder) -> Callable:
     out = module.apply({"params": params}, ids, jnp.ones_like(ids), positions)
     return out.last_hidden_state
   return text_fn
+
+
+def make_hidden_fn(text_encoder, layer: int = -2) -> Callable:
+  """Wraps a CLIP text encoder as hidden_fn(params, ids [N,L]) -> (hidden_states[layer]
+  [N,L,D], pooled [N,P] or None).
+
+  ``layer`` -2 is the penultimate layer's output (before the final layer norm: SDXL's token
+  embeddings); pooled is a CLIPTextModelWithProjection's projected text_embeds, else None.
+  """
+  module = text_encoder.module
+
+  @library_logs.quietly
+  def hidden_fn(params, ids):
+    ids = jnp.asarray(ids, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
+    out = module.apply({"params": params}, ids, jnp.ones_like(ids), positions,
+                       output_hidden_states=True)
+    return out.hidden_states[layer], getattr(out, "text_embeds", None)
+  return hidden_fn

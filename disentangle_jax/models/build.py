@@ -34,32 +34,42 @@ def build_unet(cfg: dict, config: ModelConfig, source: str):
       use_memory_efficient_attention=config.attention == "chunked")  # "dot_product": run_options
 
 
-def build_vae(cfg: dict, config: ModelConfig):
-  """diffusers' FlaxAutoencoderKL from its config dict."""
-  return diffusers.FlaxAutoencoderKL.from_config(_drop_private(cfg), dtype=compute_dtype(config))
+def build_vae(cfg: dict, config: ModelConfig, upcast: bool = False):
+  """diffusers' FlaxAutoencoderKL from its config dict; ``upcast``: at least float32 (SDXL's
+  VAE overflows in half precision; its weights are then kept in that dtype too)."""
+  dtype = compute_dtype(config)
+  if upcast:
+    dtype = jnp.promote_types(dtype, jnp.float32)
+  return diffusers.FlaxAutoencoderKL.from_config(_drop_private(cfg), dtype=dtype)
 
 
-def build_text_encoder(cfg: dict, config: ModelConfig):
-  """transformers' FlaxCLIPTextModel (no weights held) from a CLIPTextConfig or CLIPConfig dict."""
+def build_text_encoder(cfg: dict, config: ModelConfig, projection: bool = False):
+  """transformers' FlaxCLIPTextModel (no weights held) from a CLIPTextConfig or CLIPConfig dict;
+  ``projection``: FlaxCLIPTextModelWithProjection (SDXL's second encoder, pooled projection)."""
   if cfg.get("model_type") == "clip" and "text_config" in cfg:  # a full CLIPConfig
     cfg = cfg["text_config"]
   text_config = transformers.CLIPTextConfig.from_dict(cfg)
-  return transformers.FlaxCLIPTextModel(
-      text_config, input_shape=(1, 1), dtype=compute_dtype(config), _do_init=False)
+  cls = (transformers.FlaxCLIPTextModelWithProjection if projection
+         else transformers.FlaxCLIPTextModel)
+  return cls(text_config, input_shape=(1, 1), dtype=compute_dtype(config), _do_init=False)
 
 
 def _drop_private(cfg: dict) -> dict:
   return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def shape_trees(unet, vae, text_encoder) -> dict:
-  """{"unet", "vae", "text_encoder": ShapeDtypeStruct tree} of the three modules' weights."""
+def shape_trees(unet, vae, text_encoder, text_encoder_2=None) -> dict:
+  """{"unet", "vae", "text_encoder"(, "text_encoder_2"): ShapeDtypeStruct tree} of the
+  modules' weights."""
   key = jax.random.PRNGKey(0)
-  return {
+  trees = {
       "unet": jax.eval_shape(unet.init_weights, key),
       "vae": jax.eval_shape(vae.init_weights, key),
       "text_encoder": text_encoder.params_shape_tree,
   }
+  if text_encoder_2 is not None:
+    trees["text_encoder_2"] = text_encoder_2.params_shape_tree
+  return trees
 
 
 def to_device(params, dtype) -> dict:

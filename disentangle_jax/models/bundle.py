@@ -1,6 +1,8 @@
 """A loaded model (``StableDiffusion``: static modules + one params pytree) and its prompts.
 
-Shapes: N prompts, L tokens (77 for SD), D text width.
+Shapes: N prompts, L tokens (77 for SD), D text width. A prompt's conditioning is [L, D] for
+SD 1.x / 2.x and {"tokens": [L, D], "pooled": [1, P]} for SDXL (family.py); code outside this
+package treats it as an opaque pytree (mixing.mix, mixing.select).
 """
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from disentangle_jax import mixing
 from disentangle_jax import schedule as schedule_lib
 from disentangle_jax.models import apply
+from disentangle_jax.models import family as family_lib
 from disentangle_jax.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -34,6 +39,9 @@ class StableDiffusion(NamedTuple):
     vae_scale_factor: image pixels per latent pixel (8).
     scaling_factor: latent scale of the VAE (0.18215).
     config: the ModelConfig it was built from (its run options reach the make_*_fn wrappers).
+    family: family.Family (SD1, SD2, SDXL): what conditions the UNet (programs never look).
+    text_encoder_2, tokenizer_2: SDXL's second text encoder (FlaxCLIPTextModelWithProjection)
+      and tokenizer; None otherwise (params then has no "text_encoder_2").
   """
 
   unet: Any
@@ -47,10 +55,16 @@ class StableDiffusion(NamedTuple):
   vae_scale_factor: int
   scaling_factor: float
   config: ModelConfig = ModelConfig()
+  family: family_lib.Family = family_lib.SD1
+  text_encoder_2: Any = None
+  tokenizer_2: Any = None
 
 
 # Jitted text encoders, one per loaded text encoder object (so encode_prompts compiles once).
 _JITTED_TEXT_FNS: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
+
+
+_JITTED_HIDDEN_FNS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def _jitted_text_fn(text_encoder) -> Callable:
@@ -82,7 +96,38 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
   return ids.astype(np.int32)
 
 
-def encode_prompts(model: StableDiffusion, prompts: Sequence[str]) -> jax.Array:
-  """Text embeddings [N, L, D] of ``prompts`` (L = 77 for SD); "" gives the CFG unconditional."""
-  ids = tokenize(model.tokenizer, prompts)
-  return _jitted_text_fn(model.text_encoder)(model.params["text_encoder"], ids)
+def _jitted_hidden_fn(text_encoder, layer: int) -> Callable:
+  fns = _JITTED_HIDDEN_FNS.setdefault(text_encoder, {})  # one jitted fn per encoder and layer
+  if layer not in fns:
+    fns[layer] = jax.jit(apply.make_hidden_fn(text_encoder, layer))
+  return fns[layer]
+
+
+def encode_prompts(model: StableDiffusion, prompts: Sequence[str]):
+  """Text conditioning of ``prompts``: [N, L, D] (L = 77 for SD); for SDXL {"tokens": [N, L,
+  D1 + D2], "pooled": [N, 1, P]} (family.py). "" gives the CFG unconditional."""
+  fam = model.family
+  if not fam.pooled:
+    ids = tokenize(model.tokenizer, prompts)
+    return _jitted_text_fn(model.text_encoder)(model.params["text_encoder"], ids)
+  hidden, pooled = [], None
+  for encoder, tokenizer in zip(fam.text_encoders, fam.tokenizers):
+    ids = tokenize(getattr(model, tokenizer), prompts)
+    h, pooled = _jitted_hidden_fn(getattr(model, encoder), fam.hidden_layer)(
+        model.params[encoder], ids)
+    hidden.append(h)
+  return {"tokens": jnp.concatenate(hidden, axis=-1), "pooled": pooled[:, None, :]}
+
+
+def encode_with_negative(model: StableDiffusion, prompts: Sequence[str], negative_prompt: str):
+  """(conditioning of ``prompts`` [N, ...], the CFG unconditional one [...]) in one encoder call.
+
+  The unconditional conditioning is ``negative_prompt``'s; "" is encoded like any prompt,
+  except for a family whose pipeline conditions on zeros then (SDXL's
+  force_zeros_for_empty_prompt).
+  """
+  emb = encode_prompts(model, list(prompts) + [negative_prompt])
+  uncond = mixing.select(emb, -1)
+  if negative_prompt == "" and model.family.zero_empty_negative:
+    uncond = jax.tree.map(jnp.zeros_like, uncond)
+  return mixing.select(emb, slice(0, -1)), uncond

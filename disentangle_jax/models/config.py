@@ -25,6 +25,7 @@ class ModelConfig:
   block_remat: str = "none"  # remat inside UNet / VAE: a key of remat.LEVELS
   tiny_seed: int = 0  # seed of the tiny random model's weights
   tiny_latent_size: int = 8  # default latent H = W of the tiny model (images 8x larger)
+  tiny_family: str = ""  # family of the tiny model: "" (SD 1.x layout) | "sd2" | "sdxl"
   tokenizer_path: str | None = None  # tokenizer folder (vocab.json, merges.txt) for a single file
   config_path: str | None = None  # single file: diffusers-layout config folder; None = SD v1's
 
@@ -39,6 +40,9 @@ class ModelConfig:
     if self.block_remat not in remat_lib.LEVELS:
       raise ValueError(f"model.block_remat={self.block_remat!r} is unknown; use one of "
                        f"{remat_lib.LEVELS}.")
+    if self.tiny_family not in ("", "sd1", "sd2", "sdxl"):
+      raise ValueError(f"model.tiny_family={self.tiny_family!r} is unknown; use '' (SD 1.x), "
+                       "'sd2' or 'sdxl'.")
     if self.tiny_latent_size < 1:
       raise ValueError(f"model.tiny_latent_size={self.tiny_latent_size} must be >= 1.")
 

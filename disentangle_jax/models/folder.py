@@ -1,6 +1,7 @@
 """Stable Diffusion folders in diffusers layout: reading (``load_folder``) and writing (``save``).
 
-A folder has model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/; each
+A folder has model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (SDXL
+also text_encoder_2/ and tokenizer_2/; the family is detected by ``family.detect``); each
 component is read, in this order of preference, from Flax msgpack, safetensors (converted in
 numpy by ``convert``, no torch), or, only with ``allow_pickle=True``, a PyTorch pickle ``.bin``.
 """
@@ -23,6 +24,7 @@ from disentangle_jax import convert
 from disentangle_jax import schedule as schedule_lib
 from disentangle_jax.models.build import (SD_SCALING_FACTOR, build_text_encoder, build_unet,
                                           build_vae, shape_trees, to_device, vae_scale_factor)
+from disentangle_jax.models import family as family_lib
 from disentangle_jax.models.bundle import StableDiffusion
 from disentangle_jax.models.config import ModelConfig, compute_dtype
 
@@ -127,48 +129,72 @@ def load_tokenizer(directory: pathlib.Path, max_positions: int):
 
 
 def load_folder(config: ModelConfig) -> StableDiffusion:
-  """The diffusers-layout folder at ``config.path`` as a StableDiffusion."""
+  """The diffusers-layout folder at ``config.path`` as a StableDiffusion of its family.
+
+  Every config is read and checked (family, UNet / VAE options, scheduler) before any weight.
+  """
   root = pathlib.Path(os.path.expanduser(config.path))
   if not root.is_dir():
     raise FileNotFoundError(
         f"model.path={config.path!r} is not a directory. Point --config.model.path at a local "
-        "Stable Diffusion v1.x folder in diffusers layout (model_index.json, unet/, vae/, "
-        "text_encoder/, tokenizer/, scheduler/), or leave it None for the tiny random model.")
-  read_json(root / "model_index.json")
+        "Stable Diffusion 1.x / 2.x / SDXL folder in diffusers layout (model_index.json, unet/, "
+        "vae/, text_encoder/, tokenizer/, scheduler/), or leave it None for the tiny random "
+        "model.")
+  index = read_json(root / "model_index.json")
   unet_cfg = read_json(root / "unet" / "config.json")
+  fam = family_lib.detect(index, unet_cfg, str(root))
+  if fam.zero_empty_negative:
+    fam = dataclasses.replace(
+        fam, zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", True)))
   vae_cfg = read_json(root / "vae" / "config.json")
-  text_cfg = read_json(root / "text_encoder" / "config.json")
-  dtype = compute_dtype(config)
-  unet = build_unet(unet_cfg, config, str(root / "unet" / "config.json"))
-  vae = build_vae(vae_cfg, config)
-  text_encoder = build_text_encoder(text_cfg, config)
-  if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-    raise ValueError(f"{root}: unet cross_attention_dim={unet.config.cross_attention_dim} but "
-                     f"the text encoder's hidden_size={text_encoder.config.hidden_size}.")
-  if unet.config.in_channels != vae.config.latent_channels:
-    raise ValueError(f"{root}: unet in_channels={unet.config.in_channels} but the VAE's "
-                     f"latent_channels={vae.config.latent_channels}.")
-  tokenizer = load_tokenizer(root / "tokenizer", text_encoder.config.max_position_embeddings)
-
-  trees = shape_trees(unet, vae, text_encoder)
-  params = {}
-  for name, candidates, naming in (("unet", _DIFFUSERS_WEIGHTS, "diffusers"),
-                                   ("vae", _DIFFUSERS_WEIGHTS, "diffusers"),
-                                   ("text_encoder", _TRANSFORMERS_WEIGHTS, "transformers")):
-    params[name] = to_device(
-        _load_component(root / name, candidates, naming, trees[name], config.allow_pickle), dtype)
-
+  family_lib.check_vae_config(vae_cfg, str(root / "vae" / "config.json"))
   scheduler_file = root / "scheduler" / "scheduler_config.json"
   if scheduler_file.is_file():
     schedule = schedule_lib.ScheduleConfig.from_diffusers_config(read_json(scheduler_file))
   else:
     logger.warning("%s is missing; using the SD v1 schedule.", scheduler_file)
     schedule = schedule_lib.ScheduleConfig()
+  text_cfgs = [read_json(root / name / "config.json") for name in fam.text_encoders]
+  dtype = compute_dtype(config)
+  unet = build_unet(unet_cfg, config, str(root / "unet" / "config.json"))
+  vae = build_vae(vae_cfg, config, upcast=fam.vae_float32)
+  encoders = [build_text_encoder(cfg, config, projection=fam.pooled and i == len(text_cfgs) - 1)
+              for i, cfg in enumerate(text_cfgs)]
+  width = sum(e.config.hidden_size for e in encoders)
+  if unet.config.cross_attention_dim != width:
+    raise ValueError(f"{root}: unet cross_attention_dim={unet.config.cross_attention_dim} but "
+                     f"the text encoders' hidden_size adds up to {width}.")
+  if fam.pooled:
+    want = (family_lib.NUM_TIME_IDS * unet.config.addition_time_embed_dim
+            + encoders[-1].config.projection_dim)
+    if unet.config.projection_class_embeddings_input_dim != want:
+      raise ValueError(f"{root}/unet/config.json: projection_class_embeddings_input_dim="
+                       f"{unet.config.projection_class_embeddings_input_dim} but "
+                       f"{family_lib.NUM_TIME_IDS} time ids x addition_time_embed_dim + the "
+                       f"pooled projection_dim of text_encoder_2 make {want}.")
+  if unet.config.in_channels != vae.config.latent_channels:
+    raise ValueError(f"{root}: unet in_channels={unet.config.in_channels} but the VAE's "
+                     f"latent_channels={vae.config.latent_channels}.")
+  tokenizers = [load_tokenizer(root / name, e.config.max_position_embeddings)
+                for name, e in zip(fam.tokenizers, encoders)]
+
+  trees = shape_trees(unet, vae, *encoders)
+  components = [("unet", _DIFFUSERS_WEIGHTS, "diffusers", dtype),
+                ("vae", _DIFFUSERS_WEIGHTS, "diffusers", vae.dtype)]
+  components += [(name, _TRANSFORMERS_WEIGHTS, "transformers", dtype)
+                 for name in fam.text_encoders]
+  params = {}
+  for name, candidates, naming, param_dtype in components:
+    params[name] = to_device(
+        _load_component(root / name, candidates, naming, trees[name], config.allow_pickle),
+        param_dtype)
   return StableDiffusion(
-      unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, params=params,
+      unet=unet, vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], params=params,
       schedule=schedule, latent_channels=int(vae.config.latent_channels),
       latent_size=int(unet.config.sample_size), vae_scale_factor=vae_scale_factor(vae.config),
-      scaling_factor=float(vae_cfg.get("scaling_factor", SD_SCALING_FACTOR)), config=config)
+      scaling_factor=float(vae_cfg.get("scaling_factor", SD_SCALING_FACTOR)), config=config,
+      family=fam, text_encoder_2=encoders[1] if fam.pooled else None,
+      tokenizer_2=tokenizers[1] if fam.pooled else None)
 
 
 def save(model: StableDiffusion, directory) -> None:
@@ -184,13 +210,14 @@ def save(model: StableDiffusion, directory) -> None:
   params = jax.device_get(model.params)
   model.unet.save_pretrained(tmp / "unet", params=params["unet"])
   model.vae.save_pretrained(tmp / "vae", params=params["vae"])
-  model.text_encoder.save_pretrained(tmp / "text_encoder", params=params["text_encoder"])
-  model.tokenizer.save_pretrained(tmp / "tokenizer")
+  for encoder, tokenizer in zip(model.family.text_encoders, model.family.tokenizers):
+    getattr(model, encoder).save_pretrained(tmp / encoder, params=params[encoder])
+    getattr(model, tokenizer).save_pretrained(tmp / tokenizer)
   (tmp / "scheduler").mkdir()
   scheduler = {"_class_name": "PNDMScheduler", "skip_prk_steps": True, "clip_sample": False,
-               "prediction_type": "epsilon", **dataclasses.asdict(model.schedule)}
+               **dataclasses.asdict(model.schedule)}
   (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-  (tmp / "model_index.json").write_text(json.dumps({
+  index = {
       "_class_name": "FlaxStableDiffusionPipeline",
       "_diffusers_version": diffusers.__version__,
       "unet": ["diffusers", "FlaxUNet2DConditionModel"],
@@ -198,5 +225,11 @@ def save(model: StableDiffusion, directory) -> None:
       "text_encoder": ["transformers", "FlaxCLIPTextModel"],
       "tokenizer": ["transformers", "CLIPTokenizer"],
       "scheduler": ["diffusers", "FlaxPNDMScheduler"],
-  }, indent=2))
+  }
+  if model.family.pooled:
+    index.update(_class_name="FlaxStableDiffusionXLPipeline",
+                 text_encoder_2=["transformers", "FlaxCLIPTextModelWithProjection"],
+                 tokenizer_2=["transformers", "CLIPTokenizer"],
+                 force_zeros_for_empty_prompt=model.family.zero_empty_negative)
+  (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
   os.rename(tmp, final)
