@@ -35,12 +35,15 @@ through it (use block_remat "none" for that).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 from diffusers.models import attention_flax
 from diffusers.models import resnet_flax
 from diffusers.models import vae_flax
 from diffusers.models.unets import unet_2d_blocks_flax as unet_blocks
+import flax.linen as nn
+from flax.linen import module as flax_module
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -116,11 +119,20 @@ def checkpointed_call(context, args, kwargs):
   is_array = [_is_array(x) for x in leaves]
   static = [None if a else x for x, a in zip(leaves, is_array)]
 
+  # The run options active now (fast conv, attention, torch numerics, this remat). The backward's
+  # recomputation is traced after ``models.run_options`` has exited, so it re-enters them: the
+  # recomputed forward is then the same program as the forward it replaces.
+  active = list(flax_module._global_interceptor_stack)[::-1]  # pylint: disable=protected-access
+
   def pure(variables, arrays):
     arrays = iter(arrays)
     merged = [next(arrays) if a else s for s, a in zip(static, is_array)]
     call_args, call_kwargs = jax.tree.unflatten(treedef, merged)
-    return module.clone(parent=None).apply(variables, *call_args, method=method, **call_kwargs)
+    with contextlib.ExitStack() as stack:
+      if not flax_module._global_interceptor_stack:  # pylint: disable=protected-access
+        for interceptor in active:
+          stack.enter_context(nn.intercept_methods(interceptor))
+      return module.clone(parent=None).apply(variables, *call_args, method=method, **call_kwargs)
 
   arrays = [x for x, a in zip(leaves, is_array) if a]
   return recompute_in_backward(pure, skip_tie=(0,))(module.variables, arrays)

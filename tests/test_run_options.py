@@ -73,6 +73,18 @@ def test_options_equal_plain_path_float64(tiny64, plain, name):
   assert max(errors) <= tolerance
 
 
+def test_block_remat_recomputes_with_the_forward_run_options(tiny64):
+  """The backward's recomputation re-enters the run options (here torch_numerics, whose UNet
+  differs from the plain one by ~1e-5): block remat must not change the gradient."""
+  reference = _value_and_grads(tiny64, dict(conv="xla", torch_numerics=True))
+  value, grads = _value_and_grads(tiny64, dict(conv="xla", torch_numerics=True,
+                                               block_remat="layers"))
+  errors = [np.abs(g - r).max() / np.abs(r).max() for g, r in zip(grads, reference[1])]
+  print(f"torch_numerics + layers: grad rel err lambda {errors[0]:.1e}, x_T {errors[1]:.1e}")
+  np.testing.assert_allclose(value, reference[0], rtol=1e-10)
+  assert max(errors) <= 1e-10
+
+
 @pytest.mark.parametrize("level", ["blocks", "layers"])
 def test_block_remat_is_in_the_program(tiny_model, level):
   eps = models.make_eps_fn(tiny_model.unet, models.ModelConfig(block_remat=level))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from disentangle_jax import attention as attention_lib
-from disentangle_jax import fast_conv, library_logs, sampler
+from disentangle_jax import fast_conv, library_logs, sampler, torch_numerics
 from disentangle_jax import remat as remat_lib
 from disentangle_jax.models import family as family_lib
 from disentangle_jax.models.build import vae_scale_factor
@@ -33,14 +33,16 @@ from disentangle_jax.models.config import ModelConfig
 
 @contextlib.contextmanager
 def run_options(config: ModelConfig):
-  """Applies ``config``'s conv / block_remat / attention options to diffusers' Flax modules.
+  """Applies ``config``'s conv / block_remat / attention / torch_numerics options to diffusers'
+  Flax modules.
 
-  Flax method interceptors (fast_conv, remat, attention modules) active while the wrapped
-  ``apply`` traces; parameter trees are untouched.
+  Flax method interceptors (fast_conv, remat, attention, torch_numerics modules) active while
+  the wrapped ``apply`` traces; parameter trees are untouched.
   """
   interceptors = [remat_lib.interceptor(config.block_remat),
                   attention_lib.intercept if config.attention == "dot_product" else None,
-                  fast_conv.intercept if config.conv in ("fast", "fast_hoisted") else None]
+                  fast_conv.intercept if config.conv in ("fast", "fast_hoisted") else None,
+                  torch_numerics.intercept if config.torch_numerics else None]
   with contextlib.ExitStack() as stack:
     for interceptor in interceptors:
       if interceptor is not None:

@@ -25,6 +25,7 @@ class ModelConfig:
   block_remat: str = "none"  # remat inside UNet / VAE: a key of remat.LEVELS
   tiny_seed: int = 0  # seed of the tiny random model's weights
   tiny_latent_size: int = 8  # default latent H = W of the tiny model (images 8x larger)
+  torch_numerics: bool = False  # UNet as diffusers' PyTorch computes it (exact GELU, eps 1e-6)
   tiny_family: str = ""  # family of the tiny model: "" (SD 1.x layout) | "sd2" | "sdxl"
   tokenizer_path: str | None = None  # tokenizer folder (vocab.json, merges.txt) for a single file
   config_path: str | None = None  # single file: diffusers-layout config folder; None = SD v1's
