@@ -4,7 +4,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,6 +13,7 @@ from PIL import Image
 import pytest
 
 from disentangle_jax import loss_models, losses, metrics, sampling, stats, study, study_store
+from tests.conftest import XLA_TEST_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +106,7 @@ def test_chunks_cover_every_unit_once():
 
 SHARDING_SCRIPT = textwrap.dedent("""
     import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import jax
@@ -155,13 +155,10 @@ def _assert_rows_close(got, want):
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-  """Rows of seeds 0..7 on 1 and on 4 fake devices (one subprocess)."""
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT,
-                         str(tmp_path_factory.mktemp("sharded"))], cwd=ROOT,
-                        capture_output=True, text=True, timeout=900, env=env)
+def sharded(tmp_path_factory, cli):
+  """Rows of seeds 0..7 on 1 and on 4 fake devices (one fresh process)."""
+  proc = cli.run_code(SHARDING_SCRIPT, str(tmp_path_factory.mktemp("sharded")),
+                      env=dict(os.environ, XLA_FLAGS=XLA_TEST_FLAGS))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.split("RESULT")[-1])
 
@@ -282,12 +279,10 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, cli, sharded):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count=2")
   coordinator = f"--coordinator=localhost:{_free_port()}"
-  procs = [subprocess.Popen(
-      cli.cmd("study", tmp_path, *SHARDED_CLI, coordinator, "--num_processes=2",
-           f"--process_id={i}", "--init_timeout=120"),
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  procs = [cli.start("study", tmp_path, *SHARDED_CLI, coordinator, "--num_processes=2",
+                     f"--process_id={i}", "--init_timeout=120", env=env)
            for i in (1, 0)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
