@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
 
+import hashlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -283,3 +284,31 @@ def cli(tmp_path_factory, compilation_cache):
 def error_lines(stderr: str) -> list[str]:
   """The ``error:`` lines a program printed."""
   return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def refused(out, message):
+  """Exit code 2, exactly one error line that contains ``message``, no traceback."""
+  assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+  lines = error_lines(out.stderr)
+  assert len(lines) == 1 and message in lines[0], out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def snapshot(folder) -> dict[str, str]:
+  """{relative path: sha256} of every file below ``folder`` except the lock (it records the
+  pid of the last run that claimed the workdir)."""
+  out = {}
+  for dirpath, _, names in os.walk(folder):
+    for name in names:
+      if name == ".lock":
+        continue
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+# The disentangle program the command-line tests share (tests/test_cli.py, tests/test_faults.py):
+# one set of steps and shapes, compiled once per session.
+DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
+               "--config.t_star=2", "--config.optimizer.iterations=3")

@@ -1,11 +1,15 @@
 """The command lines end to end on the tiny model (subprocesses, as a user runs them)."""
 import json
 import os
+import shutil
 import signal
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.conftest import DISENTANGLE, refused as _refused, snapshot as _snapshot
 
 pytestmark = pytest.mark.slow  # subprocesses (conftest.cli: one compilation cache per session)
 
@@ -22,35 +26,78 @@ def test_switch_grid(tmp_path, cli):
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging")]
 
 
-DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
-               "--config.t_star=2", "--config.optimizer.iterations=6")
+def _lines_until(stream, text, seen):
+  """Reads ``stream`` (appending to ``seen``) until a line contains ``text``."""
+  for line in stream:
+    seen.append(line)
+    if text in line:
+      return
+  raise AssertionError(f"{text!r} never logged:\n" + "".join(seen)[-3000:])
 
 
-def test_disentangle_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cli):
-  full = cli.run("disentangle", tmp_path / "full", *DISENTANGLE)
-  assert full.returncode == 0, full.stderr[-3000:]
-  expected = json.loads((tmp_path / "full" / "weights.json").read_text())
+def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cli):
+  """One program (compiled once per session), side by side: an uninterrupted run, a run killed
+  after its first iteration (then resumed), a second writer refused; then settings that
+  cannot resume and damaged checkpoints."""
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  first = cli.popen("disentangle", full, *DISENTANGLE)
+  victim = cli.popen("disentangle", killed, *DISENTANGLE)
+  log = []
+  _lines_until(first.stderr, "c0=", log)  # the first run holds the lock from its start
+  start = time.monotonic()
+  second = cli.run("disentangle", full, *DISENTANGLE, "--config.optimizer.learning_rate=0.1")
+  _refused(second, f"is in use by another run (pid {first.pid})")
+  assert time.monotonic() - start < 120  # refused at once
+
+  # Killed as soon as the first iteration is reported: wherever the kill lands (before, during
+  # or after a checkpoint), the same command must finish with the same lambda.
+  _lines_until(victim.stderr, "iteration 1/3", [])
+  victim.send_signal(signal.SIGKILL)
+  assert victim.wait(timeout=600) == -signal.SIGKILL
+  assert not (killed / "weights.json").exists()  # nothing final was published
+  log.append(first.stderr.read())
+  assert first.wait(timeout=600) == 0, "".join(log)[-3000:]
+  assert "iteration 3/3" in "".join(log) and "ETA" in "".join(log)
+  expected = json.loads((full / "weights.json").read_text())
   for name in ("original.png", "edited.png", "pair.png", "strip.png", "lambda.png", "losses.png",
                "metrics.jsonl", "config.json"):
-    assert (tmp_path / "full" / name).is_file(), name
-  assert "iteration 6/6" in full.stderr and "ETA" in full.stderr
+    assert (full / name).is_file(), name
 
-  # Kill as soon as the first iteration is reported: wherever the kill lands (before, during
-  # or after a checkpoint), the same command must finish with the same lambda.
-  returncode = cli.kill_at("iteration 1/6", "disentangle", tmp_path / "killed", *DISENTANGLE)
-  assert returncode == -signal.SIGKILL
-  assert not (tmp_path / "killed" / "weights.json").exists()  # nothing final was published
-  again = cli.run("disentangle", tmp_path / "killed", *DISENTANGLE)
+  again = cli.run("disentangle", killed, *DISENTANGLE, fresh=True)  # a real `python -m`
   assert again.returncode == 0, again.stderr[-3000:]
-  got = json.loads((tmp_path / "killed" / "weights.json").read_text())
+  got = json.loads((killed / "weights.json").read_text())
   assert got["lambda"] == expected["lambda"]  # bit-identical
   assert got["loss_history"] == expected["loss_history"]
-  rows = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().split("\n")
-          if l]
-  assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  rows = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().split("\n") if l]
+  assert [r["iteration"] for r in rows] == [1, 2, 3]
   assert got["num_steps"] == 4 and got["sampler"] == "ddim" and got["seeds"] == [42]
   assert got["target_prompt"] == "A photo of church exterior, covered by snow"
   assert np.asarray(got["lambda"]).shape == (4,)
+
+  # Other settings in the finished workdir: refused before any compilation, nothing changed.
+  before = _snapshot(full)
+  changes = (("--config.model.tiny_seed=1", "model.tiny_seed: saved 0, now 1"),
+             ("--config.num_steps=3", "num_steps: saved 4, now 3"))
+  outs = cli.run_all([("disentangle", full, [*DISENTANGLE, change]) for change, _ in changes])
+  for (change, field), out in zip(changes, outs):
+    _refused(out, field)
+    assert "was saved by a run with other settings" in out.stderr
+    assert "rerun with the saved settings" in out.stderr and "new --workdir" in out.stderr
+  assert _snapshot(full) == before  # the refused runs changed nothing
+
+  shutil.rmtree(full / "checkpoints" / "3" / "state")  # the newest checkpoint is damaged
+  again = cli.run("disentangle", full, *DISENTANGLE)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "checkpoint 3" in again.stderr and "unreadable" in again.stderr
+  assert "resumed from iteration 2 of 3" in again.stderr
+  got = json.loads((full / "weights.json").read_text())
+  assert got["lambda"] == expected["lambda"] and got["loss_history"] == expected["loss_history"]
+
+  for step in os.listdir(full / "checkpoints"):  # every checkpoint damaged: one line, the fix
+    shutil.rmtree(full / "checkpoints" / step / "state")
+  out = cli.run("disentangle", full, *DISENTANGLE)
+  _refused(out, "can be read")
+  assert f"delete {full / 'checkpoints'}" in out.stderr
 
 
 BAD_INPUT = [

@@ -5,39 +5,15 @@ half-written.
 The command-line cases run the programs as a user does; they share one compilation cache
 (conftest.cli) and refuse before compiling wherever the program can.
 """
-import hashlib
 import json
 import os
-import shutil
 import signal
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import error_lines
-
-
-def _refused(out, message):
-  """Exit code 2, exactly one error line that contains ``message``, no traceback."""
-  assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
-  lines = error_lines(out.stderr)
-  assert len(lines) == 1 and message in lines[0], out.stderr[-3000:]
-  assert "Traceback" not in out.stderr, out.stderr[-3000:]
-
-
-def _snapshot(folder) -> dict[str, str]:
-  """{relative path: sha256} of every file below ``folder`` except the lock (it records the
-  pid of the last run that claimed the workdir)."""
-  out = {}
-  for dirpath, _, names in os.walk(folder):
-    for name in names:
-      if name == ".lock":
-        continue
-      path = os.path.join(dirpath, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-  return out
+from tests.conftest import DISENTANGLE, error_lines, refused as _refused, snapshot as _snapshot
 
 
 # ------------------------------------------------------------------------------------------
@@ -134,48 +110,9 @@ def test_process_zero_without_its_peer_is_one_line(tmp_path, cli):
 # ------------------------------------------------------------------------------------------
 # One writer per workdir; a resumed run never mixes settings; a damaged checkpoint falls back.
 
-# The program of tests/test_cli.py (same steps and shapes): compiled once per test session.
-DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
-               "--config.t_star=2", "--config.optimizer.iterations=3")
-
-
-def test_one_writer_identity_on_resume_and_checkpoint_fallback(tmp_path, cli):
-  wd = tmp_path / "wd"
-  first = cli.popen("disentangle", wd, *DISENTANGLE)
-  for line in first.stderr:  # the first run holds the lock from its start
-    if "c0=" in line:
-      break
-  start = time.monotonic()
-  second = cli.run("disentangle", wd, *DISENTANGLE, "--config.optimizer.learning_rate=0.1")
-  _refused(second, f"is in use by another run (pid {first.pid})")
-  assert time.monotonic() - start < 120  # refused at once (the imports are most of it)
-  rest = first.stderr.read()
-  assert first.wait(timeout=600) == 0, rest[-3000:]
-  expected = json.loads((wd / "weights.json").read_text())
-  before = _snapshot(wd)
-
-  for change, field in (("--config.model.tiny_seed=1", "model.tiny_seed: saved 0, now 1"),
-                        ("--config.num_steps=3", "num_steps: saved 4, now 3")):
-    out = cli.run("disentangle", wd, *DISENTANGLE, change)
-    _refused(out, field)
-    assert "was saved by a run with other settings" in out.stderr
-    assert "rerun with the saved settings" in out.stderr and "new --workdir" in out.stderr
-    assert _snapshot(wd) == before, change  # the refused run changed nothing
-
-  shutil.rmtree(wd / "checkpoints" / "3" / "state")  # the newest checkpoint is damaged
-  again = cli.run("disentangle", wd, *DISENTANGLE)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "checkpoint 3" in again.stderr and "unreadable" in again.stderr
-  assert "resumed from iteration 2 of 3" in again.stderr
-  got = json.loads((wd / "weights.json").read_text())
-  assert got["lambda"] == expected["lambda"] and got["loss_history"] == expected["loss_history"]
-
-  for step in os.listdir(wd / "checkpoints"):  # every checkpoint damaged: one line, the fix
-    shutil.rmtree(wd / "checkpoints" / step / "state")
-  out = cli.run("disentangle", wd, *DISENTANGLE)
-  _refused(out, "can be read")
-  assert f"delete {wd / 'checkpoints'}" in out.stderr
-
+# One writer per workdir, refused resumes with other settings and the fallback from a damaged
+# checkpoint: tests/test_cli.py::test_disentangle_kill_resume_one_writer_and_checkpoint_fallback
+# (one program run side by side with the kill/resume case).
 
 def test_identity_covers_models_files_and_sizes(tmp_path):
   from configs import disentangle as presets  # pylint: disable=import-outside-toplevel
