@@ -62,7 +62,7 @@ _CHILD = flags.DEFINE_string("child", None, "Internal: run one variant, print on
 
 def _random_tree(shape_tree, dtype, seed: int):
   """Random weights of the shapes in ``shape_tree`` (models.build_tiny's recipe), in dtype."""
-  params = models._random_params(shape_tree, [seed])  # pylint: disable=protected-access
+  params = noise.random_params(shape_tree, [seed])
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
@@ -84,7 +84,7 @@ def build(size: str, config: models.ModelConfig):
     sd_params = {"unet": _random_tree(jax.eval_shape(unet.init_weights, key), dtype, 0),
                  "vae": _random_tree(jax.eval_shape(vae.init_weights, key), dtype, 1)}
     scaling, latent = SCALING_FACTOR, SD15_UNET["sample_size"]
-    clip_module, clip_flat = loss_models._clip_shapes(  # pylint: disable=protected-access
+    clip_module, clip_flat = loss_models.clip_shapes(
         transformers.CLIPConfig())  # ViT-B/32
     vgg = loss_models.VGG16Features()
     vgg_shapes = jax.eval_shape(vgg.init, key, jnp.zeros((1, 224, 224, 3)))["params"]

@@ -161,7 +161,7 @@ def split_cfg(eps_fn):
 
 def loss_networks():
   """(clip image apply, vgg apply, abstract params {"clip", "vgg"}): CLIP ViT-B/32, VGG16."""
-  clip_module, clip_flat = loss_models._clip_shapes(  # pylint: disable=protected-access
+  clip_module, clip_flat = loss_models.clip_shapes(
       transformers.CLIPConfig())  # the defaults are ViT-B/32's
   clip_params = flax.traverse_util.unflatten_dict(clip_flat)
   vgg = loss_models.VGG16Features()

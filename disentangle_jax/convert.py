@@ -128,6 +128,19 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], shape_tree, naming: str,
   return check_tree(traverse_util.unflatten_dict(params), shape_tree, source)
 
 
+def mismatches(flat: Mapping, target: Mapping) -> tuple[list, list]:
+  """(missing keys, [(key, found shape, expected shape)]) of flat params against flat shapes.
+
+  ``target`` maps keys to shapes (or anything with ``.shape``); keys only in ``flat`` are not
+  reported (callers drop them). Both lists are sorted by key.
+  """
+  expected = {k: tuple(getattr(v, "shape", v)) for k, v in target.items()}
+  missing = sorted(k for k in expected if k not in flat)
+  bad = sorted((k, tuple(np.shape(flat[k])), s) for k, s in expected.items()
+               if k in flat and tuple(np.shape(flat[k])) != s)
+  return missing, bad
+
+
 def check_tree(params, shape_tree, source: str = "checkpoint") -> dict:
   """Checks a nested params dict against ``shape_tree``; returns it as a plain nested dict.
 
@@ -143,7 +156,8 @@ def check_tree(params, shape_tree, source: str = "checkpoint") -> dict:
   if len(roots) == 1 and not any(k[0] in roots for k in flat):
     root = next(iter(roots))
     flat = {(root,) + k: v for k, v in flat.items()}
-  missing = sorted("/".join(k) for k in target if k not in flat)
+  missing, bad = mismatches(flat, target)
+  missing = ["/".join(k) for k in missing]
   if missing:
     unexpected = sorted("/".join(k) for k in flat if k not in target)
     raise ValueError(
@@ -151,8 +165,7 @@ def check_tree(params, shape_tree, source: str = "checkpoint") -> dict:
         f"{missing[:_MAX_LISTED]}; entries without a place in the model: "
         f"{unexpected[:_MAX_LISTED]}. Is this the checkpoint of a Stable Diffusion v1.x "
         "component, saved with the config.json beside it?")
-  bad = [(("/".join(k)), tuple(np.shape(flat[k])), s) for k, s in target.items()
-         if tuple(np.shape(flat[k])) != s]
+  bad = [("/".join(k), found, expected) for k, found, expected in bad]
   if bad:
     raise ValueError(
         f"{source}: parameters with the wrong shape (name, found, expected): {bad[:_MAX_LISTED]}; "

@@ -131,6 +131,14 @@ def random_params(shape_tree, seed: Sequence[int]) -> dict:
   return _unflatten(out)
 
 
+def normal_arrays(seed: Sequence[int], specs: Sequence[tuple[float, tuple[int, ...]]]
+                  ) -> list[np.ndarray]:
+  """float64 numpy arrays N(0, std^2), one per (std, shape) in ``specs``, drawn in order from one
+  stream seeded by ``seed`` (the tiny loss networks' weights)."""
+  rng = np.random.default_rng(list(seed))
+  return [rng.normal(0.0, std, shape) for std, shape in specs]
+
+
 def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, object]:
   """{"a": {"b": leaf}} -> {("a", "b"): leaf} (flax.traverse_util.flatten_dict's keys)."""
   flat = {}

@@ -1,4 +1,4 @@
-"""models.py and convert.py on the tiny built-in model: no torch, no network, no real weights."""
+"""The models package and convert.py on the tiny built-in model: no torch, no network, no real weights."""
 import logging
 import pathlib
 import re
@@ -126,9 +126,9 @@ def test_encode_prompts(tiny_model):
 
 def test_long_prompt_is_truncated_with_a_warning(tiny_model, caplog):
   long_prompt = " ".join(["photo"] * 100)  # 100 tokens; 75 fit between start and end
-  with caplog.at_level(logging.WARNING, logger=models.__name__):
+  with caplog.at_level(logging.WARNING, logger=models.bundle.__name__):
     ids = models.tokenize(tiny_model.tokenizer, [long_prompt, "a photo"])
-  messages = [r.getMessage() for r in caplog.records if r.name == models.__name__]
+  messages = [r.getMessage() for r in caplog.records if r.name == models.bundle.__name__]
   assert len(messages) == 1
   assert long_prompt in messages[0] and "last 25 token(s) are dropped" in messages[0]
   assert ids.shape == (2, 77) and ids.dtype == np.int32

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from disentangle_jax import convert, models, noise, sampler, schedule, single_file
+from disentangle_jax import convert, models, noise, sampler, schedule
+from disentangle_jax.models import ldm_keys, single_file
 from tests import ldm_layout
 
 torch = pytest.importorskip("torch", reason="needs torch: pip install torch==2.13.0")
@@ -111,7 +112,7 @@ def test_diffusers_from_single_file_reads_the_same_weights(files, torch_sd_dir):
 def test_real_sd_v1_architecture_is_read_from_the_shapes():
   """A file with the real SD v1 shapes (no memory: broadcast zeros) gives SD v1's configs, and
   every parameter of the real-size Flax models finds its weight."""
-  cfg = single_file.SD_V1_CONFIGS
+  cfg = ldm_keys.SD_V1_CONFIGS
   with torch.device("meta"):
     unet = diffusers.UNet2DConditionModel(**cfg["unet"])
     vae = diffusers.AutoencoderKL(**cfg["vae"])
@@ -123,15 +124,15 @@ def test_real_sd_v1_architecture_is_read_from_the_shapes():
   state = {**ldm_layout.unet_to_ldm(shapes(unet), 2), **ldm_layout.vae_to_ldm(shapes(vae), 4),
            **ldm_layout.text_to_ldm(shapes(text)), "alphas_cumprod": np.zeros(1000)}
   single_file.detect_family(state, "sd-v1.safetensors")
-  inferred = single_file.infer_configs(state, cfg, "sd-v1.safetensors")
+  inferred = ldm_keys.infer_configs(state, cfg, "sd-v1.safetensors")
   assert inferred == cfg
   config = models.ModelConfig()
   # pylint: disable=protected-access
-  trees = models._shape_trees(models._build_unet(inferred["unet"], config, "unet"),
-                              models._build_vae(inferred["vae"], config),
-                              models._build_text_encoder(inferred["text_encoder"], config))
+  trees = models.shape_trees(models.build_unet(inferred["unet"], config, "unet"),
+                              models.build_vae(inferred["vae"], config),
+                              models.build_text_encoder(inferred["text_encoder"], config))
   # pylint: enable=protected-access
-  parts = single_file.split(state, 2, 4, "sd-v1.safetensors")
+  parts = ldm_keys.split(state, 2, 4, "sd-v1.safetensors")
   _assert_same_as_diffusers_mapping(state, parts, inferred)
   for name, naming in (("unet", "diffusers"), ("vae", "diffusers"),
                        ("text_encoder", "transformers")):
@@ -153,9 +154,9 @@ def _assert_same_as_diffusers_mapping(state, parts, configs):
 def test_split_matches_diffusers_conversion_on_the_tiny_file(ldm_state, files):
   base = {n: json.loads((files[1] / n / "config.json").read_text())
           for n in ("unet", "vae", "text_encoder")}
-  base["scheduler"] = single_file.SD_V1_CONFIGS["scheduler"]
-  configs = single_file.infer_configs(ldm_state, base, "tiny")
-  parts = single_file.split(ldm_state, 1, 4, "tiny")
+  base["scheduler"] = ldm_keys.SD_V1_CONFIGS["scheduler"]
+  configs = ldm_keys.infer_configs(ldm_state, base, "tiny")
+  parts = ldm_keys.split(ldm_state, 1, 4, "tiny")
   _assert_same_as_diffusers_mapping(ldm_state, parts, configs)
 
 
@@ -207,11 +208,11 @@ def test_error_truncated_file(files, tmp_path):
 def _family_file(tmp_path, ldm_state, kind):
   """A small file with the markers of another family or task."""
   state = dict(ldm_state)
-  conv_in = single_file.UNET_PREFIX + "input_blocks.0.0.weight"
+  conv_in = ldm_keys.UNET_PREFIX + "input_blocks.0.0.weight"
   if kind == "inpainting":
     state[conv_in] = np.zeros((32, 9, 3, 3), np.float32)
   elif kind == "sd2":
-    state = {k: v for k, v in state.items() if not k.startswith(single_file.TEXT_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(ldm_keys.TEXT_PREFIX)}
     state["cond_stage_model.model.token_embedding.weight"] = np.zeros((8, 4), np.float32)
   elif kind == "sdxl":
     state = {"conditioner.embedders.1.model.positional_embedding": np.zeros((77, 8), np.float32),
@@ -222,7 +223,7 @@ def _family_file(tmp_path, ldm_state, kind):
   elif kind == "component":
     state = {"conv_in.weight": np.zeros((32, 4, 3, 3), np.float32)}
   elif kind == "no_vae":
-    state = {k: v for k, v in state.items() if not k.startswith(single_file.VAE_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(ldm_keys.VAE_PREFIX)}
   path = tmp_path / f"{kind}.safetensors"
   safetensors.numpy.save_file(state, path)
   return path

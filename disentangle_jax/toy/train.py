@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from disentangle_jax import checkpoint, losses, models, schedule
+from disentangle_jax import checkpoint, losses, models, noise, schedule
 from disentangle_jax.toy import judge as judge_lib
 from disentangle_jax.toy import scenes, world
 
@@ -246,7 +246,7 @@ def init_params(cfg: TrainConfig, sd: models.StableDiffusion, clip_module) -> di
                              jnp.zeros((1, size, size, 3)), ids, ids)["params"],
       "judge": jax.eval_shape(lambda: judge_lib.init(cfg.judge, 0)),
   }
-  params = {name: models._random_params(tree, [cfg.seed, i])  # noqa: SLF001
+  params = {name: noise.random_params(tree, [cfg.seed, i])
             for i, (name, tree) in enumerate(sorted(shapes.items()))}
   params["clip"]["logit_scale"] = np.full((), np.log(1 / 0.07), np.float32)  # CLIP's init
   return jax.tree.map(jnp.asarray, params)

@@ -154,9 +154,9 @@ def build_sd(sizes: Sizes, image_size: int, scaling_factor: float, params: dict,
   factor = 2 ** (len(sizes.vae_channels) - 1)
   vae_cfg = vae_config(sizes, image_size, scaling_factor)
   return models.StableDiffusion(
-      unet=models._build_unet(unet_config(sizes, image_size // factor), mc, "toy unet"),  # noqa: SLF001
-      vae=models._build_vae(vae_cfg, mc),  # noqa: SLF001
-      text_encoder=models._build_text_encoder(text_config(sizes, tok), mc),  # noqa: SLF001
+      unet=models.build_unet(unet_config(sizes, image_size // factor), mc, "toy unet"),
+      vae=models.build_vae(vae_cfg, mc),
+      text_encoder=models.build_text_encoder(text_config(sizes, tok), mc),
       tokenizer=tok, params=params, schedule=models.schedule_lib.ScheduleConfig(),
       latent_channels=LATENT_CHANNELS, latent_size=image_size // factor,
       vae_scale_factor=factor, scaling_factor=scaling_factor)

@@ -1,51 +1,18 @@
-"""Single-file Stable Diffusion checkpoints (the CompVis/LDM layout) -> diffusers-named weights.
+"""The CompVis/LDM single-file layout: its key names -> diffusers / transformers names, and the
+component configs its weights' shapes reveal.
 
-The original release ships ``sd-v1-4.ckpt``, and most fine-tuned community models are single
-``.safetensors`` files in the same layout: one flat state dict with the UNet under
-``model.diffusion_model.*``, the VAE under ``first_stage_model.*`` and the CLIP text encoder
-under ``cond_stage_model.transformer.*`` (plus DDPM buffers such as ``alphas_cumprod``). This
-module, pure numpy (no torch, no diffusers), does three things:
-
-  ``read``: the file -> {name: array}. ``.safetensors`` is read without torch; ``.ckpt`` is a
-    pickle and is read (with torch, ``weights_only=True``) only when the caller allows pickle.
-  ``detect_family``: refuses by name what is not an SD v1.x text-to-image checkpoint (SD 2.x,
-    SDXL base or refiner, inpainting, instruct-pix2pix, upscaler, ControlNet, a diffusers-layout
-    component file, a file without VAE or text encoder, unknown).
-  ``split``: renames the keys to the diffusers / transformers names of each component, as
-    diffusers' single-file loader does (``diffusers.loaders.single_file_utils``:
-    ``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint`` including the VAE
-    attention's 1x1 convolutions -> linear weights, ``convert_ldm_clip_checkpoint``). The result
-    goes through ``convert.torch_to_flax`` like any diffusers-layout PyTorch file.
-
-The architecture. A single file carries weights, not a config. Everything that shapes reveal is
-read from the shapes (as diffusers' loader does for some fields): UNet in/out channels, block
-channels, layers per block, which blocks have cross-attention, the cross-attention width; VAE
-channels, layers, latent channels; text encoder width, depth, MLP width, vocabulary and
-positions. What shapes cannot reveal (UNet head count, GroupNorm groups, activations, norm
-epsilons, sample size, VAE scaling factor, the noise schedule) comes from a base config: SD
-v1.x's standard one (``SD_V1_CONFIGS``, the ``stable-diffusion-v1-5`` folder's config files),
-or, when given, a diffusers-layout folder without weights (``model.config_path``: its
-unet/config.json, vae/config.json, text_encoder/config.json and scheduler/scheduler_config.json).
-So a real SD v1.x file needs nothing but itself and a tokenizer, and a small or unusual
-SD-v1-like file (the tests' tiny models) loads with the folder that describes its other fields.
-
-Tokenizer: a single file has none; the caller names a folder with vocab.json and merges.txt.
+``split`` renames the keys of each component as diffusers' single-file loader does
+(``diffusers.loaders.single_file_utils``: ``convert_ldm_unet_checkpoint``,
+``convert_ldm_vae_checkpoint`` including the VAE attention's 1x1 convolutions -> linear weights,
+``convert_ldm_clip_checkpoint``); ``infer_configs`` reads the architecture from the shapes, the
+rest from a base config (``SD_V1_CONFIGS`` unless the user names a folder). Pure numpy.
 """
 from __future__ import annotations
 
 import logging
-import pathlib
-import pickle
 import re
-import numpy as np
-import safetensors
-import safetensors.numpy
-
-from disentangle_jax import convert
 
 logger = logging.getLogger(__name__)
-
-SUFFIXES = (".safetensors", ".ckpt")
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -105,138 +72,13 @@ _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
                   "proj_out": "to_out.0"}
 _VAE_TOP = ("conv_in", "conv_out", "quant_conv", "post_quant_conv")
 
-_FIX_FILE = ("Point --config.model.path at an SD v1.x checkpoint (a single .safetensors/.ckpt in "
+FIX_FILE = ("Point --config.model.path at an SD v1.x checkpoint (a single .safetensors/.ckpt in "
              "the CompVis layout, or a diffusers-layout folder).")
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading.
-
-
-def is_single_file(path) -> bool:
-  """True if ``path`` names a file (existing or not) with a single-file checkpoint suffix."""
-  return pathlib.Path(path).suffix.lower() in SUFFIXES
-
-
-def read(path: pathlib.Path, allow_pickle: bool) -> dict[str, np.ndarray]:
-  """The file's flat state dict {name: numpy array}.
-
-  Args:
-    path: a ``.safetensors`` or ``.ckpt`` file.
-    allow_pickle: whether a ``.ckpt`` (pickle) may be read (this needs torch).
-
-  Raises:
-    FileNotFoundError: ``path`` does not exist. ValueError: another suffix, a ``.ckpt`` without
-    ``allow_pickle``, or a file that cannot be read (truncated, not a checkpoint).
-  """
-  if not path.is_file():
-    raise FileNotFoundError(f"model.path={str(path)!r} does not exist. {_FIX_FILE}")
-  suffix = path.suffix.lower()
-  if suffix not in SUFFIXES:
-    raise ValueError(f"model.path={str(path)!r} is a file but not a single-file checkpoint "
-                     f"(one of {SUFFIXES}). {_FIX_FILE}")
-  if suffix == ".ckpt" and not allow_pickle:
-    raise ValueError(
-        f"{path} is a PyTorch pickle (.ckpt); it is refused because unpickling can run "
-        "arbitrary code. Convert it to .safetensors, or, if you trust the file, set "
-        "--config.model.allow_pickle=True (reading .ckpt needs torch).")
-  torch = _import_torch(path) if suffix == ".ckpt" else None
-  try:
-    if suffix == ".safetensors":
-      state = safetensors.numpy.load_file(str(path))
-    else:
-      state = torch.load(path, map_location="cpu", weights_only=True)
-      while isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoints
-        state = state["state_dict"]
-      state = {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy()
-               for k, v in state.items() if isinstance(v, torch.Tensor)}
-  except pickle.UnpicklingError as e:
-    raise ValueError(f"{path} holds Python objects that torch's safe loader (weights_only=True) "
-                     f"refuses ({_one_line(e)}); convert it to .safetensors with a tool you "
-                     "trust.") from None
-  except Exception as e:  # pylint: disable=broad-except  # any reader's error: one message
-    raise ValueError(f"{path} could not be read as {suffix[1:]} ({type(e).__name__}: "
-                     f"{_one_line(e)}); is the file complete? Download or convert it "
-                     "again.") from None
-  if not state:
-    raise ValueError(f"{path} holds no weights. {_FIX_FILE}")
-  return state
-
-
-def _one_line(error: Exception, limit: int = 200) -> str:
-  """The error's text on one line, without terminal colour codes, at most ``limit`` chars."""
-  return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())[:limit]
-
-
-def _import_torch(path: pathlib.Path):
-  return convert.import_torch(f"reading the PyTorch .ckpt file {path}",
-                              "or convert it to .safetensors.")
-
-
-# ----------------------------------------------------------------------------------------------
-# Which model is this?
-
-
-def _has(state, prefix: str) -> bool:
+def has_prefix(state, prefix: str) -> bool:
+  """True if any key of ``state`` starts with ``prefix``."""
   return any(k.startswith(prefix) for k in state)
-
-
-def detect_family(state: dict, source: str) -> None:
-  """Returns if ``state`` is an SD v1.x text-to-image checkpoint; else raises naming what it is.
-
-  Decided from key names and shapes, with the markers of diffusers'
-  ``infer_diffusers_model_type``. Raises ValueError naming ``source``, the family found and
-  the fix.
-  """
-  def refuse(what: str):
-    raise ValueError(
-        f"{source} is {what}, not a Stable Diffusion v1.x text-to-image checkpoint; this loader "
-        f"reads SD v1.x only (other families are not supported yet). {_FIX_FILE}")
-
-  conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
-  if _has(state, "conditioner.embedders."):
-    if "conditioner.embedders.0.model.text_projection" in state:
-      refuse("an SDXL refiner checkpoint")
-    refuse("an SDXL checkpoint")
-  if _has(state, "control_model.") or _has(state, "controlnet_cond_embedding."):
-    refuse("a ControlNet checkpoint")
-  if conv_in is None:
-    if _has(state, UNET_PREFIX):
-      refuse("a checkpoint of another architecture (no UNet conv_in "
-             "model.diffusion_model.input_blocks.0.0.weight: SD3, Flux or another transformer?)")
-    if _has(state, "down_blocks.") or "conv_in.weight" in state or _has(state, "text_model."):
-      refuse("a single component in diffusers/transformers layout (no "
-             "model.diffusion_model.* keys); load the diffusers folder it came from instead")
-    if _has(state, "encoder.down.") or _has(state, "decoder.up."):
-      refuse("a VAE-only file")
-    refuse("not a checkpoint in the CompVis/LDM layout (no model.diffusion_model.* keys)")
-  if _has(state, "cond_stage_model.model."):
-    refuse("an SD 2.x checkpoint (OpenCLIP text encoder)")
-  if _has(state, UNET_PREFIX + "label_emb."):
-    refuse("a class- or image-conditioned UNet (label_emb: an upscaler or unCLIP checkpoint)")
-  in_channels = conv_in.shape[1] if conv_in.ndim == 4 else None
-  if in_channels == 9:
-    refuse("an inpainting checkpoint (9 UNet input channels)")
-  if in_channels == 8:
-    refuse("an instruct-pix2pix checkpoint (8 UNet input channels)")
-  if in_channels != 4:
-    refuse(f"a checkpoint whose UNet takes {in_channels} input channels (SD v1.x takes 4)")
-  proj_in = [v for k, v in state.items()
-             if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")]
-  if any(v.ndim == 2 for v in proj_in):
-    refuse("an SD 2.x checkpoint (linear transformer projections)")
-  to_k = [v for k, v in state.items()
-          if k.startswith(UNET_PREFIX) and k.endswith(".attn2.to_k.weight")]
-  if to_k and to_k[0].shape[1] == 1024:
-    refuse("an SD 2.x checkpoint (1024-wide cross-attention)")
-  if not _has(state, VAE_PREFIX):
-    refuse("a checkpoint without VAE weights (no first_stage_model.* keys)")
-  if not _has(state, TEXT_PREFIX):
-    refuse("a checkpoint without a CLIP text encoder (no cond_stage_model.transformer.* keys)")
-
-
-# ----------------------------------------------------------------------------------------------
-# LDM names -> diffusers / transformers names.
 
 
 def _unet_resnet(rest: str) -> str | None:
@@ -363,10 +205,6 @@ def split(state: dict, unet_layers: int, vae_blocks: int, source: str) -> dict[s
   return out
 
 
-# ----------------------------------------------------------------------------------------------
-# The architecture.
-
-
 def _indices(state: dict, pattern: str) -> list[int]:
   """Sorted distinct integers captured by ``pattern`` (a regex with one group) over the keys."""
   found = {int(m[1]) for k in state if (m := re.match(pattern, k))}
@@ -390,7 +228,7 @@ def infer_configs(state: dict, base: dict, source: str) -> dict[str, dict]:
   def shape(key):
     if key not in state:
       raise ValueError(f"{source} lacks the weight {key!r}, which every SD v1.x checkpoint "
-                       f"has; the file is damaged or of another model. {_FIX_FILE}")
+                       f"has; the file is damaged or of another model. {FIX_FILE}")
     return state[key].shape
 
   u = UNET_PREFIX
@@ -430,7 +268,7 @@ def infer_configs(state: dict, base: dict, source: str) -> dict[str, dict]:
       down_block_types=["DownEncoderBlock2D"] * len(vae_levels),
       up_block_types=["UpDecoderBlock2D"] * len(vae_levels))
 
-  t = TEXT_PREFIX + ("text_model." if _has(state, TEXT_PREFIX + "text_model.") else "")
+  t = TEXT_PREFIX + ("text_model." if has_prefix(state, TEXT_PREFIX + "text_model.") else "")
   vocab, width = shape(f"{t}embeddings.token_embedding.weight")
   text = dict(base["text_encoder"])
   text.update(

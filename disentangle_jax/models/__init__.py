@@ -1,0 +1,36 @@
+"""Stable Diffusion for this library: what a model is, how its files are read, tiny stand-ins.
+
+The only package that imports diffusers and transformers (with ``loss_models``). It returns the
+Flax modules (static objects) and their weights as one params pytree, and wraps the modules as
+functions that take the weights as an argument, so jitted code never captures weights.
+
+  config.py       ModelConfig: which model, and how to run it (dtype, attention, conv, remat)
+  bundle.py       StableDiffusion: the loaded modules + params + constants; prompts -> embeddings
+  apply.py        pure wrappers eps_fn / decode / encode / text_fn, and the run options
+  build.py        Flax modules from config dicts, their parameter shapes
+  loading.py      ``load``: folder, single file, or the tiny model
+  folder.py       diffusers-layout folders: read, ``save``
+  single_file.py  CompVis/LDM single files (``ldm_keys.py``: their key names and configs)
+  tiny.py         the tiny random model (tests, smoke runs)
+
+Weights come from local files only; nothing is ever downloaded. ``path=None`` builds the tiny
+random model with the same structure.
+"""
+from disentangle_jax.models.apply import (make_decode_fn, make_encode_fn, make_eps_fn,
+                                          make_text_fn, run_options)
+from disentangle_jax.models.build import (build_text_encoder, build_unet, build_vae,
+                                          shape_trees, to_device, vae_scale_factor)
+from disentangle_jax.models.bundle import StableDiffusion, encode_prompts, tokenize
+from disentangle_jax.models.config import ATTENTIONS, CONVS, DTYPES, ModelConfig, compute_dtype
+from disentangle_jax.models.folder import save
+from disentangle_jax.models.loading import load
+from disentangle_jax.models.tiny import (build_tiny, tiny_text_config, tiny_unet_config,
+                                         tiny_vae_config, write_tiny_tokenizer)
+
+__all__ = [
+    "ATTENTIONS", "CONVS", "DTYPES", "ModelConfig", "StableDiffusion", "build_text_encoder",
+    "build_tiny", "build_unet", "build_vae", "compute_dtype", "encode_prompts", "load",
+    "make_decode_fn", "make_encode_fn", "make_eps_fn", "make_text_fn", "run_options", "save",
+    "shape_trees", "tiny_text_config", "tiny_unet_config", "tiny_vae_config", "to_device",
+    "tokenize", "vae_scale_factor", "write_tiny_tokenizer",
+]

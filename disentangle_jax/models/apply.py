@@ -1,0 +1,126 @@
+"""Pure wrappers: diffusers' / transformers' Flax modules as functions of their weights.
+
+Each closes over a static module and the static ``ModelConfig`` only, so jitted code never
+captures weights:
+
+  eps_fn(params["unet"], x [N,H,W,C], t [] or [N], emb [N,L,D]) -> eps [N,H,W,C]
+  decode(params["vae"], latents [B,H,W,C]) -> images [B,8H,8W,3] in [0, 1]
+  encode(params["vae"], images [B,h,w,3] in [0, 1], key=None) -> latents [B,h/8,w/8,C]
+  text_fn(params["text_encoder"], ids [N,L] int32) -> embeddings [N,L,D]
+
+Shapes: B batch, N UNet batch (2B under CFG), H W C latent (NHWC), L tokens, D text width.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from disentangle_jax import attention as attention_lib
+from disentangle_jax import fast_conv, library_logs
+from disentangle_jax import remat as remat_lib
+from disentangle_jax.models.build import vae_scale_factor
+from disentangle_jax.models.config import ModelConfig
+
+
+@contextlib.contextmanager
+def run_options(config: ModelConfig):
+  """Applies ``config``'s conv / block_remat / attention options to diffusers' Flax modules.
+
+  Flax method interceptors (fast_conv, remat, attention modules) active while the wrapped
+  ``apply`` traces; parameter trees are untouched.
+  """
+  interceptors = [remat_lib.interceptor(config.block_remat),
+                  attention_lib.intercept if config.attention == "dot_product" else None,
+                  fast_conv.intercept if config.conv == "fast" else None]
+  with contextlib.ExitStack() as stack:
+    for interceptor in interceptors:
+      if interceptor is not None:
+        stack.enter_context(nn.intercept_methods(interceptor))
+    yield
+
+
+def make_eps_fn(unet, config: ModelConfig = ModelConfig()) -> Callable:
+  """Wraps the UNet as eps_fn(params, x [N,H,W,C], t [] or [N] int, emb [N,L,D]) -> [N,H,W,C].
+
+  Closes over the module and the static ``config`` (its conv / block_remat / attention run
+  options) only. The output has the module's compute dtype.
+  """
+  @library_logs.quietly
+  def eps_fn(params, x, t, emb):
+    if x.ndim != 4 or emb.ndim != 3 or emb.shape[0] != x.shape[0]:
+      raise ValueError(f"eps_fn needs x [N, H, W, C] and emb [N, L, D] with the same N; got x "
+                       f"{tuple(x.shape)} and emb {tuple(emb.shape)}.")
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
+    with run_options(config):
+      out = unet.apply({"params": params}, jnp.transpose(x, (0, 3, 1, 2)), t, emb).sample
+    return jnp.transpose(out, (0, 2, 3, 1))
+  return eps_fn
+
+
+def make_decode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig()) -> Callable:
+  """Wraps the VAE decoder as decode(params, latents [B,H,W,C]) -> images [B,8H,8W,3] in [0, 1].
+
+  images = clip(VAE.decode(latents / scaling_factor) / 2 + 0.5, 0, 1), returned in float32 (or
+  float64 for a float64 model) whatever the compute dtype: the losses stay in float32.
+  """
+  channels = vae.config.latent_channels
+
+  @library_logs.quietly
+  def decode(params, latents):
+    if latents.ndim != 4 or latents.shape[-1] != channels:
+      raise ValueError(f"decode needs latents [B, H, W, {channels}] (NHWC); got shape "
+                       f"{tuple(latents.shape)}.")
+    # FlaxAutoencoderKL.decode takes NHWC when the last axis has latent_channels entries.
+    with run_options(config):
+      x = vae.apply({"params": params}, latents / scaling_factor, method="decode").sample
+    images = jnp.clip(jnp.transpose(x, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+    return images.astype(jnp.promote_types(images.dtype, jnp.float32))
+  return decode
+
+
+def make_encode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig()) -> Callable:
+  """Wraps the VAE encoder as encode(params, images [B,h,w,3] in [0,1], key=None) -> latents.
+
+  Returns [B, h/8, w/8, C] in float32 (float64 for a float64 model): the posterior mean (a
+  posterior sample when ``key`` is given) times ``scaling_factor``. h and w must be multiples of
+  the VAE scale factor (8).
+  """
+  factor = vae_scale_factor(vae.config)
+
+  @library_logs.quietly
+  def encode(params, images, key=None):
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"encode needs images [B, h, w, 3] in [0, 1]; got shape "
+                       f"{tuple(images.shape)}.")
+    if images.shape[1] % factor or images.shape[2] % factor:
+      raise ValueError(f"encode needs image height and width divisible by {factor}; got "
+                       f"{tuple(images.shape[1:3])}: resize or crop the image first.")
+    x = jnp.transpose(images * 2 - 1, (0, 3, 1, 2))
+    with run_options(config):
+      dist = vae.apply({"params": params}, x, method="encode").latent_dist
+    z = dist.mean
+    if key is not None:
+      z = z + dist.std * jax.random.normal(key, z.shape, z.dtype)
+    z = z * scaling_factor
+    return z.astype(jnp.promote_types(z.dtype, jnp.float32))
+  return encode
+
+
+def make_text_fn(text_encoder) -> Callable:
+  """Wraps the CLIP text encoder as text_fn(params, ids [N,L] int32) -> last hidden state [N,L,D].
+
+  No attention mask, as in Stable Diffusion's pipelines (CLIP's causal mask does the work).
+  """
+  module = text_encoder.module
+
+  @library_logs.quietly
+  def text_fn(params, ids):
+    ids = jnp.asarray(ids, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[-1], dtype=jnp.int32), ids.shape)
+    out = module.apply({"params": params}, ids, jnp.ones_like(ids), positions)
+    return out.last_hidden_state
+  return text_fn

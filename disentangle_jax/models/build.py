@@ -1,0 +1,67 @@
+"""Flax modules built from diffusers / transformers config dicts, and their parameter shapes."""
+from __future__ import annotations
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import transformers
+
+from disentangle_jax import convert
+from disentangle_jax.models.config import ModelConfig, compute_dtype
+
+# SD v1 constants used when a config does not name them.
+SD_SCALING_FACTOR = 0.18215
+SD_MAX_LENGTH = 77
+# The Flax UNet of diffusers hard-codes GroupNorm(32).
+FLAX_UNET_GROUPS = 32
+
+
+def vae_scale_factor(vae_config) -> int:
+  """Image pixels per latent pixel: 2 ** (number of VAE blocks - 1) (8 for SD)."""
+  channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else (
+      vae_config.block_out_channels)
+  return 2 ** (len(channels) - 1)
+
+
+def build_unet(cfg: dict, config: ModelConfig, source: str):
+  """diffusers' FlaxUNet2DConditionModel from its config dict (``source`` names it in errors)."""
+  groups = cfg.get("norm_num_groups", FLAX_UNET_GROUPS)
+  if groups != FLAX_UNET_GROUPS:
+    raise ValueError(f"{source}: norm_num_groups={groups}, but diffusers' Flax UNet only "
+                     f"supports {FLAX_UNET_GROUPS} (Stable Diffusion v1.x uses 32).")
+  return diffusers.FlaxUNet2DConditionModel.from_config(
+      _drop_private(cfg), dtype=compute_dtype(config),
+      use_memory_efficient_attention=config.attention == "chunked")  # "dot_product": run_options
+
+
+def build_vae(cfg: dict, config: ModelConfig):
+  """diffusers' FlaxAutoencoderKL from its config dict."""
+  return diffusers.FlaxAutoencoderKL.from_config(_drop_private(cfg), dtype=compute_dtype(config))
+
+
+def build_text_encoder(cfg: dict, config: ModelConfig):
+  """transformers' FlaxCLIPTextModel (no weights held) from a CLIPTextConfig or CLIPConfig dict."""
+  if cfg.get("model_type") == "clip" and "text_config" in cfg:  # a full CLIPConfig
+    cfg = cfg["text_config"]
+  text_config = transformers.CLIPTextConfig.from_dict(cfg)
+  return transformers.FlaxCLIPTextModel(
+      text_config, input_shape=(1, 1), dtype=compute_dtype(config), _do_init=False)
+
+
+def _drop_private(cfg: dict) -> dict:
+  return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def shape_trees(unet, vae, text_encoder) -> dict:
+  """{"unet", "vae", "text_encoder": ShapeDtypeStruct tree} of the three modules' weights."""
+  key = jax.random.PRNGKey(0)
+  return {
+      "unet": jax.eval_shape(unet.init_weights, key),
+      "vae": jax.eval_shape(vae.init_weights, key),
+      "text_encoder": text_encoder.params_shape_tree,
+  }
+
+
+def to_device(params, dtype) -> dict:
+  """Numpy weights -> jax arrays, floating leaves cast to ``dtype``."""
+  return jax.tree.map(jnp.asarray, convert.cast_floating(params, dtype))

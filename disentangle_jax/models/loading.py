@@ -1,0 +1,26 @@
+"""``load``: a ModelConfig -> a StableDiffusion, from a folder, a single file, or built tiny."""
+from __future__ import annotations
+
+import os
+
+from disentangle_jax import library_logs
+from disentangle_jax.models import folder, single_file, tiny
+from disentangle_jax.models.bundle import StableDiffusion
+from disentangle_jax.models.config import ModelConfig
+
+
+@library_logs.quietly
+def load(config: ModelConfig) -> StableDiffusion:
+  """Loads the model at ``config.path`` (a diffusers-layout folder or a single file), or builds
+  the tiny one if None."""
+  path = None if config.path is None else os.path.expanduser(config.path)
+  if path is not None and (os.path.isfile(path) or
+                           (single_file.is_single_file(path) and not os.path.isdir(path))):
+    return single_file.load(config)
+  if config.tokenizer_path is not None or config.config_path is not None:
+    raise ValueError("model.tokenizer_path and model.config_path are only for a single-file "
+                     f"model.path (.safetensors / .ckpt); model.path={config.path!r} is not one. "
+                     "Unset them (a diffusers folder has its own tokenizer/ and configs).")
+  if config.path is None:
+    return tiny.build_tiny(config)
+  return folder.load_folder(config)
