@@ -312,3 +312,13 @@ def snapshot(folder) -> dict[str, str]:
 # one set of steps and shapes, compiled once per session.
 DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
                "--config.t_star=2", "--config.optimizer.iterations=3")
+
+
+def write_weights(path, lam, num_steps=None, sampler="ddim"):
+  """A weights file (as launch.disentangle exports it) with ``lam``; folders made."""
+  from disentangle_jax import weights_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  weights_file.write(str(path), weights_file.LearnedWeights(
+      lam=tuple(lam), prompt="p", target_prompt="p, q",
+      num_steps=len(lam) if num_steps is None else num_steps, sampler=sampler, eta=0.0,
+      guidance=7.5, schedule={}))

@@ -9,21 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import DISENTANGLE, refused as _refused, snapshot as _snapshot
+from tests.conftest import DISENTANGLE, ROOT, refused as _refused, snapshot as _snapshot
+from tests.conftest import write_weights
 
 pytestmark = pytest.mark.slow  # subprocesses (conftest.cli: one compilation cache per session)
-
-
-def test_switch_grid(tmp_path, cli):
-  out = cli.run("switch", tmp_path, "--config.num_steps=4", "--config.t_stars=1,3",
-             "--config.seeds=5,6,7")
-  assert out.returncode == 0, out.stderr[-3000:]
-  grid = Image.open(tmp_path / "grid.png")
-  assert grid.width > 4 * 64 and grid.height > 3 * 64  # 3 seeds x [c0, T*=1, T*=3, c1]
-  assert len(os.listdir(tmp_path / "images")) == 12
-  lambdas = json.loads((tmp_path / "lambdas.json").read_text())
-  assert lambdas["T*=1"] == [0.0, 1.0, 1.0, 1.0] and lambdas["c0"] == [0.0] * 4
-  assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging")]
 
 
 def _lines_until(stream, text, seen):
@@ -76,10 +65,9 @@ def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cl
 
   # Other settings in the finished workdir: refused before any compilation, nothing changed.
   before = _snapshot(full)
-  changes = (("--config.model.tiny_seed=1", "model.tiny_seed: saved 0, now 1"),
-             ("--config.num_steps=3", "num_steps: saved 4, now 3"))
-  outs = cli.run_all([("disentangle", full, [*DISENTANGLE, change]) for change, _ in changes])
-  for (change, field), out in zip(changes, outs):
+  for change, field in (("--config.model.tiny_seed=1", "model.tiny_seed: saved 0, now 1"),
+                        ("--config.num_steps=3", "num_steps: saved 4, now 3")):
+    out = cli.run("disentangle", full, *DISENTANGLE, change)  # one at a time: the lock
     _refused(out, field)
     assert "was saved by a run with other settings" in out.stderr
     assert "rerun with the saved settings" in out.stderr and "new --workdir" in out.stderr
@@ -137,21 +125,40 @@ def test_unwritable_workdir(tmp_path, cli):
 
 
 def _weights_file(path, num_steps=4, sampler="ddim"):
-  from disentangle_jax import weights_file  # pylint: disable=import-outside-toplevel
-  weights_file.write(str(path), weights_file.LearnedWeights(
-      lam=(0.0, 0.5, 1.0, 1.0)[:num_steps] + (1.0,) * max(0, num_steps - 4), prompt="p",
-      target_prompt="p, q", num_steps=num_steps, sampler=sampler, eta=0.0, guidance=7.5,
-      schedule={}))
+  write_weights(path, (0.0, 0.5, 1.0, 1.0)[:num_steps] + (1.0,) * max(0, num_steps - 4),
+                num_steps, sampler)
 
 
-def test_switch_takes_learned_weights_as_columns(tmp_path, cli):
+def test_switch_grid_with_learned_and_same_named_columns(tmp_path, cli):
+  """One grid: the built-in columns, a learned weights file, and files whose derived names
+  collide (same file name in two folders, a file named like a built-in column)."""
   _weights_file(tmp_path / "learned.json")
-  out = cli.run("switch", tmp_path / "wd", "--config.num_steps=4", "--config.t_stars=2",
-             "--config.seeds=5", f"--config.lambda_files={tmp_path / 'learned.json'}")
+  runs = tmp_path / "runs"
+  write_weights(runs / "a" / "weights.json", (0.0, 1.0, 1.0, 1.0))
+  write_weights(runs / "b" / "weights.json", (0.5, 1.0, 1.0, 1.0))
+  (runs / "c0.json").write_text("[0.25, 0.75, 1, 1]")  # named like a built-in column
+  files = ",".join([str(tmp_path / "learned.json"),
+                    str(runs / "a" / "weights.json"),  # absolute
+                    os.path.relpath(runs / "b" / "weights.json", ROOT),  # ../ relative
+                    str(runs / "c0.json")])
+  wd = tmp_path / "wd"
+  out = cli.run("switch", wd, "--config.num_steps=4", "--config.t_stars=1,3",
+                "--config.seeds=5,6,7", f"--config.lambda_files={files}")
   assert out.returncode == 0, out.stderr[-3000:]
-  lambdas = json.loads((tmp_path / "wd" / "lambdas.json").read_text())
+  assert "Unable to initialize backend" not in out.stderr  # no TPU probe noise on a CPU host
+  assert "column 'a_weights'" in out.stderr  # the derived names are in the log
+  columns = ("c0", "T1", "T3", "c1", "learned", "a_weights", "b_weights", "runs_c0")
+  grid = Image.open(wd / "grid.png")
+  assert grid.width > len(columns) * 64 and grid.height > 3 * 64  # 3 seeds x the columns
+  assert sorted(os.listdir(wd / "images")) == sorted(
+      f"seed{s}_{n}.png" for s in (5, 6, 7) for n in columns)
+  lambdas = json.loads((wd / "lambdas.json").read_text())
+  assert lambdas["T*=1"] == [0.0, 1.0, 1.0, 1.0] and lambdas["c0"] == [0.0] * 4
   assert lambdas["learned"] == [0.0, 0.5, 1.0, 1.0]
-  assert (tmp_path / "wd" / "images" / "seed5_learned.png").is_file()
+  assert lambdas["runs_c0"] == [0.25, 0.75, 1.0, 1.0]
+  assert lambdas["a_weights"] == [0.0, 1.0, 1.0, 1.0]
+  assert lambdas["b_weights"] == [0.5, 1.0, 1.0, 1.0]
+  assert not [n for n in os.listdir(wd) if n.startswith(".staging")]
 
 
 @pytest.mark.parametrize("kind,message", [

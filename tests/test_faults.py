@@ -162,32 +162,7 @@ def test_ctrl_c_is_one_line_saying_the_run_resumes(tmp_path, cli):
 # ------------------------------------------------------------------------------------------
 # Output names never collide; a study never mixes models; damaged chunks are recomputed.
 
-def _weights(path, lam, num_steps=2):
-  from disentangle_jax import weights_file  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  weights_file.write(str(path), weights_file.LearnedWeights(
-      lam=tuple(lam), prompt="p", target_prompt="p, q", num_steps=num_steps, sampler="ddim",
-      eta=0.0, guidance=7.5, schedule={}))
-
-
-def test_switch_columns_from_same_named_files_get_distinct_names(tmp_path, cli, monkeypatch):
-  _weights(tmp_path / "runs" / "a" / "weights.json", (0.0, 1.0))
-  _weights(tmp_path / "runs" / "b" / "weights.json", (0.5, 1.0))
-  (tmp_path / "runs" / "c0.json").write_text("[0.25, 0.75]")  # named like a built-in column
-  files = ",".join([str(tmp_path / "runs" / "a" / "weights.json"),  # absolute
-                    os.path.relpath(tmp_path / "runs" / "b" / "weights.json"),  # ../ relative
-                    str(tmp_path / "runs" / "c0.json")])
-  out = cli.run("switch", tmp_path / "wd", "--config.num_steps=2", "--config.t_stars=1",
-                "--config.seeds=5", f"--config.lambda_files={files}")
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "Unable to initialize backend" not in out.stderr  # no TPU probe noise on a CPU host
-  assert "column 'a_weights'" in out.stderr  # the derived names are in the log
-  lambdas = json.loads((tmp_path / "wd" / "lambdas.json").read_text())
-  assert lambdas["c0"] == [0.0, 0.0] and lambdas["runs_c0"] == [0.25, 0.75]
-  assert lambdas["a_weights"] == [0.0, 1.0] and lambdas["b_weights"] == [0.5, 1.0]
-  names = sorted(os.listdir(tmp_path / "wd" / "images"))
-  assert names == sorted(f"seed5_{n}.png" for n in ("c0", "T1", "c1", "a_weights", "b_weights",
-                                                    "runs_c0"))
+# Columns from same-named files: tests/test_cli.py::test_switch_grid_with_learned_and_same_named_columns.
 
 
 def test_source_labels_avoid_the_baselines():
@@ -201,29 +176,8 @@ def test_source_labels_avoid_the_baselines():
     weights_file.unique_labels(["/c1.json"], reserved, key=study.file_label)
 
 
-# The study of tests/test_study.py (same sources, batch and steps): compiled once per session.
-STUDY = ("--config.num_steps=4", "--config.t_stars=2", "--config.attributes=smile,snow",
-         "--config.seeds=0,1,2", "--config.batch_size=2", "--config.grid_seeds=2")
-
-
-def test_study_refuses_another_model_and_recomputes_damaged_chunks(tmp_path, cli):
-  wd = tmp_path / "wd"
-  _weights(tmp_path / "learned.json", (0.0, 1.0, 1.0, 1.0), num_steps=4)
-  study = STUDY + (f"--config.weights_files={tmp_path / 'learned.json'}",)
-  first = cli.run("study", wd, *study)
-  assert first.returncode == 0, first.stderr[-3000:]
-  rows = (wd / "rows.jsonl").read_text()
-  before = _snapshot(wd)
-  other = cli.run("study", wd, *study, "--config.model.tiny_seed=1")
-  _refused(other, "model.tiny_seed: saved 0, now 1")
-  assert "different study" in other.stderr
-  assert _snapshot(wd) == before
-
-  (wd / "rows" / "chunk_00001.jsonl").write_text('{"source": "T*=2", "attr')  # tampered
-  again = cli.run("study", wd, *study)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "chunk_00001.jsonl is damaged" in again.stderr and "1 to do" in again.stderr
-  assert (wd / "rows.jsonl").read_text() == rows
+# A study never mixes models and recomputes damaged chunks:
+# tests/test_study.py::test_study_kill_resume_other_model_and_damaged_chunks.
 
 
 # ------------------------------------------------------------------------------------------
