@@ -3,10 +3,22 @@ import os
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# XLA's CPU backend without LLVM optimisation: compiling is about twice as fast and the tiny
-# test programs run just as well (in this process and in the programs the tests start).
-XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
+# The programs the tests start (conftest.cli) compile XLA:CPU code without LLVM optimisation:
+# about twice as fast to compile, and the tiny programs run just as well. (Not this process:
+# its tests compare float32 results of different programs at tolerances measured with XLA's
+# default.) XLA_FLAGS=--xla_backend_optimization_level=N in the environment overrides it.
+XLA_TEST_FLAGS = next((f for f in os.environ.get("XLA_FLAGS", "").split()
+                       if f.startswith("--xla_backend_optimization_level")),
+                      "--xla_backend_optimization_level=0")
+
+
+def program_env(env=None) -> dict:
+  """``env`` (default: this process's) with XLA_TEST_FLAGS in XLA_FLAGS."""
+  env = dict(os.environ if env is None else env)
+  flags = env.get("XLA_FLAGS", "")
+  if "--xla_backend_optimization_level" not in flags:
+    env["XLA_FLAGS"] = f"{flags} {XLA_TEST_FLAGS}".strip()
+  return env
 
 import hashlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -152,7 +164,8 @@ class ProgramServer:
     import sys  # pylint: disable=g-import-not-at-top
     self.path = os.path.join(folder, "server.sock")
     self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "program_server.py"),
-                                  self.path], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                                  self.path], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                 env=program_env())
     if self.proc.stdout.readline().strip() != "ready":
       raise RuntimeError("tests/program_server.py did not start (see the output above)")
 
@@ -176,7 +189,7 @@ class ProgramServer:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(self.path)
     run = {"module": module, "argv": list(argv), "cwd": str(cwd),
-           "env": dict(os.environ if env is None else env)}
+           "env": program_env(env)}
     if code is not None:
       run["code"] = code
     socket.send_fds(sock, [json.dumps(run).encode()], ends)
@@ -214,7 +227,8 @@ class Cli:
     """The running program (a Popen or a Forked), stderr (and stdout) piped."""
     import subprocess  # pylint: disable=g-import-not-at-top
     if fresh:
-      return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT, env=env,
+      return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,
+                              env=program_env(env),
                               stdout=subprocess.PIPE if stdout else None,
                               stderr=subprocess.PIPE, text=True)
     return self.server.start(f"launch.{module}", self.argv(module, workdir, *overrides), ROOT,
