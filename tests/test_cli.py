@@ -83,7 +83,7 @@ def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cl
 
   for step in os.listdir(full / "checkpoints"):  # every checkpoint damaged: one line, the fix
     shutil.rmtree(full / "checkpoints" / step / "state")
-  out = cli.run("disentangle", full, *DISENTANGLE)
+  out = cli.run("disentangle", full, *DISENTANGLE, fresh=True)  # a real `python -m` exit
   _refused(out, "can be read")
   assert f"delete {full / 'checkpoints'}" in out.stderr
 

@@ -146,7 +146,7 @@ def test_identity_covers_models_files_and_sizes(tmp_path):
 
 
 def test_ctrl_c_is_one_line_saying_the_run_resumes(tmp_path, cli):
-  proc = cli.popen("disentangle", tmp_path / "wd", *DISENTANGLE)
+  proc = cli.popen("disentangle", tmp_path / "wd", *DISENTANGLE, fresh=True)  # a real exit
   for line in proc.stderr:
     if "c0=" in line:
       proc.send_signal(signal.SIGINT)
