@@ -3,7 +3,24 @@ import os
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The programs the tests start (conftest.cli) compile XLA:CPU code without LLVM optimisation:
+# about twice as fast to compile, and the tiny programs run just as well. (Not this process:
+# its tests compare float32 results of different programs at tolerances measured with XLA's
+# default.) XLA_FLAGS=--xla_backend_optimization_level=N in the environment overrides it.
+XLA_TEST_FLAGS = next((f for f in os.environ.get("XLA_FLAGS", "").split()
+                       if f.startswith("--xla_backend_optimization_level")),
+                      "--xla_backend_optimization_level=0")
 
+
+def program_env(env=None) -> dict:
+  """``env`` (default: this process's) with XLA_TEST_FLAGS in XLA_FLAGS."""
+  env = dict(os.environ if env is None else env)
+  flags = env.get("XLA_FLAGS", "")
+  if "--xla_backend_optimization_level" not in flags:
+    env["XLA_FLAGS"] = f"{flags} {XLA_TEST_FLAGS}".strip()
+  return env
+
+import hashlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -75,31 +92,166 @@ def torch_sd_dir(tmp_path_factory):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class Cli:
-  """Runs the programs as a user does (``python -m launch.<module>`` from the repo root), all
-  sharing one persistent compilation cache, so a program compiled once in a test run is not
-  compiled again by later subprocesses."""
+class Forked:
+  """What the tests use of ``subprocess.Popen``, for a program forked by tests/program_server.py
+  (pid, stdout/stderr pipes, poll/wait/send_signal/kill/communicate, returncode)."""
 
-  def __init__(self, cache: str):
+  def __init__(self, sock, args, stdout, stderr):
+    self.args = args
+    self._sock = sock
+    self._reply = sock.makefile("r")
+    self.pid = int(self._reply.readline())
+    self.stdout, self.stderr = stdout, stderr
+    self.returncode = None
+
+  def poll(self):
+    if self.returncode is None:
+      import select  # pylint: disable=g-import-not-at-top
+      if select.select([self._sock], [], [], 0)[0]:
+        self._finish()
+    return self.returncode
+
+  def _finish(self):
+    line = self._reply.readline()
+    if not line:
+      raise RuntimeError("tests/program_server.py went away")
+    self.returncode = os.waitstatus_to_exitcode(int(line))
+    self._reply.close()
+    self._sock.close()
+
+  def wait(self, timeout=None):
+    import select  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    if self.returncode is None:
+      if not select.select([self._sock], [], [], timeout)[0]:
+        raise subprocess.TimeoutExpired(self.args, timeout)
+      self._finish()
+    return self.returncode
+
+  def send_signal(self, sig):
+    if self.returncode is None:
+      os.kill(self.pid, sig)
+
+  def kill(self):
+    import signal  # pylint: disable=g-import-not-at-top
+    self.send_signal(signal.SIGKILL)
+
+  def communicate(self, timeout=None):
+    import threading  # pylint: disable=g-import-not-at-top
+    out = {}
+
+    def read(name, stream):
+      out[name] = stream.read() if stream else None
+      if stream:
+        stream.close()
+
+    readers = [threading.Thread(target=read, args=(n, s), daemon=True)
+               for n, s in (("stdout", self.stdout), ("stderr", self.stderr))]
+    for r in readers:
+      r.start()
+    self.wait(timeout)
+    for r in readers:
+      r.join()
+    return out["stdout"], out["stderr"]
+
+
+class ProgramServer:
+  """tests/program_server.py, started once per session: forks each program run from a process
+  that has already imported the libraries."""
+
+  def __init__(self, folder):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    self.path = os.path.join(folder, "server.sock")
+    self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "program_server.py"),
+                                  self.path], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                 env=program_env())
+    if self.proc.stdout.readline().strip() != "ready":
+      raise RuntimeError("tests/program_server.py did not start (see the output above)")
+
+  def start(self, module, argv, cwd, env=None, stdout=True, code=None):
+    """Forks ``python -m module *argv`` (``python -c code *argv`` when ``code`` is given);
+    returns a Forked with pipes for stderr and (when ``stdout``) stdout (otherwise stdout is
+    this process's)."""
+    import json  # pylint: disable=g-import-not-at-top
+    import socket  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    ends = [os.open(os.devnull, os.O_RDONLY)]
+    readers = []
+    for wanted in (stdout, True):
+      if wanted:
+        r, w = os.pipe()
+        readers.append(os.fdopen(r, "r"))
+        ends.append(w)
+      else:
+        readers.append(None)
+        ends.append(os.dup(sys.stdout.fileno()))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(self.path)
+    run = {"module": module, "argv": list(argv), "cwd": str(cwd),
+           "env": program_env(env)}
+    if code is not None:
+      run["code"] = code
+    socket.send_fds(sock, [json.dumps(run).encode()], ends)
+    for fd in ends:
+      os.close(fd)
+    return Forked(sock, [module, *argv], readers[0], readers[1])
+
+  def close(self):
+    self.proc.terminate()
+    self.proc.wait(timeout=60)
+
+
+class Cli:
+  """Runs the programs as a user does (``python -m launch.<module>`` from the repository root),
+  all sharing one persistent compilation cache, so a program compiled once in a test run is not
+  compiled again by later runs.
+
+  Each run is a fresh process forked from tests/program_server.py, which has the libraries
+  imported already (saves the ~5-10 s of imports per run); ``fresh=True`` starts a real
+  ``python -m`` instead (its own imports and string hash seed: used where a test compares two
+  runs that must not share anything)."""
+
+  def __init__(self, cache: str, server: ProgramServer):
     self.cache = cache
+    self.server = server
+
+  def argv(self, module, workdir, *overrides) -> list[str]:
+    return [f"--workdir={workdir}", f"--compilation_cache={self.cache}", *overrides]
 
   def cmd(self, module, workdir, *overrides) -> list[str]:
     import sys  # pylint: disable=g-import-not-at-top
-    return [sys.executable, "-m", f"launch.{module}", f"--workdir={workdir}",
-            f"--compilation_cache={self.cache}", *overrides]
+    return [sys.executable, "-m", f"launch.{module}", *self.argv(module, workdir, *overrides)]
 
-  def run(self, module, workdir, *overrides, timeout=600):
+  def start(self, module, workdir, *overrides, env=None, stdout=True, fresh=False):
+    """The running program (a Popen or a Forked), stderr (and stdout) piped."""
     import subprocess  # pylint: disable=g-import-not-at-top
-    return subprocess.run(self.cmd(module, workdir, *overrides), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    if fresh:
+      return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,
+                              env=program_env(env),
+                              stdout=subprocess.PIPE if stdout else None,
+                              stderr=subprocess.PIPE, text=True)
+    return self.server.start(f"launch.{module}", self.argv(module, workdir, *overrides), ROOT,
+                             env=env, stdout=stdout)
+
+  def run(self, module, workdir, *overrides, timeout=600, env=None, fresh=False):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    proc = self.start(module, workdir, *overrides, env=env, fresh=fresh)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+  def run_code(self, code, *argv, env=None, timeout=900):
+    """``python -c code *argv`` from the repository root (forked like the programs)."""
+    import subprocess  # pylint: disable=g-import-not-at-top
+    proc = self.server.start("-c", argv, ROOT, env=env, code=code)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
   def run_all(self, runs, timeout=600) -> list:
     """Runs ``[(module, workdir, overrides), ...]`` side by side (for runs refused before any
-    JAX work: their start-up overlaps); returns their CompletedProcess in order."""
+    JAX work); returns their CompletedProcess in order."""
     import subprocess  # pylint: disable=g-import-not-at-top
-    procs = [subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for module, workdir, overrides in runs]
+    procs = [self.start(module, workdir, *overrides) for module, workdir, overrides in runs]
     outs = []
     for proc in procs:
       stdout, stderr = proc.communicate(timeout=timeout)
@@ -117,18 +269,70 @@ class Cli:
         break
     return proc.wait(timeout=600)
 
-  def popen(self, module, workdir, *overrides):
-    import subprocess  # pylint: disable=g-import-not-at-top
-    return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+  def popen(self, module, workdir, *overrides, fresh=False):
+    """The running program, stderr piped (stdout is the test's)."""
+    return self.start(module, workdir, *overrides, stdout=False, fresh=fresh)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session: the tests' own jitted programs and the
+  programs the tests run (a program compiled again, in this process or another, is read
+  back instead)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # as launch/common.py
+  return path
 
 
 @pytest.fixture(scope="session")
-def cli(tmp_path_factory):
-  """The shared command-line runner (one compilation cache per test session)."""
-  return Cli(str(tmp_path_factory.mktemp("xla_cache")))
+def cli(tmp_path_factory, compilation_cache):
+  """The shared command-line runner (one compilation cache and one program server per test
+  session)."""
+  server = ProgramServer(str(tmp_path_factory.mktemp("program_server")))
+  yield Cli(compilation_cache, server)
+  server.close()
 
 
 def error_lines(stderr: str) -> list[str]:
   """The ``error:`` lines a program printed."""
   return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def refused(out, message):
+  """Exit code 2, exactly one error line that contains ``message``, no traceback."""
+  assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+  lines = error_lines(out.stderr)
+  assert len(lines) == 1 and message in lines[0], out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def snapshot(folder) -> dict[str, str]:
+  """{relative path: sha256} of every file below ``folder`` except the lock (it records the
+  pid of the last run that claimed the workdir)."""
+  out = {}
+  for dirpath, _, names in os.walk(folder):
+    for name in names:
+      if name == ".lock":
+        continue
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+# The disentangle program the command-line tests share (tests/test_cli.py, tests/test_faults.py):
+# one set of steps and shapes, compiled once per session.
+DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
+               "--config.t_star=2", "--config.optimizer.iterations=3")
+
+
+def write_weights(path, lam, num_steps=None, sampler="ddim"):
+  """A weights file (as launch.disentangle exports it) with ``lam``; folders made."""
+  from disentangle_jax import weights_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  weights_file.write(str(path), weights_file.LearnedWeights(
+      lam=tuple(lam), prompt="p", target_prompt="p, q",
+      num_steps=len(lam) if num_steps is None else num_steps, sampler=sampler, eta=0.0,
+      guidance=7.5, schedule={}))

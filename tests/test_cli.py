@@ -1,56 +1,91 @@
 """The command lines end to end on the tiny model (subprocesses, as a user runs them)."""
 import json
 import os
+import shutil
 import signal
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import DISENTANGLE, ROOT, refused as _refused, snapshot as _snapshot
+from tests.conftest import write_weights
+
 pytestmark = pytest.mark.slow  # subprocesses (conftest.cli: one compilation cache per session)
 
 
-def test_switch_grid(tmp_path, cli):
-  out = cli.run("switch", tmp_path, "--config.num_steps=4", "--config.t_stars=1,3",
-             "--config.seeds=5,6,7")
-  assert out.returncode == 0, out.stderr[-3000:]
-  grid = Image.open(tmp_path / "grid.png")
-  assert grid.width > 4 * 64 and grid.height > 3 * 64  # 3 seeds x [c0, T*=1, T*=3, c1]
-  assert len(os.listdir(tmp_path / "images")) == 12
-  lambdas = json.loads((tmp_path / "lambdas.json").read_text())
-  assert lambdas["T*=1"] == [0.0, 1.0, 1.0, 1.0] and lambdas["c0"] == [0.0] * 4
-  assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging")]
+def _lines_until(stream, text, seen):
+  """Reads ``stream`` (appending to ``seen``) until a line contains ``text``."""
+  for line in stream:
+    seen.append(line)
+    if text in line:
+      return
+  raise AssertionError(f"{text!r} never logged:\n" + "".join(seen)[-3000:])
 
 
-DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
-               "--config.t_star=2", "--config.optimizer.iterations=6")
+def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cli):
+  """One program (compiled once per session), side by side: an uninterrupted run, a run killed
+  after its first iteration (then resumed), a second writer refused; then settings that
+  cannot resume and damaged checkpoints."""
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  first = cli.popen("disentangle", full, *DISENTANGLE)
+  victim = cli.popen("disentangle", killed, *DISENTANGLE)
+  log = []
+  _lines_until(first.stderr, "c0=", log)  # the first run holds the lock from its start
+  start = time.monotonic()
+  second = cli.run("disentangle", full, *DISENTANGLE, "--config.optimizer.learning_rate=0.1")
+  _refused(second, f"is in use by another run (pid {first.pid})")
+  assert time.monotonic() - start < 120  # refused at once
 
-
-def test_disentangle_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cli):
-  full = cli.run("disentangle", tmp_path / "full", *DISENTANGLE)
-  assert full.returncode == 0, full.stderr[-3000:]
-  expected = json.loads((tmp_path / "full" / "weights.json").read_text())
+  # Killed as soon as the first iteration is reported: wherever the kill lands (before, during
+  # or after a checkpoint), the same command must finish with the same lambda.
+  _lines_until(victim.stderr, "iteration 1/3", [])
+  victim.send_signal(signal.SIGKILL)
+  assert victim.wait(timeout=600) == -signal.SIGKILL
+  assert not (killed / "weights.json").exists()  # nothing final was published
+  log.append(first.stderr.read())
+  assert first.wait(timeout=600) == 0, "".join(log)[-3000:]
+  assert "iteration 3/3" in "".join(log) and "ETA" in "".join(log)
+  expected = json.loads((full / "weights.json").read_text())
   for name in ("original.png", "edited.png", "pair.png", "strip.png", "lambda.png", "losses.png",
                "metrics.jsonl", "config.json"):
-    assert (tmp_path / "full" / name).is_file(), name
-  assert "iteration 6/6" in full.stderr and "ETA" in full.stderr
+    assert (full / name).is_file(), name
 
-  # Kill as soon as the first iteration is reported: wherever the kill lands (before, during
-  # or after a checkpoint), the same command must finish with the same lambda.
-  returncode = cli.kill_at("iteration 1/6", "disentangle", tmp_path / "killed", *DISENTANGLE)
-  assert returncode == -signal.SIGKILL
-  assert not (tmp_path / "killed" / "weights.json").exists()  # nothing final was published
-  again = cli.run("disentangle", tmp_path / "killed", *DISENTANGLE)
+  again = cli.run("disentangle", killed, *DISENTANGLE, fresh=True)  # a real `python -m`
   assert again.returncode == 0, again.stderr[-3000:]
-  got = json.loads((tmp_path / "killed" / "weights.json").read_text())
+  got = json.loads((killed / "weights.json").read_text())
   assert got["lambda"] == expected["lambda"]  # bit-identical
   assert got["loss_history"] == expected["loss_history"]
-  rows = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().split("\n")
-          if l]
-  assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  rows = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().split("\n") if l]
+  assert [r["iteration"] for r in rows] == [1, 2, 3]
   assert got["num_steps"] == 4 and got["sampler"] == "ddim" and got["seeds"] == [42]
   assert got["target_prompt"] == "A photo of church exterior, covered by snow"
   assert np.asarray(got["lambda"]).shape == (4,)
+
+  # Other settings in the finished workdir: refused before any compilation, nothing changed.
+  before = _snapshot(full)
+  for change, field in (("--config.model.tiny_seed=1", "model.tiny_seed: saved 0, now 1"),
+                        ("--config.num_steps=3", "num_steps: saved 4, now 3")):
+    out = cli.run("disentangle", full, *DISENTANGLE, change)  # one at a time: the lock
+    _refused(out, field)
+    assert "was saved by a run with other settings" in out.stderr
+    assert "rerun with the saved settings" in out.stderr and "new --workdir" in out.stderr
+  assert _snapshot(full) == before  # the refused runs changed nothing
+
+  shutil.rmtree(full / "checkpoints" / "3" / "state")  # the newest checkpoint is damaged
+  again = cli.run("disentangle", full, *DISENTANGLE)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "checkpoint 3" in again.stderr and "unreadable" in again.stderr
+  assert "resumed from iteration 2 of 3" in again.stderr
+  got = json.loads((full / "weights.json").read_text())
+  assert got["lambda"] == expected["lambda"] and got["loss_history"] == expected["loss_history"]
+
+  for step in os.listdir(full / "checkpoints"):  # every checkpoint damaged: one line, the fix
+    shutil.rmtree(full / "checkpoints" / step / "state")
+  out = cli.run("disentangle", full, *DISENTANGLE, fresh=True)  # a real `python -m` exit
+  _refused(out, "can be read")
+  assert f"delete {full / 'checkpoints'}" in out.stderr
 
 
 BAD_INPUT = [
@@ -90,21 +125,40 @@ def test_unwritable_workdir(tmp_path, cli):
 
 
 def _weights_file(path, num_steps=4, sampler="ddim"):
-  from disentangle_jax import weights_file  # pylint: disable=import-outside-toplevel
-  weights_file.write(str(path), weights_file.LearnedWeights(
-      lam=(0.0, 0.5, 1.0, 1.0)[:num_steps] + (1.0,) * max(0, num_steps - 4), prompt="p",
-      target_prompt="p, q", num_steps=num_steps, sampler=sampler, eta=0.0, guidance=7.5,
-      schedule={}))
+  write_weights(path, (0.0, 0.5, 1.0, 1.0)[:num_steps] + (1.0,) * max(0, num_steps - 4),
+                num_steps, sampler)
 
 
-def test_switch_takes_learned_weights_as_columns(tmp_path, cli):
+def test_switch_grid_with_learned_and_same_named_columns(tmp_path, cli):
+  """One grid: the built-in columns, a learned weights file, and files whose derived names
+  collide (same file name in two folders, a file named like a built-in column)."""
   _weights_file(tmp_path / "learned.json")
-  out = cli.run("switch", tmp_path / "wd", "--config.num_steps=4", "--config.t_stars=2",
-             "--config.seeds=5", f"--config.lambda_files={tmp_path / 'learned.json'}")
+  runs = tmp_path / "runs"
+  write_weights(runs / "a" / "weights.json", (0.0, 1.0, 1.0, 1.0))
+  write_weights(runs / "b" / "weights.json", (0.5, 1.0, 1.0, 1.0))
+  (runs / "c0.json").write_text("[0.25, 0.75, 1, 1]")  # named like a built-in column
+  files = ",".join([str(tmp_path / "learned.json"),
+                    str(runs / "a" / "weights.json"),  # absolute
+                    os.path.relpath(runs / "b" / "weights.json", ROOT),  # ../ relative
+                    str(runs / "c0.json")])
+  wd = tmp_path / "wd"
+  out = cli.run("switch", wd, "--config.num_steps=4", "--config.t_stars=1,3",
+                "--config.seeds=5,6,7", f"--config.lambda_files={files}")
   assert out.returncode == 0, out.stderr[-3000:]
-  lambdas = json.loads((tmp_path / "wd" / "lambdas.json").read_text())
+  assert "Unable to initialize backend" not in out.stderr  # no TPU probe noise on a CPU host
+  assert "column 'a_weights'" in out.stderr  # the derived names are in the log
+  columns = ("c0", "T1", "T3", "c1", "learned", "a_weights", "b_weights", "runs_c0")
+  grid = Image.open(wd / "grid.png")
+  assert grid.width > len(columns) * 64 and grid.height > 3 * 64  # 3 seeds x the columns
+  assert sorted(os.listdir(wd / "images")) == sorted(
+      f"seed{s}_{n}.png" for s in (5, 6, 7) for n in columns)
+  lambdas = json.loads((wd / "lambdas.json").read_text())
+  assert lambdas["T*=1"] == [0.0, 1.0, 1.0, 1.0] and lambdas["c0"] == [0.0] * 4
   assert lambdas["learned"] == [0.0, 0.5, 1.0, 1.0]
-  assert (tmp_path / "wd" / "images" / "seed5_learned.png").is_file()
+  assert lambdas["runs_c0"] == [0.25, 0.75, 1.0, 1.0]
+  assert lambdas["a_weights"] == [0.0, 1.0, 1.0, 1.0]
+  assert lambdas["b_weights"] == [0.5, 1.0, 1.0, 1.0]
+  assert not [n for n in os.listdir(wd) if n.startswith(".staging")]
 
 
 @pytest.mark.parametrize("kind,message", [

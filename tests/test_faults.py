@@ -5,39 +5,15 @@ half-written.
 The command-line cases run the programs as a user does; they share one compilation cache
 (conftest.cli) and refuse before compiling wherever the program can.
 """
-import hashlib
 import json
 import os
-import shutil
 import signal
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import error_lines
-
-
-def _refused(out, message):
-  """Exit code 2, exactly one error line that contains ``message``, no traceback."""
-  assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
-  lines = error_lines(out.stderr)
-  assert len(lines) == 1 and message in lines[0], out.stderr[-3000:]
-  assert "Traceback" not in out.stderr, out.stderr[-3000:]
-
-
-def _snapshot(folder) -> dict[str, str]:
-  """{relative path: sha256} of every file below ``folder`` except the lock (it records the
-  pid of the last run that claimed the workdir)."""
-  out = {}
-  for dirpath, _, names in os.walk(folder):
-    for name in names:
-      if name == ".lock":
-        continue
-      path = os.path.join(dirpath, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-  return out
+from tests.conftest import DISENTANGLE, error_lines, refused as _refused, snapshot as _snapshot
 
 
 # ------------------------------------------------------------------------------------------
@@ -134,48 +110,9 @@ def test_process_zero_without_its_peer_is_one_line(tmp_path, cli):
 # ------------------------------------------------------------------------------------------
 # One writer per workdir; a resumed run never mixes settings; a damaged checkpoint falls back.
 
-# The program of tests/test_cli.py (same steps and shapes): compiled once per test session.
-DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
-               "--config.t_star=2", "--config.optimizer.iterations=3")
-
-
-def test_one_writer_identity_on_resume_and_checkpoint_fallback(tmp_path, cli):
-  wd = tmp_path / "wd"
-  first = cli.popen("disentangle", wd, *DISENTANGLE)
-  for line in first.stderr:  # the first run holds the lock from its start
-    if "c0=" in line:
-      break
-  start = time.monotonic()
-  second = cli.run("disentangle", wd, *DISENTANGLE, "--config.optimizer.learning_rate=0.1")
-  _refused(second, f"is in use by another run (pid {first.pid})")
-  assert time.monotonic() - start < 120  # refused at once (the imports are most of it)
-  rest = first.stderr.read()
-  assert first.wait(timeout=600) == 0, rest[-3000:]
-  expected = json.loads((wd / "weights.json").read_text())
-  before = _snapshot(wd)
-
-  for change, field in (("--config.model.tiny_seed=1", "model.tiny_seed: saved 0, now 1"),
-                        ("--config.num_steps=3", "num_steps: saved 4, now 3")):
-    out = cli.run("disentangle", wd, *DISENTANGLE, change)
-    _refused(out, field)
-    assert "was saved by a run with other settings" in out.stderr
-    assert "rerun with the saved settings" in out.stderr and "new --workdir" in out.stderr
-    assert _snapshot(wd) == before, change  # the refused run changed nothing
-
-  shutil.rmtree(wd / "checkpoints" / "3" / "state")  # the newest checkpoint is damaged
-  again = cli.run("disentangle", wd, *DISENTANGLE)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "checkpoint 3" in again.stderr and "unreadable" in again.stderr
-  assert "resumed from iteration 2 of 3" in again.stderr
-  got = json.loads((wd / "weights.json").read_text())
-  assert got["lambda"] == expected["lambda"] and got["loss_history"] == expected["loss_history"]
-
-  for step in os.listdir(wd / "checkpoints"):  # every checkpoint damaged: one line, the fix
-    shutil.rmtree(wd / "checkpoints" / step / "state")
-  out = cli.run("disentangle", wd, *DISENTANGLE)
-  _refused(out, "can be read")
-  assert f"delete {wd / 'checkpoints'}" in out.stderr
-
+# One writer per workdir, refused resumes with other settings and the fallback from a damaged
+# checkpoint: tests/test_cli.py::test_disentangle_kill_resume_one_writer_and_checkpoint_fallback
+# (one program run side by side with the kill/resume case).
 
 def test_identity_covers_models_files_and_sizes(tmp_path):
   from configs import disentangle as presets  # pylint: disable=import-outside-toplevel
@@ -209,7 +146,7 @@ def test_identity_covers_models_files_and_sizes(tmp_path):
 
 
 def test_ctrl_c_is_one_line_saying_the_run_resumes(tmp_path, cli):
-  proc = cli.popen("disentangle", tmp_path / "wd", *DISENTANGLE)
+  proc = cli.popen("disentangle", tmp_path / "wd", *DISENTANGLE, fresh=True)  # a real exit
   for line in proc.stderr:
     if "c0=" in line:
       proc.send_signal(signal.SIGINT)
@@ -225,32 +162,7 @@ def test_ctrl_c_is_one_line_saying_the_run_resumes(tmp_path, cli):
 # ------------------------------------------------------------------------------------------
 # Output names never collide; a study never mixes models; damaged chunks are recomputed.
 
-def _weights(path, lam, num_steps=2):
-  from disentangle_jax import weights_file  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  weights_file.write(str(path), weights_file.LearnedWeights(
-      lam=tuple(lam), prompt="p", target_prompt="p, q", num_steps=num_steps, sampler="ddim",
-      eta=0.0, guidance=7.5, schedule={}))
-
-
-def test_switch_columns_from_same_named_files_get_distinct_names(tmp_path, cli, monkeypatch):
-  _weights(tmp_path / "runs" / "a" / "weights.json", (0.0, 1.0))
-  _weights(tmp_path / "runs" / "b" / "weights.json", (0.5, 1.0))
-  (tmp_path / "runs" / "c0.json").write_text("[0.25, 0.75]")  # named like a built-in column
-  files = ",".join([str(tmp_path / "runs" / "a" / "weights.json"),  # absolute
-                    os.path.relpath(tmp_path / "runs" / "b" / "weights.json"),  # ../ relative
-                    str(tmp_path / "runs" / "c0.json")])
-  out = cli.run("switch", tmp_path / "wd", "--config.num_steps=2", "--config.t_stars=1",
-                "--config.seeds=5", f"--config.lambda_files={files}")
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "Unable to initialize backend" not in out.stderr  # no TPU probe noise on a CPU host
-  assert "column 'a_weights'" in out.stderr  # the derived names are in the log
-  lambdas = json.loads((tmp_path / "wd" / "lambdas.json").read_text())
-  assert lambdas["c0"] == [0.0, 0.0] and lambdas["runs_c0"] == [0.25, 0.75]
-  assert lambdas["a_weights"] == [0.0, 1.0] and lambdas["b_weights"] == [0.5, 1.0]
-  names = sorted(os.listdir(tmp_path / "wd" / "images"))
-  assert names == sorted(f"seed5_{n}.png" for n in ("c0", "T1", "c1", "a_weights", "b_weights",
-                                                    "runs_c0"))
+# Columns from same-named files: tests/test_cli.py::test_switch_grid_with_learned_and_same_named_columns.
 
 
 def test_source_labels_avoid_the_baselines():
@@ -264,29 +176,8 @@ def test_source_labels_avoid_the_baselines():
     weights_file.unique_labels(["/c1.json"], reserved, key=study.file_label)
 
 
-# The study of tests/test_study.py (same sources, batch and steps): compiled once per session.
-STUDY = ("--config.num_steps=4", "--config.t_stars=2", "--config.attributes=smile,snow",
-         "--config.seeds=0,1,2", "--config.batch_size=2", "--config.grid_seeds=2")
-
-
-def test_study_refuses_another_model_and_recomputes_damaged_chunks(tmp_path, cli):
-  wd = tmp_path / "wd"
-  _weights(tmp_path / "learned.json", (0.0, 1.0, 1.0, 1.0), num_steps=4)
-  study = STUDY + (f"--config.weights_files={tmp_path / 'learned.json'}",)
-  first = cli.run("study", wd, *study)
-  assert first.returncode == 0, first.stderr[-3000:]
-  rows = (wd / "rows.jsonl").read_text()
-  before = _snapshot(wd)
-  other = cli.run("study", wd, *study, "--config.model.tiny_seed=1")
-  _refused(other, "model.tiny_seed: saved 0, now 1")
-  assert "different study" in other.stderr
-  assert _snapshot(wd) == before
-
-  (wd / "rows" / "chunk_00001.jsonl").write_text('{"source": "T*=2", "attr')  # tampered
-  again = cli.run("study", wd, *study)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "chunk_00001.jsonl is damaged" in again.stderr and "1 to do" in again.stderr
-  assert (wd / "rows.jsonl").read_text() == rows
+# A study never mixes models and recomputes damaged chunks:
+# tests/test_study.py::test_study_kill_resume_other_model_and_damaged_chunks.
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,15 +1,17 @@
 """A batch of seeds sharded over 4 (fake CPU) devices learns the same lambda as one device."""
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from tests.conftest import XLA_TEST_FLAGS
+
+pytestmark = pytest.mark.slow  # a fresh process with 4 fake devices (conftest.cli)
 
 SCRIPT = textwrap.dedent("""
     import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import jax
@@ -35,11 +37,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_batch_matches_single_device():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True,
-                        timeout=900, env=env)
+def test_sharded_batch_matches_single_device(cli):
+  proc = cli.run_code(SCRIPT, env=dict(os.environ, XLA_FLAGS=XLA_TEST_FLAGS))
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.split("RESULT")[-1])
   one, four = out["one"], out["four"]

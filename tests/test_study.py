@@ -4,7 +4,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,6 +13,7 @@ from PIL import Image
 import pytest
 
 from disentangle_jax import loss_models, losses, metrics, sampling, stats, study, study_store
+from tests.conftest import XLA_TEST_FLAGS, refused as _refused, snapshot, write_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +106,7 @@ def test_chunks_cover_every_unit_once():
 
 SHARDING_SCRIPT = textwrap.dedent("""
     import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import jax
@@ -155,13 +155,10 @@ def _assert_rows_close(got, want):
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-  """Rows of seeds 0..7 on 1 and on 4 fake devices (one subprocess)."""
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT,
-                         str(tmp_path_factory.mktemp("sharded"))], cwd=ROOT,
-                        capture_output=True, text=True, timeout=900, env=env)
+def sharded(tmp_path_factory, cli):
+  """Rows of seeds 0..7 on 1 and on 4 fake devices (one fresh process)."""
+  proc = cli.run_code(SHARDING_SCRIPT, str(tmp_path_factory.mktemp("sharded")),
+                      env=dict(os.environ, XLA_FLAGS=XLA_TEST_FLAGS))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.split("RESULT")[-1])
 
@@ -189,41 +186,55 @@ def _rows(path):
 
 
 def _weights_file(path, num_steps=4, sampler="ddim"):
-  from disentangle_jax import weights_file  # pylint: disable=import-outside-toplevel
-  weights_file.write(str(path), weights_file.LearnedWeights(
-      lam=(0.0,) + (1.0,) * (num_steps - 1), prompt="p", target_prompt="p, q",
-      num_steps=num_steps, sampler=sampler, eta=0.0, guidance=7.5, schedule={}))
+  write_weights(path, (0.0,) + (1.0,) * (num_steps - 1), num_steps, sampler)
 
 
 @pytest.mark.slow
-def test_study_killed_and_restarted_matches_an_uninterrupted_run(tmp_path, cli):
+def test_study_kill_resume_other_model_and_damaged_chunks(tmp_path, cli):
+  """One study program: an uninterrupted run and a run killed after its first chunk side by
+  side, the resume; then another study or model in a workdir, and a damaged chunk."""
   _weights_file(tmp_path / "learned.json")
   args = STUDY + (f"--config.weights_files={tmp_path / 'learned.json'}",)
-  full = cli.run("study", tmp_path / "full", *args)
-  assert full.returncode == 0, full.stderr[-3000:]
-  assert "chunk 3/3 done: 18/18 items" in full.stderr and "items/s, ETA" in full.stderr
-  expected = _rows(tmp_path / "full" / "rows.jsonl")
-  keys = [(r["source"], r["attribute"], r["seed"]) for r in expected]
-  assert len(keys) == len(set(keys)) == 3 * 2 * 3  # (learned, T*=2, c1) x 2 attributes x 3
-  assert {r["source"] for r in expected} == {"learned", "T*=2", "c1"}
-  summary = (tmp_path / "full" / "summary.csv").read_text().splitlines()
-  assert summary[0].startswith("source,attribute,metric,n,mean,std,ci95_low,ci95_high")
-  for name in ("grid_smile.png", "grid_snow.png", "config.json", "summary/learned.csv",
-               "summary/T2.csv", "samples/snow/seed1_c1.png"):
-    assert (tmp_path / "full" / name).is_file(), name
-  assert not (tmp_path / "full" / "samples" / "snow" / "seed2_c1.png").exists()  # grid_seeds=2
-  assert not [n for n in os.listdir(tmp_path / "full") if n.startswith(".staging")]
-
+  wd = tmp_path / "full"
+  first = cli.start("study", wd, *args)
   returncode = cli.kill_at("chunk 1/3 done", "study", tmp_path / "killed", *args)
   assert returncode == -signal.SIGKILL
   assert not (tmp_path / "killed" / "rows.jsonl").exists()
-  again = cli.run("study", tmp_path / "killed", *args)
+  _, err = first.communicate(timeout=600)
+  assert first.returncode == 0, err[-3000:]
+  assert "chunk 3/3 done: 18/18 items" in err and "items/s, ETA" in err
+  expected = _rows(wd / "rows.jsonl")
+  keys = [(r["source"], r["attribute"], r["seed"]) for r in expected]
+  assert len(keys) == len(set(keys)) == 3 * 2 * 3  # (learned, T*=2, c1) x 2 attributes x 3
+  assert {r["source"] for r in expected} == {"learned", "T*=2", "c1"}
+  summary = (wd / "summary.csv").read_text().splitlines()
+  assert summary[0].startswith("source,attribute,metric,n,mean,std,ci95_low,ci95_high")
+  for name in ("grid_smile.png", "grid_snow.png", "config.json", "summary/learned.csv",
+               "summary/T2.csv", "samples/snow/seed1_c1.png"):
+    assert (wd / name).is_file(), name
+  assert not (wd / "samples" / "snow" / "seed2_c1.png").exists()  # grid_seeds=2
+  assert not [n for n in os.listdir(wd) if n.startswith(".staging")]
+
+  again = cli.run("study", tmp_path / "killed", *args, fresh=True)  # a real `python -m`
   assert again.returncode == 0, again.stderr[-3000:]
   assert "to do" in again.stderr
   assert _rows(tmp_path / "killed" / "rows.jsonl") == expected  # identical, each exactly once
 
   other = cli.run("study", tmp_path / "killed", *STUDY)  # a different study in the same workdir
   assert other.returncode == 2 and "different study" in other.stderr, other.stderr[-2000:]
+
+  rows = (wd / "rows.jsonl").read_text()
+  before = snapshot(wd)
+  other = cli.run("study", wd, *args, "--config.model.tiny_seed=1")
+  _refused(other, "model.tiny_seed: saved 0, now 1")
+  assert "different study" in other.stderr
+  assert snapshot(wd) == before
+
+  (wd / "rows" / "chunk_00001.jsonl").write_text('{"source": "T*=2", "attr')  # tampered
+  again = cli.run("study", wd, *args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "chunk_00001.jsonl is damaged" in again.stderr and "1 to do" in again.stderr
+  assert (wd / "rows.jsonl").read_text() == rows
 
 
 BAD_INPUT = [
@@ -282,12 +293,10 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, cli, sharded):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count=2")
   coordinator = f"--coordinator=localhost:{_free_port()}"
-  procs = [subprocess.Popen(
-      cli.cmd("study", tmp_path, *SHARDED_CLI, coordinator, "--num_processes=2",
-           f"--process_id={i}", "--init_timeout=120"),
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  procs = [cli.start("study", tmp_path, *SHARDED_CLI, coordinator, "--num_processes=2",
+                     f"--process_id={i}", "--init_timeout=120", env=env)
            for i in (1, 0)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
