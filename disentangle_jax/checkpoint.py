@@ -112,7 +112,7 @@ class Checkpointer:
     log(f"checkpoint {step} in {self.directory} is unreadable ({type(error).__name__}: "
         f"{str(error).splitlines()[0][:160] if str(error) else ''}); moved it to {dst} and "
         "trying the next older one")
-    self._manager.close()
+    _close(self._manager)
     self._manager = self._open()
     return dst
 
@@ -122,7 +122,7 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for pending saves and stops orbax's threads (idempotent)."""
     if self._manager is not None:
-      self._manager.close()
+      _close(self._manager)
       self._manager = None
 
   def __enter__(self) -> "Checkpointer":
@@ -132,3 +132,16 @@ class Checkpointer:
     # Also on errors and Ctrl-C: orbax's background threads must end before the program
     # removes or reports anything, or they print tracebacks after the one-line error.
     self.close()
+
+
+def _close(manager: ocp.CheckpointManager) -> None:
+  """``manager.close()`` after the temporary-folder cleanup its constructor started.
+
+  orbax 0.12's close() does not wait for that cleanup (``cleanup_tmp_directories``): a
+  program that exits right after (a refusal) had its thread scheduling work on an executor
+  already shut down, printing a traceback after the one-line error.
+  """
+  await_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+  if await_cleanup is not None:
+    await_cleanup()  # pylint: disable=not-callable
+  manager.close()
