@@ -85,6 +85,26 @@ def test_stage_resumes_exactly_and_refuses_other_config(tmp_path):
 
 
 @needs_weights
+def test_fresh_weights_are_deterministic_and_fit_every_network():
+  """What ``launch.train_toy`` starts from (it called a helper that no longer existed)."""
+  from transformers.models.clip import modeling_flax_clip  # pylint: disable=g-import-not-at-top
+  cfg = train.TrainConfig()
+  tok = world.tokenizer()
+  sd = world.build_sd(cfg.sizes, cfg.judge.image_size, 1.0, None, tok)
+  clip_module = modeling_flax_clip.FlaxCLIPModule(
+      world.clip_config(cfg.sizes, tok, cfg.judge.image_size))
+  params = train.init_params(cfg, sd, clip_module)
+  assert set(params) == {"vae", "unet", "text_encoder", "clip", "judge"}
+  shapes = {"unet": jax.eval_shape(sd.unet.init_weights, jax.random.key(0)),
+            "vae": jax.eval_shape(sd.vae.init_weights, jax.random.key(0))}
+  for name, tree in shapes.items():
+    assert jax.tree.map(lambda a: a.shape, params[name]) == jax.tree.map(lambda a: a.shape, tree)
+  again = train.init_params(cfg, sd, clip_module)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
+  other = train.init_params(dataclasses.replace(cfg, seed=cfg.seed + 1), sd, clip_module)
+  assert not np.array_equal(jax.tree.leaves(params["unet"])[0], jax.tree.leaves(other["unet"])[0])
+
+
 def test_missing_or_corrupt_weights_name_the_file_and_the_rebuild(tmp_path):
   root = tmp_path / "world"
   shutil.copytree(SHIPPED, root)

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import transformers
 
-from disentangle_jax import models
+from disentangle_jax import models, schedule
 from disentangle_jax.toy import scenes
 
 # The shipped weights, and the command that rebuilds them.
@@ -157,7 +157,7 @@ def build_sd(sizes: Sizes, image_size: int, scaling_factor: float, params: dict,
       unet=models.build_unet(unet_config(sizes, image_size // factor), mc, "toy unet"),
       vae=models.build_vae(vae_cfg, mc),
       text_encoder=models.build_text_encoder(text_config(sizes, tok), mc),
-      tokenizer=tok, params=params, schedule=models.schedule_lib.ScheduleConfig(),
+      tokenizer=tok, params=params, schedule=schedule.ScheduleConfig(),
       latent_channels=LATENT_CHANNELS, latent_size=image_size // factor,
       vae_scale_factor=factor, scaling_factor=scaling_factor)
 
