@@ -3,10 +3,10 @@ import os
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# The programs the tests start (conftest.cli) compile XLA:CPU code without LLVM optimisation:
-# about twice as fast to compile, and the tiny programs run just as well. (Not this process:
-# its tests compare float32 results of different programs at tolerances measured with XLA's
-# default.) XLA_FLAGS=--xla_backend_optimization_level=N in the environment overrides it.
+# The tests and the programs they start (conftest.cli) compile XLA:CPU code without LLVM
+# optimisation: about twice as fast to compile, and the tiny programs run just as well (the
+# suite is mostly compilation). XLA_FLAGS=--xla_backend_optimization_level=N in the
+# environment overrides it.
 XLA_TEST_FLAGS = next((f for f in os.environ.get("XLA_FLAGS", "").split()
                        if f.startswith("--xla_backend_optimization_level")),
                       "--xla_backend_optimization_level=0")
@@ -19,6 +19,9 @@ def program_env(env=None) -> dict:
   if "--xla_backend_optimization_level" not in flags:
     env["XLA_FLAGS"] = f"{flags} {XLA_TEST_FLAGS}".strip()
   return env
+
+
+os.environ["XLA_FLAGS"] = program_env()["XLA_FLAGS"]  # this process too (read at backend start)
 
 import hashlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -4,13 +4,11 @@ pipelines on tiny random weights made by diffusers' PyTorch classes and saved as
 and the refusal of folders of other families.
 
 Parity: every step's latents and the decoded images agree to <= 1e-4 relative (max abs error /
-max abs value) in float32, as tests/test_parity_pipeline.py does for SD 1.x. The PyTorch UNet
-is first aligned with two known deviations of diffusers' Flax UNet from it (``_align_with_flax``),
-so what is measured is this library's code: one UNet call then agrees to ~1e-6 in float32 and
-~1e-11 in float64 (instead of ~5e-5 in both).
+max abs value) in float32, as tests/test_parity_pipeline.py does for SD 1.x, against diffusers'
+unmodified PyTorch pipelines: our side runs with ``model.torch_numerics`` (diffusers' Flax UNet
+uses tanh-GELU in GEGLU and GroupNorm eps 1e-5 in Transformer2D where its PyTorch UNet uses the
+exact GELU and 1e-6, ~5e-5 apart per UNet call; see disentangle_jax/torch_numerics.py).
 """
-import types
-
 import json
 
 import jax
@@ -23,7 +21,6 @@ from disentangle_jax import inversion, mixing, models, noise, pipeline, sampler,
 torch = pytest.importorskip("torch", reason="parity tests need torch: pip install torch==2.13.0")
 import diffusers  # noqa: E402  (its PyTorch classes need torch)
 import transformers  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 
 NUM_STEPS = 6
 GUIDANCE = 7.5
@@ -45,19 +42,6 @@ def _nhwc(x):
   return x.permute(0, 2, 3, 1).numpy()
 
 
-def _align_with_flax(unet):
-  """diffusers' Flax UNet computes GEGLU with the tanh approximation of GELU and normalises
-  each Transformer2D input with GroupNorm epsilon 1e-5; its PyTorch UNet uses the exact GELU and
-  1e-6. Both are upstream choices, the same for every family (SD 1.x included); this makes the
-  PyTorch module compute what the Flax one does (per instance: nothing global is patched)."""
-  for module in unet.modules():
-    if type(module).__name__ == "GEGLU":
-      module.gelu = types.MethodType(lambda self, gate: F.gelu(gate, approximate="tanh"), module)
-    elif type(module).__name__ == "Transformer2DModel":
-      module.norm.eps = 1e-5
-  return unet
-
-
 def _write_folder(path, family):
   """A tiny PyTorch model of ``family`` saved as safetensors in diffusers layout."""
   models.write_tiny_tokenizer(path / "tokenizer")
@@ -76,7 +60,6 @@ def _write_folder(path, family):
   for name, module in modules.items():
     module.eval()
     module.save_pretrained(path / name, safe_serialization=True)
-  _align_with_flax(modules["unet"])
   index, scheduler = models.tiny_folder_configs(family)
   (path / "scheduler").mkdir()
   (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
@@ -89,7 +72,7 @@ def family_setup(request, tmp_path_factory):
   family = request.param
   path = tmp_path_factory.mktemp(f"torch_{family}")
   tm = _write_folder(path, family)
-  model = models.load(models.ModelConfig(path=str(path)))
+  model = models.load(models.ModelConfig(path=str(path), torch_numerics=True))
   yield family, model, tm
 
 

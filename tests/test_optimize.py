@@ -157,8 +157,10 @@ def test_several_edits_in_one_program_equal_separate_runs(setup):
   print("max |lambda difference|:", np.abs(lam - np.stack([lam_a, lam_b])).max())
   np.testing.assert_allclose(lam, np.stack([lam_a, lam_b]), atol=1e-2)
   assert not np.allclose(lam[0], lam[1], atol=0.05)  # the two edits did learn different lambdas
+  # Float32 programs of different shapes: l_dir (1 - cos, small) differs by re-association,
+  # 1.01e-3 relative measured with XLA:CPU at -O0 (the suite's level, conftest.py).
   np.testing.assert_allclose(hist[0]["l_dir"], [hist_a[0]["l_dir"], hist_b[0]["l_dir"]],
-                             rtol=1e-3)
+                             rtol=2e-3)
   np.testing.assert_allclose(hist[0]["loss"], hist_a[0]["loss"] + hist_b[0]["loss"], rtol=1e-3)
   with pytest.raises(ValueError, match="must share num_steps"):
     disentangle.EditSet((spec_a, dataclasses.replace(spec_b, sampling=SamplingConfig(num_steps=5))))

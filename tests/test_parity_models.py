@@ -86,8 +86,10 @@ def test_unet_torch_numerics_matches_pytorch_exactly(torch_sd_dir):
       errors[exact] = _max_rel_diff(ours, theirs)
   print(f"float64 UNet vs PyTorch: Flax numerics {errors[False]:.1e}, torch_numerics "
         f"{errors[True]:.1e}")
-  assert errors[False] > 1e-7  # the upstream difference this option exists for
-  assert errors[True] <= 1e-10
+  # 3.7e-5 (the upstream difference) -> 3e-15 at XLA's default level, 1.6e-8 at the suite's -O0
+  # (conftest.py: its float64 transcendentals are less exact).
+  assert errors[False] > 1e-6
+  assert errors[True] <= 1e-7
 
 
 def test_vae_parity(loaded):

@@ -15,13 +15,15 @@ import pytest
 
 from disentangle_jax import models, noise, pipeline, sampler, schedule
 
+# Every program here, the plain path too, runs with torch_numerics (a UNet ~1e-5 away from
+# diffusers' Flax numerics, tests/test_parity_models.py): block remat's recomputation is traced
+# after the run options' context has exited and must re-enter them, or the gradient is ~1e-4 off.
 PLAIN = dict(conv="xla")
 # name: (options, max relative error). Each costs one compile of the gradient program (15-100 s;
 # block remat's real recomputation makes it the dearest), so options that are exact to
 # re-association share a program: a wrong one shows up in its combination.
 # jax.nn.dot_product_attention computes its softmax in float32 whatever the input dtype, so
-# "dot_product" is float32-accurate even in a float64 model. "layers" also runs with
-# torch_numerics below.
+# "dot_product" is float32-accurate even in a float64 model.
 OPTIONS = {
     "blocks_chunked": (dict(block_remat="blocks", attention="chunked"), 1e-10),
     "hoisted_layers": (dict(conv="fast_hoisted", block_remat="layers"), 1e-10),
@@ -40,7 +42,7 @@ def tiny64():
 
 def _value_and_grads(tiny64, options: dict):
   model, prompts = tiny64
-  config = models.ModelConfig(dtype="float64", **options)
+  config = models.ModelConfig(dtype="float64", torch_numerics=True, **options)
   with jax.enable_x64(True):
     tables = schedule.step_tables(model.schedule, STEPS, 0.5)
     rn = noise.draw(jax.random.key(0), [1], (8, 8, 4), tables.sigma, jnp.float64)
@@ -72,18 +74,6 @@ def test_options_equal_plain_path_float64(tiny64, plain, name):
   assert grads[0].dtype == np.float64
   np.testing.assert_allclose(value, plain[0], rtol=tolerance)
   assert max(errors) <= tolerance
-
-
-def test_block_remat_recomputes_with_the_forward_run_options(tiny64):
-  """The backward's recomputation re-enters the run options (here torch_numerics, whose UNet
-  differs from the plain one by ~1e-5): block remat must not change the gradient."""
-  reference = _value_and_grads(tiny64, dict(conv="xla", torch_numerics=True))
-  value, grads = _value_and_grads(tiny64, dict(conv="xla", torch_numerics=True,
-                                               block_remat="layers"))
-  errors = [np.abs(g - r).max() / np.abs(r).max() for g, r in zip(grads, reference[1])]
-  print(f"torch_numerics + layers: grad rel err lambda {errors[0]:.1e}, x_T {errors[1]:.1e}")
-  np.testing.assert_allclose(value, reference[0], rtol=1e-10)
-  assert max(errors) <= 1e-10
 
 
 @pytest.mark.parametrize("level", ["blocks", "layers"])
