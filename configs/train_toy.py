@@ -18,17 +18,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/train_toy.py has no variant {arg!r}; use '' or 'smoke'.")
   c = ml_collections.ConfigDict()
   c.seed = 0  # every random number of the run (data, init, batches, noise) derives from it
-  c.dataset_size = 12000  # rendered training scenes (stream 0 of the renderer)
+  c.dataset_size = 24000  # rendered training scenes (stream 0 of the renderer)
   c.vae = _stage(900, 16, 2e-3)  # AutoencoderKL: steps, batch, Adam lr (cosine to 10%)
   c.judge_stage = _stage(1000, 64, 2e-3)  # judge classifier
-  c.clip = _stage(1200, 64, 1e-3)  # toy CLIP, contrastive over the 120 captions
-  c.diffusion = _stage(3000, 32, 1e-3)  # text encoder + UNet, epsilon prediction
+  c.clip = _stage(2500, 64, 1e-3)  # toy CLIP, contrastive over the 120 captions
+  c.diffusion = _stage(12000, 32, 1e-3)  # text encoder + UNet, epsilon prediction
   c.kl_weight = 1e-5  # weight of the VAE's KL term (SD's VAE is near-deterministic too)
   c.uncond_prob = 0.1  # captions replaced by "" (classifier-free guidance training)
   c.checkpoint_every = 200  # steps between checkpoints of each stage (resume after a kill)
   c.log_every = 50  # steps between progress lines (loss, steps/s, ETA)
   c.sizes = ml_collections.ConfigDict(dict(
-      unet_channels=(32, 64),  # UNet block widths (multiples of 32)
+      unet_channels=(32, 64, 64),  # UNet block widths (multiples of 32; 3 blocks: 8 -> 2 px)
       unet_heads=4,  # UNet attention heads
       vae_channels=(16, 32, 32),  # VAE block widths: 3 blocks = 32 px -> 8 x 8 latents
       vae_groups=8,  # VAE GroupNorm groups

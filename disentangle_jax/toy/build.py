@@ -34,11 +34,14 @@ def fingerprint(cfg: train.TrainConfig) -> str:
 
 
 def stage_fingerprint(cfg: train.TrainConfig, name: str) -> str:
-  """What a stage's checkpoint depends on: the data, the sizes, the VAE (every stage uses its
-  latents or reconstructions) and the stage's own settings. A finished stage is reused by a
-  config that changes only other stages."""
+  """What a stage's checkpoint depends on: the data, the VAE (every stage uses its latents or
+  reconstructions), the stage's own settings and the sizes of the networks it trains. A
+  finished stage is reused by a config that changes only other stages (e.g. the UNet's width
+  retrains the diffusion stage alone)."""
   c = dataclasses.asdict(cfg)
-  deps = {k: c[k] for k in ("seed", "dataset_size", "sizes", "kl_weight", "vae")}
+  deps = {k: c[k] for k in ("seed", "dataset_size", "kl_weight", "vae")}
+  deps["sizes"] = {k: v for k, v in c["sizes"].items()
+                   if k.startswith(("vae_",) + _STAGE_SIZES.get(name, ()))}
   deps["stage"] = dataclasses.asdict(cfg.stage(name))
   if name == "judge":
     deps["judge"] = c["judge"]
@@ -46,6 +49,10 @@ def stage_fingerprint(cfg: train.TrainConfig, name: str) -> str:
     deps["uncond_prob"] = cfg.uncond_prob
   blob = json.dumps(deps, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Prefixes of the world.Sizes fields each stage's networks are built from (besides the VAE's).
+_STAGE_SIZES = {"clip": ("clip_",), "diffusion": ("unet_", "text_")}
 
 
 def claim_workdir(cfg: train.TrainConfig, workdir: str) -> bool:

@@ -44,13 +44,13 @@ class StageConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   seed: int = 0
-  dataset_size: int = 12000
+  dataset_size: int = 24000
   sizes: world.Sizes = world.Sizes()
   judge: judge_lib.JudgeConfig = judge_lib.JudgeConfig()
   vae: StageConfig = StageConfig(900, 16, 2e-3)
   judge_stage: StageConfig = StageConfig(1000, 64, 2e-3)
-  clip: StageConfig = StageConfig(1200, 64, 1e-3)
-  diffusion: StageConfig = StageConfig(3000, 32, 1e-3)
+  clip: StageConfig = StageConfig(2500, 64, 1e-3)
+  diffusion: StageConfig = StageConfig(12000, 32, 1e-3)
   kl_weight: float = 1e-5
   uncond_prob: float = 0.1
   checkpoint_every: int = 200

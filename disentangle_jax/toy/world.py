@@ -54,7 +54,7 @@ def words() -> tuple[str, ...]:
 class Sizes:
   """Widths of the toy networks (configs/train_toy.py, section `sizes`)."""
 
-  unet_channels: tuple[int, ...] = (32, 64)  # UNet block widths (multiples of 32: GroupNorm(32))
+  unet_channels: tuple[int, ...] = (32, 64, 64)  # UNet block widths (multiples of 32: GroupNorm(32))
   unet_heads: int = 4  # attention heads in the UNet
   vae_channels: tuple[int, ...] = (16, 32, 32)  # VAE block widths; 3 blocks = downsampling 4
   vae_groups: int = 8  # GroupNorm groups of the VAE
