@@ -1,4 +1,4 @@
-r"""Train the toy world from scratch (VAE, judge, toy CLIP, text encoder + UNet).
+r"""Train the toy world from scratch (VAE, judge, toy CLIP, UNet).
 
   python -m launch.train_toy --config=configs/train_toy.py --workdir=workdir/toy
   python -m launch.train_toy --config=configs/train_toy.py:smoke --workdir=workdir/toy_smoke
@@ -22,7 +22,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.vae = _stage(900, 16, 2e-3)  # AutoencoderKL: steps, batch, Adam lr (cosine to 10%)
   c.judge_stage = _stage(1000, 64, 2e-3)  # judge classifier
   c.clip = _stage(2500, 64, 1e-3)  # toy CLIP, contrastive over the 120 captions
-  c.diffusion = _stage(12000, 32, 1e-3)  # text encoder + UNet, epsilon prediction
+  c.diffusion = _stage(12000, 32, 1e-3)  # UNet, epsilon prediction (text encoder frozen)
   c.kl_weight = 1e-5  # weight of the VAE's KL term (SD's VAE is near-deterministic too)
   c.uncond_prob = 0.1  # captions replaced by "" (classifier-free guidance training)
   c.checkpoint_every = 200  # steps between checkpoints of each stage (resume after a kill)
@@ -32,9 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       unet_heads=4,  # UNet attention heads
       vae_channels=(16, 32, 32),  # VAE block widths: 3 blocks = 32 px -> 8 x 8 latents
       vae_groups=8,  # VAE GroupNorm groups
-      text_width=64,  # text encoder width = UNet cross-attention width
-      text_layers=2,  # text encoder layers
-      clip_width=64,  # toy CLIP tower widths
+      clip_width=64,  # toy CLIP tower widths (its text tower is SD's text encoder, frozen)
       clip_layers=2,  # toy CLIP layers per tower
       clip_patch=4,  # toy CLIP patch size
       clip_projection=32,  # toy CLIP embedding width

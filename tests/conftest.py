@@ -12,16 +12,23 @@ XLA_TEST_FLAGS = next((f for f in os.environ.get("XLA_FLAGS", "").split()
                       "--xla_backend_optimization_level=0")
 
 
+# The compilation cache is shared by the test processes of a run (pytest-xdist workers, and
+# the programs they start), which write and read it side by side. JAX locks the cache folder
+# (a file lock around each read and write) only when it has a size limit, so it gets one, far
+# above what a run writes (~0.3 GiB). Read by JAX from the environment in every process.
+CACHE_LIMIT = {"JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
+
+
 def program_env(env=None) -> dict:
-  """``env`` (default: this process's) with XLA_TEST_FLAGS in XLA_FLAGS."""
+  """``env`` (default: this process's) with XLA_TEST_FLAGS in XLA_FLAGS and the cache limit."""
   env = dict(os.environ if env is None else env)
   flags = env.get("XLA_FLAGS", "")
   if "--xla_backend_optimization_level" not in flags:
     env["XLA_FLAGS"] = f"{flags} {XLA_TEST_FLAGS}".strip()
-  return env
+  return {**env, **CACHE_LIMIT}
 
 
-os.environ["XLA_FLAGS"] = program_env()["XLA_FLAGS"]  # this process too (read at backend start)
+os.environ.update(program_env())  # this process too (read when jax is imported / starts)
 
 import hashlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -279,11 +286,18 @@ class Cli:
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """One persistent compilation cache for the session: the tests' own jitted programs and the
+  """One persistent compilation cache for the test run: the tests' own jitted programs and the
   programs the tests run (a program compiled again, in this process or another, is read
-  back instead)."""
+  back instead). Under pytest-xdist (``-n 2``) every worker uses the same folder, next to
+  the workers' own temporary folders."""
   import jax  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path_factory.mktemp("xla_cache"))
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the run's folder, shared by the workers (each has a subfolder)
+  path = os.path.join(root, "xla_cache")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_max_size", int(CACHE_LIMIT[
+      "JAX_COMPILATION_CACHE_MAX_SIZE"]))  # also when jax was imported before this file
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # as launch/common.py
   return path

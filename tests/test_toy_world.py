@@ -84,6 +84,23 @@ def test_stage_resumes_exactly_and_refuses_other_config(tmp_path):
     build.claim_workdir(dataclasses.replace(cfg, seed=1), str(tmp_path / "w"))
 
 
+def test_stage_fingerprints_follow_what_each_stage_trains():
+  cfg = train.TrainConfig()
+  fp = {s: build.stage_fingerprint(cfg, s) for s in train.STAGES}
+  wider_unet = dataclasses.replace(cfg, sizes=dataclasses.replace(cfg.sizes,
+                                                                  unet_channels=(64, 64)))
+  changed = {s for s in train.STAGES if build.stage_fingerprint(wider_unet, s) != fp[s]}
+  assert changed == {"diffusion"}  # the VAE, judge and CLIP checkpoints are reused
+  wider_clip = dataclasses.replace(cfg, sizes=dataclasses.replace(cfg.sizes, clip_width=96))
+  assert {s for s in train.STAGES if build.stage_fingerprint(wider_clip, s) != fp[s]} == {
+      "clip", "diffusion"}  # the UNet reads the CLIP text tower's output
+  other_vae = dataclasses.replace(cfg, sizes=dataclasses.replace(cfg.sizes, vae_groups=4))
+  assert all(build.stage_fingerprint(other_vae, s) != fp[s] for s in train.STAGES)  # all use it
+  longer = dataclasses.replace(cfg, diffusion=train.StageConfig(10, 64, 1e-3))
+  assert {s for s in train.STAGES if build.stage_fingerprint(longer, s) != fp[s]} == {
+      "diffusion"}
+
+
 @needs_weights
 def test_fresh_weights_are_deterministic_and_fit_every_network():
   """What ``launch.train_toy`` starts from (it called a helper that no longer existed)."""
@@ -94,7 +111,11 @@ def test_fresh_weights_are_deterministic_and_fit_every_network():
   clip_module = modeling_flax_clip.FlaxCLIPModule(
       world.clip_config(cfg.sizes, tok, cfg.judge.image_size))
   params = train.init_params(cfg, sd, clip_module)
-  assert set(params) == {"vae", "unet", "text_encoder", "clip", "judge"}
+  assert set(params) == {"vae", "unet", "clip", "judge"}  # SD's text encoder is CLIP's
+  text = jax.eval_shape(lambda k: sd.text_encoder.init_weights(k, (1, world.MAX_TOKENS)),
+                        jax.random.key(0))
+  assert (jax.tree.map(lambda a: a.shape, build.clip_text_params(params["clip"]))
+          == jax.tree.map(lambda a: a.shape, text))
   shapes = {"unet": jax.eval_shape(sd.unet.init_weights, jax.random.key(0)),
             "vae": jax.eval_shape(sd.vae.init_weights, jax.random.key(0))}
   for name, tree in shapes.items():

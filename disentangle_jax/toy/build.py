@@ -45,14 +45,20 @@ def stage_fingerprint(cfg: train.TrainConfig, name: str) -> str:
   deps["stage"] = dataclasses.asdict(cfg.stage(name))
   if name == "judge":
     deps["judge"] = c["judge"]
-  if name == "diffusion":
+  if name == "diffusion":  # its text encoder is the trained CLIP's text tower
     deps["uncond_prob"] = cfg.uncond_prob
+    deps["clip"] = stage_fingerprint(cfg, "clip")
   blob = json.dumps(deps, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # Prefixes of the world.Sizes fields each stage's networks are built from (besides the VAE's).
-_STAGE_SIZES = {"clip": ("clip_",), "diffusion": ("unet_", "text_")}
+_STAGE_SIZES = {"clip": ("clip_",), "diffusion": ("unet_",)}
+
+
+def clip_text_params(clip_params) -> dict:
+  """The FlaxCLIPTextModel parameters of a FlaxCLIPModel's text tower (same config)."""
+  return {"text_model": clip_params["text_model"]}
 
 
 def claim_workdir(cfg: train.TrainConfig, workdir: str) -> bool:
@@ -119,25 +125,28 @@ def build(cfg: train.TrainConfig, workdir: str, log: Callable, provenance: dict)
   clip_p = stage("clip", functools.partial(train.clip_loss, clip_module), params["clip"],
                  clip_batch)
 
-  ids_table = world.caption_ids(tok, scenes.all_captions() + [""])
+  text_p = clip_text_params(clip_p)
+  emb_table = np.asarray(models.encode_prompts(
+      world.build_sd(cfg.sizes, size, 1.0, {"text_encoder": text_p}, tok),
+      scenes.all_captions() + [""]))  # [121, tokens, width]: the frozen text encoder's output
   labels = scenes.caption_index(data.factors)
   scaled = (latents * scale).astype(np.float32)
 
   def diffusion_batch(k):
     rng = np.random.default_rng([cfg.seed, train.STAGES.index("diffusion"), k])
     idx = rng.integers(0, len(scaled), cfg.diffusion.batch)
-    rows = np.where(rng.random(len(idx)) < cfg.uncond_prob, len(ids_table) - 1, labels[idx])
-    return {"latents": scaled[idx], "ids": ids_table[rows]}
-  diff_p = stage("diffusion", functools.partial(train.diffusion_loss, sd.unet, sd.text_encoder,
+    rows = np.where(rng.random(len(idx)) < cfg.uncond_prob, len(emb_table) - 1, labels[idx])
+    return {"latents": scaled[idx], "emb": emb_table[rows]}
+  unet_p = stage("diffusion", functools.partial(train.diffusion_loss, sd.unet,
                                                 train.schedule_alphas()),
-                 {"unet": params["unet"], "text_encoder": params["text_encoder"]},
-                 diffusion_batch)
+                 params["unet"], diffusion_batch)
 
-  final_sd = world.build_sd(cfg.sizes, size, scale, {"unet": diff_p["unet"], "vae": vae_p,
-                                                     "text_encoder": diff_p["text_encoder"]}, tok)
+  final_sd = world.build_sd(cfg.sizes, size, scale, {"unet": unet_p, "vae": vae_p,
+                                                     "text_encoder": text_p}, tok)
   made = dict(provenance, seed=cfg.seed, fingerprint=fp, train_seconds=seconds,
               this_process_seconds=round(time.time() - t_start, 1),
               final_losses={k: h[-1][1] for k, h in histories.items()},
+              loss_history=histories,  # [[step, mean loss], ...] every log_every steps
               latent_scale=scale, config=dataclasses.asdict(cfg))
   out = pathlib.Path(workdir) / WORLD_DIR
   tmp = out.with_name(out.name + ".tmp")

@@ -12,8 +12,11 @@ Stages (in order; later ones use earlier ones):
   judge      CNN factor classifier on renders and their VAE reconstructions
   clip       FlaxCLIPModel, contrastive over the 120 captions (image -> caption cross-entropy
              and caption -> image over the batch)
-  diffusion  text encoder + UNet, epsilon prediction on the SD v1 schedule, captions dropped
-             to "" with probability uncond_prob (classifier-free guidance)
+  diffusion  UNet, epsilon prediction on the SD v1 schedule, captions dropped to "" with
+             probability uncond_prob (classifier-free guidance). The text encoder is the toy
+             CLIP's text tower, frozen, as SD v1's is CLIP ViT-L/14's: its contrastive training
+             separates every caption (a text encoder trained with the UNet from scratch kept
+             "left" and "right" nearly equal, and the samples ignored position).
 """
 from __future__ import annotations
 
@@ -121,15 +124,15 @@ def clip_loss(module, params, batch, key):
   return (i2t + t2i) / 2
 
 
-def diffusion_loss(unet, text_encoder, alphas_cumprod, params, batch, key):
+def diffusion_loss(unet, alphas_cumprod, params, batch, key):
+  """Epsilon MSE of the UNet (params) given the captions' frozen text embeddings batch["emb"]."""
   k_t, k_n = jax.random.split(key)
   z0 = batch["latents"]
   t = jax.random.randint(k_t, (z0.shape[0],), 0, alphas_cumprod.shape[0])
   eps = jax.random.normal(k_n, z0.shape)
   a = alphas_cumprod[t][:, None, None, None]
   x_t = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * eps
-  emb = models.make_text_fn(text_encoder)(params["text_encoder"], batch["ids"])
-  pred = models.make_eps_fn(unet)(params["unet"], x_t, t, emb)
+  pred = models.make_eps_fn(unet)(params, x_t, t, batch["emb"])
   return jnp.mean((pred - eps) ** 2)
 
 
@@ -234,14 +237,14 @@ def schedule_alphas() -> jax.Array:
 
 
 def init_params(cfg: TrainConfig, sd: models.StableDiffusion, clip_module) -> dict:
-  """Fresh weights of every network, deterministic in cfg.seed, drawn in numpy (no compile):
-  kernels N(0, 1/fan_in), embeddings N(0, 0.02^2), small random biases and norm scales."""
+  """Fresh weights of every trained network (vae, unet, clip, judge; SD's text encoder is the
+  trained CLIP's text tower), deterministic in cfg.seed, drawn in numpy (no compile): kernels
+  N(0, 1/fan_in), embeddings N(0, 0.02^2), small random biases and norm scales."""
   size = cfg.judge.image_size
   ids = jnp.zeros((1, world.MAX_TOKENS), jnp.int32)
   shapes = {
       "vae": jax.eval_shape(sd.vae.init_weights, jax.random.key(0)),
       "unet": jax.eval_shape(sd.unet.init_weights, jax.random.key(0)),
-      "text_encoder": sd.text_encoder.params_shape_tree,
       "clip": jax.eval_shape(clip_module.init, jax.random.key(0), ids,
                              jnp.zeros((1, size, size, 3)), ids, ids)["params"],
       "judge": jax.eval_shape(lambda: judge_lib.init(cfg.judge, 0)),

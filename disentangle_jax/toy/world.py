@@ -2,7 +2,7 @@
 
 Same classes as the real thing (diffusers ``FlaxUNet2DConditionModel`` / ``FlaxAutoencoderKL``,
 transformers ``FlaxCLIPTextModel`` / ``FlaxCLIPModel``, ``CLIPTokenizer``), sized for 32 px
-scenes: the VAE downsamples by 4 (latents [8, 8, 4]), the UNet by 2, the text encoder reads 16
+scenes: the VAE downsamples by 4 (latents [8, 8, 4]), the UNet by 4, the text encoder reads 16
 tokens of a word-level vocabulary (every caption word is one BPE token). Saved in the layouts
 real weights use, so ``models.load`` (``model.path``) and ``loss_models.load_clip``
 (``loss_models.clip_path``) read them unchanged.
@@ -58,9 +58,7 @@ class Sizes:
   unet_heads: int = 4  # attention heads in the UNet
   vae_channels: tuple[int, ...] = (16, 32, 32)  # VAE block widths; 3 blocks = downsampling 4
   vae_groups: int = 8  # GroupNorm groups of the VAE
-  text_width: int = 64  # text encoder width (= UNet cross-attention width)
-  text_layers: int = 2  # text encoder layers
-  clip_width: int = 64  # toy CLIP tower widths
+  clip_width: int = 64  # toy CLIP tower widths (its text tower is SD's text encoder)
   clip_layers: int = 2  # toy CLIP layers per tower
   clip_patch: int = 4  # toy CLIP vision patch size (32 px / 4 = 8 x 8 patches)
   clip_projection: int = 32  # toy CLIP embedding width
@@ -108,7 +106,7 @@ def unet_config(sizes: Sizes, latent_size: int) -> dict:
       "down_block_types": ["CrossAttnDownBlock2D"] * n,
       "up_block_types": ["CrossAttnUpBlock2D"] * n,
       "block_out_channels": list(sizes.unet_channels), "layers_per_block": 1,
-      "attention_head_dim": sizes.unet_heads, "cross_attention_dim": sizes.text_width,
+      "attention_head_dim": sizes.unet_heads, "cross_attention_dim": sizes.clip_width,
       "norm_num_groups": 32, "flip_sin_to_cos": True, "freq_shift": 0,
   }
 
@@ -133,8 +131,9 @@ def _text_common(tok, width: int, layers: int) -> dict:
 
 
 def text_config(sizes: Sizes, tok) -> dict:
-  return dict(_text_common(tok, sizes.text_width, sizes.text_layers),
-              projection_dim=sizes.text_width)
+  """SD's text encoder: the toy CLIP's text tower (as SD v1's is CLIP ViT-L/14's)."""
+  return dict(_text_common(tok, sizes.clip_width, sizes.clip_layers),
+              projection_dim=sizes.clip_width)
 
 
 def clip_config(sizes: Sizes, tok, image_size: int) -> transformers.CLIPConfig:
