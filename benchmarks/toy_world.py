@@ -34,7 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from disentangle_jax import disentangle, images, loss_models, metrics, mixing, models  # noqa
-from disentangle_jax import noise, optimize, parallel, pipeline, sampler, schedule, study  # noqa
+from disentangle_jax import noise, optimize, parallel, pipeline, sampler, sampling, schedule  # noqa
+from disentangle_jax import stats  # noqa: E402
 from disentangle_jax.toy import evaluate, judge, scenes, world  # noqa: E402
 
 from configs import toy as toy_configs  # noqa: E402
@@ -68,8 +69,10 @@ def render_columns(w, c0, c1, seeds, lams: dict, num_steps: int) -> dict:
 
 def learn(w, c0, text, seeds, args, t_init: int, together: bool) -> np.ndarray:
   """Learned lambda [S, T] (one per seed) or [T] (one for all seeds), from a switch at t_init."""
-  common = dict(prompt=c0, attribute=text, t_star=t_init, num_steps=args.num_steps,
-                guidance=evaluate.GUIDANCE, loss=optimize.LossConfig(preprocess="standard"),
+  common = dict(prompt=c0, attribute=text, t_star=t_init,
+                sampling=sampling.SamplingConfig(num_steps=args.num_steps,
+                                                 guidance=evaluate.GUIDANCE),
+                loss=optimize.LossConfig(preprocess="standard"),
                 optimizer=optimize.OptimizerConfig(iterations=args.iterations))
   if together:
     spec = disentangle.EditSpec(seeds=tuple(seeds), **common)
@@ -142,7 +145,7 @@ def main():
     scores = score(w, attribute, c0, c1, columns)
     for method, ms in scores.items():
       sel = slice(1, None) if method == "transfer" else slice(None)  # transfer: other seeds
-      table.append([name, method] + [_fmt(study.interval(ms[k][sel])) for k in METRICS])
+      table.append([name, method] + [_fmt(stats.interval(ms[k][sel])) for k in METRICS])
       print(" | ".join(table[-1]), flush=True)
     rows = [[images.to_uint8(columns[m][i]) for m in columns] for i in range(args.figure_seeds)]
     images.grid(rows, list(columns), [str(s) for s in seeds[:args.figure_seeds]]).save(

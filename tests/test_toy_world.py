@@ -157,10 +157,6 @@ def test_judge_and_clip_floors_on_fresh_renders(shipped):
 
 
 @needs_weights
-@pytest.mark.xfail(strict=True, reason=(
-    "below the floor: the shipped UNet (3000 steps of batch 32 on a shared 2-core CPU) reaches "
-    "c0 content 0.375 and c1 attribute 0.70 on 64 samples (made.json); retrain longer and "
-    "remove this mark"))
 def test_diffusion_floors(shipped):
   rates = evaluate.diffusion_floors(shipped, seed=5, n=16)
   print("diffusion floors", rates)

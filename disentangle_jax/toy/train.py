@@ -1,4 +1,4 @@
-"""Training the toy world from scratch: VAE, judge, toy CLIP, then text encoder + UNet.
+"""Training the toy world from scratch: VAE, judge, toy CLIP, then the UNet (CLIP text tower).
 
 Every stage is a loop of one jitted, top-level step (params and optimiser state are
 arguments) over batches drawn from a fixed rendered dataset; batch k of a stage is a pure
