@@ -23,7 +23,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # Test-only: parity against diffusers' PyTorch classes. 2.13.0 is the CPU build;
     # any other torch spec pulls a multi-GB CUDA build.
-    "test": ["pytest==9.2.0", "torch==2.13.0", "matplotlib==3.11.2"],
+    # pytest-xdist runs the suite on both cores of a CI machine (`pytest -n 2`).
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "torch==2.13.0",
+             "matplotlib==3.11.2"],
     "plots": ["matplotlib==3.11.2"],
     # Accelerator wheels for GPU/TPU hosts (never installed on the CPU dev machines).
     "cuda12": ["jax[cuda12]==0.10.2"],

@@ -121,7 +121,8 @@ def main():
   parser.add_argument("--figure_seeds", type=int, default=6)
   parser.add_argument("--out", default="benchmarks/toy_world")
   args = parser.parse_args()
-  print(harness.machine_report())
+  machine = harness.machine_report()
+  print(machine)
   w = world.load(args.weights)
   seeds = list(range(args.seeds))
   t_stars = [int(t) for t in args.t_stars.split(",")]
@@ -155,7 +156,7 @@ def main():
   md = harness.markdown_table(headers, table)
   print(md)
   with open(os.path.join(args.out, "toy_world.md"), "w") as f:
-    f.write(f"{vars(args)}\n\n{md}\n")
+    f.write(f"{machine}\n\n{vars(args)}\n\n{md}\n")
 
 
 def _fmt(iv: dict) -> str:
