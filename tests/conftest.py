@@ -165,6 +165,31 @@ class Forked:
     return out["stdout"], out["stderr"]
 
 
+def interruptible() -> None:
+  """Lets the programs this process starts see Ctrl-C, as a shell's children do: a child
+  inherits a blocked or ignored SIGINT (signal mask and SIG_IGN survive exec). Under a full
+  ``-n 2`` run a pytest-xdist worker's started programs ignored every SIGINT (the Ctrl-C test
+  failed twice; a worker that ran only that test file did not)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+  handler = signal.getsignal(signal.SIGINT)
+  if handler in (signal.SIG_IGN, None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if blocked or handler in (signal.SIG_IGN, None):
+    warnings.warn(f"SIGINT was {'blocked' if blocked else 'not blocked'} with handler "
+                  f"{handler!r} in test process {os.getpid()}; restored for the programs")
+
+
+def signal_state(pid) -> str:
+  """SigBlk / SigIgn masks of a process (/proc), for messages."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return " ".join(l.strip() for l in f if l.startswith(("SigBlk", "SigIgn")))
+  except OSError:
+    return "(gone)"
+
+
 class ProgramServer:
   """tests/program_server.py, started once per session: forks each program run from a process
   that has already imported the libraries."""
@@ -173,6 +198,7 @@ class ProgramServer:
     import subprocess  # pylint: disable=g-import-not-at-top
     import sys  # pylint: disable=g-import-not-at-top
     self.path = os.path.join(folder, "server.sock")
+    interruptible()
     self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "program_server.py"),
                                   self.path], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                  env=program_env())
@@ -237,6 +263,7 @@ class Cli:
     """The running program (a Popen or a Forked), stderr (and stdout) piped."""
     import subprocess  # pylint: disable=g-import-not-at-top
     if fresh:
+      interruptible()
       return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,
                               env=program_env(env),
                               stdout=subprocess.PIPE if stdout else None,
