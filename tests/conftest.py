@@ -30,6 +30,7 @@ def program_env(env=None) -> dict:
 
 os.environ.update(program_env())  # this process too (read when jax is imported / starts)
 
+import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import hashlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -165,20 +166,24 @@ class Forked:
     return out["stdout"], out["stderr"]
 
 
-def interruptible() -> None:
-  """Lets the programs this process starts see Ctrl-C, as a shell's children do: a child
-  inherits a blocked or ignored SIGINT (signal mask and SIG_IGN survive exec). Under a full
-  ``-n 2`` run a pytest-xdist worker's started programs ignored every SIGINT (the Ctrl-C test
-  failed twice; a worker that ran only that test file did not)."""
+@contextlib.contextmanager
+def interruptible():
+  """Around starting a program: it sees Ctrl-C, as a shell's children do. A child inherits a
+  blocked or ignored SIGINT (signal mask and SIG_IGN survive exec); in a full ``-n 2`` run
+  both pytest-xdist workers had SIGINT set to SIG_IGN by the time their program server
+  started (measured), and the Ctrl-C test's program ignored every SIGINT. This process's own
+  disposition is put back afterwards (xdist's controller handles Ctrl-C for its workers)."""
   import signal  # pylint: disable=g-import-not-at-top
-  import warnings  # pylint: disable=g-import-not-at-top
-  blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+  mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
   handler = signal.getsignal(signal.SIGINT)
   if handler in (signal.SIG_IGN, None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
-  if blocked or handler in (signal.SIG_IGN, None):
-    warnings.warn(f"SIGINT was {'blocked' if blocked else 'not blocked'} with handler "
-                  f"{handler!r} in test process {os.getpid()}; restored for the programs")
+  try:
+    yield
+  finally:
+    if handler in (signal.SIG_IGN, None):
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def signal_state(pid) -> str:
@@ -198,10 +203,10 @@ class ProgramServer:
     import subprocess  # pylint: disable=g-import-not-at-top
     import sys  # pylint: disable=g-import-not-at-top
     self.path = os.path.join(folder, "server.sock")
-    interruptible()
-    self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "program_server.py"),
-                                  self.path], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                                 env=program_env())
+    with interruptible():
+      self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests",
+                                                                 "program_server.py"), self.path],
+                                   cwd=ROOT, stdout=subprocess.PIPE, text=True, env=program_env())
     if self.proc.stdout.readline().strip() != "ready":
       raise RuntimeError("tests/program_server.py did not start (see the output above)")
 
@@ -263,11 +268,11 @@ class Cli:
     """The running program (a Popen or a Forked), stderr (and stdout) piped."""
     import subprocess  # pylint: disable=g-import-not-at-top
     if fresh:
-      interruptible()
-      return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,
-                              env=program_env(env),
-                              stdout=subprocess.PIPE if stdout else None,
-                              stderr=subprocess.PIPE, text=True)
+      with interruptible():
+        return subprocess.Popen(self.cmd(module, workdir, *overrides), cwd=ROOT,
+                                env=program_env(env),
+                                stdout=subprocess.PIPE if stdout else None,
+                                stderr=subprocess.PIPE, text=True)
     return self.server.start(f"launch.{module}", self.argv(module, workdir, *overrides), ROOT,
                              env=env, stdout=stdout)
 
