@@ -82,8 +82,7 @@ def main():
   for line in proc.stderr:
     sys.stderr.write(line)
     lines.append(line)
-    if stop and (parsed := parse_log([line])) and (stop[0], stop[1]) in [
-        (s, n) for s, pts in parsed.items() for n, _ in pts]:
+    if stop and stop[1] in [n for n, _ in parse_log([line]).get(stop[0], [])]:
       proc.send_signal(signal.SIGTERM)
       break
   proc.wait()

@@ -156,7 +156,8 @@ def main():
   md = harness.markdown_table(headers, table)
   print(md)
   with open(os.path.join(args.out, "toy_world.md"), "w") as f:
-    f.write(f"{machine}\n\n{vars(args)}\n\n{md}\n")
+    recorded = dict(vars(args), weights=os.path.relpath(args.weights, harness.REPO_ROOT))
+    f.write(f"{machine}\n\n{recorded}\n\n{md}\n")
 
 
 def _fmt(iv: dict) -> str:

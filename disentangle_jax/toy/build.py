@@ -127,7 +127,7 @@ def build(cfg: train.TrainConfig, workdir: str, log: Callable, provenance: dict)
 
   text_p = clip_text_params(clip_p)
   emb_table = np.asarray(models.encode_prompts(
-      world.build_sd(cfg.sizes, size, 1.0, {"text_encoder": text_p}, tok),
+      sd._replace(params={"text_encoder": text_p}),
       scenes.all_captions() + [""]))  # [121, tokens, width]: the frozen text encoder's output
   labels = scenes.caption_index(data.factors)
   scaled = (latents * scale).astype(np.float32)
