@@ -15,16 +15,23 @@ Variants: {f32,bf16}_{step,layers}: model.dtype float32 | bfloat16 (the mixed-pr
 bf16 weights and activations, float32 latents, schedule arithmetic and losses), with step remat
 (SamplerConfig remat "full") alone or plus model.block_remat="layers". Attention: "dot_product"
 (jax.nn.dot_product_attention; cuDNN's fused kernel on GPUs for bf16). Each variant runs in its
-own process so that peak memory is its own.
+own process so that peak memory is its own. With --jobs=N up to N variant processes run at once:
+their compilations (CPU) overlap, while the timed sections take turns under a file lock, so a
+timing never shares the accelerator (compile seconds then include CPU contention).
 
-  python benchmarks/gpu.py                       # SD v1.5 size, T=50: under ~8 min on an H100
+  python benchmarks/gpu.py --jobs=4              # SD v1.5 size, T=50, on one GPU
   python benchmarks/gpu.py --size=tiny --steps=2 --repeats=1 --in_process   # CPU smoke run
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -57,7 +64,9 @@ _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 4, "Images per sampling cal
 _ATTENTION = flags.DEFINE_string("attention", "dot_product", "model.attention of every run.")
 _IN_PROCESS = flags.DEFINE_bool("in_process", False,
                                 "Run variants in this process (peak memory is then cumulative).")
+_JOBS = flags.DEFINE_integer("jobs", 1, "Variant processes at once (timed sections take turns).")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one variant, print one JSON line.")
+_LOCK = flags.DEFINE_string("lock", None, "Internal: the file lock the timed sections share.")
 
 
 def _random_tree(shape_tree, dtype, seed: int):
@@ -129,6 +138,20 @@ def _peak_bytes(compiled=None) -> tuple[float, str]:
   return float("nan"), "-"
 
 
+@contextlib.contextmanager
+def _accelerator_turn(path: str | None):
+  """Holds the accelerator alone (an exclusive lock on ``path``) while timing; no-op if None."""
+  if not path:
+    yield
+    return
+  with open(path, "a", encoding="utf-8") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_variant(name: str) -> dict:
   """Times the optimisation step (and sampling) of one variant."""
   dtype, remat = name.split("_")
@@ -145,29 +168,64 @@ def run_variant(name: str) -> dict:
   start = time.perf_counter()
   compiled = update.lower(state, params, prob).compile()
   compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(_REPEATS.value + 1):  # the first call (warm-up) is not timed
-    start = time.perf_counter()
-    state, metrics, _ = compiled(state, params, prob)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  times = times[1:]
-  peak, peak_kind = _peak_bytes(compiled)
-  result = {"variant": name, "compile_s": compile_s, "s_per_it": float(np.median(times)),
-            "peak_gib": peak / 2**30, "peak_kind": peak_kind,
-            "loss": float(metrics["loss"]), "finite": bool(jnp.isfinite(metrics["grad_norm"]))}
-  if _SAMPLE_BATCH.value and remat == "step":
-    render = pipeline.make_render_fn(nets.eps, nets.decode, sampler_cfg)
+  sampling = None
+  if _SAMPLE_BATCH.value and remat == "step":  # compiled here, outside the timed turn
+    render = jax.jit(functools.partial(pipeline.render, nets.eps, nets.decode,
+                                       config=sampler_cfg))
     sp = problem(_STEPS.value, latent, emb_shape, text_dim, compute_dtype, _SAMPLE_BATCH.value)
-    lam = jnp.full((_STEPS.value,), 0.5)
-    args = (params["sd"], sp.x_T, sp.noise, lam,
+    args = (params["sd"], sp.x_T, sp.noise, jnp.full((_STEPS.value,), 0.5),
             pipeline.PromptPair(sp.prompts.c0[0], sp.prompts.c1[0], sp.prompts.uncond),
             sp.guidance, sp.tables)
-    jax.block_until_ready(render(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(render(*args))
-    result["images_per_s"] = _SAMPLE_BATCH.value / (time.perf_counter() - start)
+    sampling = (render.lower(*args).compile(), args)
+  with _accelerator_turn(_LOCK.value):
+    times = []
+    for _ in range(_REPEATS.value + 1):  # the first call (warm-up) is not timed
+      start = time.perf_counter()
+      state, metrics, _ = compiled(state, params, prob)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    times = times[1:]
+    peak, peak_kind = _peak_bytes(compiled)
+    mem = compiled.memory_analysis()
+    result = {"variant": name, "compile_s": compile_s, "s_per_it": float(np.median(times)),
+              "peak_gib": peak / 2**30, "peak_kind": peak_kind,
+              "xla_gib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30,
+              "loss": float(metrics["loss"]), "finite": bool(jnp.isfinite(metrics["grad_norm"]))}
+    if sampling is not None:
+      render_compiled, args = sampling
+      jax.block_until_ready(render_compiled(*args))
+      start = time.perf_counter()
+      jax.block_until_ready(render_compiled(*args))
+      result["images_per_s"] = _SAMPLE_BATCH.value / (time.perf_counter() - start)
   return result
+
+
+def _run_children(names, jobs: int):
+  """Yields (name, result or None) as each variant's own process finishes, ``jobs`` at once."""
+  args = [a for a in sys.argv[1:] if not a.startswith(("--child", "--lock"))]
+  with tempfile.TemporaryDirectory() as tmp:
+    lock = os.path.join(tmp, "accelerator.lock")
+    pending, running = list(names), {}
+    while pending or running:
+      while pending and len(running) < max(jobs, 1):
+        name = pending.pop(0)
+        running[name] = subprocess.Popen(
+            [sys.executable, sys.argv[0], *args, f"--child={name}", f"--lock={lock}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # Memory on demand: several variants share the device, and each peak is its own.
+            env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+      time.sleep(1)
+      for name, proc in list(running.items()):
+        if proc.poll() is None:
+          continue
+        del running[name]
+        out, err = proc.communicate()
+        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+          print(f"variant {name} failed (exit {proc.returncode}):\n{err[-3000:]}", flush=True)
+          yield name, None
+        else:
+          yield name, json.loads(lines[-1][len("RESULT "):])
 
 
 def main(argv):
@@ -184,26 +242,19 @@ def main(argv):
   print(f"- T={_STEPS.value} CFG DDIM, batch 1, 512 px (tiny: 64 px), full objective (CLIP + "
         f"VGG), Adam; attention {_ATTENTION.value}; median of {_REPEATS.value} iterations\n",
         flush=True)
-  rows = []
-  for name in _VARIANTS.value:
-    if _IN_PROCESS.value:
-      result = run_variant(name)
-    else:
-      args = [a for a in sys.argv[1:] if not a.startswith("--child")]
-      proc = subprocess.run([sys.executable, sys.argv[0], *args, f"--child={name}"],
-                            capture_output=True, text=True, check=False)
-      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-      if proc.returncode or not lines:
-        print(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        continue
-      result = json.loads(lines[-1][len("RESULT "):])
-    print(f"  {name}: {result}", flush=True)
-    rows.append([name, result["peak_gib"], result["peak_kind"], result["compile_s"],
-                 result["s_per_it"], result.get("images_per_s", float("nan")),
-                 result["finite"]])
+  results = (((n, run_variant(n)) for n in _VARIANTS.value) if _IN_PROCESS.value
+             else _run_children(_VARIANTS.value, _JOBS.value))
+  by_name = {}
+  for name, result in results:
+    if result is not None:
+      print(f"  {name}: {result}", flush=True)
+      by_name[name] = result
+  rows = [[name, r["peak_gib"], r["peak_kind"], r["xla_gib"], r["compile_s"], r["s_per_it"],
+           r.get("images_per_s", float("nan")), r["finite"]]
+          for name in _VARIANTS.value if (r := by_name.get(name))]
   print()
   print(harness.markdown_table(
-      ["variant", "peak GiB", "peak from", "compile s", "s/iteration",
+      ["variant", "peak GiB", "peak from", "XLA args+temps GiB", "compile s", "s/iteration",
        "sampling images/s", "finite grad"], rows))
 
 
