@@ -30,7 +30,6 @@ def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cl
   cannot resume and damaged checkpoints."""
   full, killed = tmp_path / "full", tmp_path / "killed"
   first = cli.popen("disentangle", full, *DISENTANGLE)
-  victim = cli.popen("disentangle", killed, *DISENTANGLE)
   log = []
   _lines_until(first.stderr, "c0=", log)  # the first run holds the lock from its start
   start = time.monotonic()
@@ -38,8 +37,11 @@ def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cl
   _refused(second, f"is in use by another run (pid {first.pid})")
   assert time.monotonic() - start < 120  # refused at once
 
+  # Started once the first run has compiled (and cached) its programs, so it compiles nothing.
   # Killed as soon as the first iteration is reported: wherever the kill lands (before, during
   # or after a checkpoint), the same command must finish with the same lambda.
+  _lines_until(first.stderr, "iteration 1/3", log)
+  victim = cli.popen("disentangle", killed, *DISENTANGLE)
   _lines_until(victim.stderr, "iteration 1/3", [])
   victim.send_signal(signal.SIGKILL)
   assert victim.wait(timeout=600) == -signal.SIGKILL
@@ -83,7 +85,7 @@ def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cl
 
   for step in os.listdir(full / "checkpoints"):  # every checkpoint damaged: one line, the fix
     shutil.rmtree(full / "checkpoints" / step / "state")
-  out = cli.run("disentangle", full, *DISENTANGLE, fresh=True)  # a real `python -m` exit
+  out = cli.run("disentangle", full, *DISENTANGLE)
   _refused(out, "can be read")
   assert f"delete {full / 'checkpoints'}" in out.stderr
 
