@@ -13,8 +13,10 @@ CLIP + VGG losses -> d/d lambda -> Adam), 512x512, batch 1. It reports
 
 Variants: {f32,bf16}_{step,layers}: model.dtype float32 | bfloat16 (the mixed-precision policy:
 bf16 weights and activations, float32 latents, schedule arithmetic and losses), with step remat
-(SamplerConfig remat "full") alone or plus model.block_remat="layers". Attention: "dot_product"
-(jax.nn.dot_product_attention; cuDNN's fused kernel on GPUs for bf16). Each variant runs in its
+(SamplerConfig remat "full") alone or plus model.block_remat="layers". Attention (--attention
+auto): "chunked" in float32, where jax.nn.dot_product_attention has no fused kernel and keeps
+the 4096x4096 attention maps for the backward; "dot_product" in bf16 (cuDNN's fused flash
+attention on GPUs). Each variant runs in its
 own process so that peak memory is its own. With --jobs=N up to N variant processes run at once:
 their compilations (CPU) overlap, while the timed sections take turns under a file lock, so a
 timing never shares the accelerator (compile seconds then include CPU contention).
@@ -61,7 +63,10 @@ _STEPS = flags.DEFINE_integer("steps", 50, "Sampling steps T.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed iterations per variant after the first.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Any of {VARIANTS}.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 4, "Images per sampling call (0: skip).")
-_ATTENTION = flags.DEFINE_string("attention", "dot_product", "model.attention of every run.")
+_ATTENTION = flags.DEFINE_string(
+    "attention", "auto",
+    "model.attention of every run; auto: chunked for float32 (no fused kernel: dot_product "
+    "keeps the 4096x4096 attention maps), dot_product for bf16 (cuDNN flash attention).")
 _IN_PROCESS = flags.DEFINE_bool("in_process", False,
                                 "Run variants in this process (peak memory is then cumulative).")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Variant processes at once (timed sections take turns).")
@@ -155,8 +160,11 @@ def _accelerator_turn(path: str | None):
 def run_variant(name: str) -> dict:
   """Times the optimisation step (and sampling) of one variant."""
   dtype, remat = name.split("_")
+  attention = _ATTENTION.value
+  if attention == "auto":
+    attention = "chunked" if dtype == "f32" else "dot_product"
   config = models.ModelConfig(dtype={"f32": "float32", "bf16": "bfloat16"}[dtype],
-                              attention=_ATTENTION.value,
+                              attention=attention,
                               block_remat="layers" if remat == "layers" else "none")
   nets, params, latent, emb_shape, text_dim, compute_dtype = build(_SIZE.value, config)
   prob = problem(_STEPS.value, latent, emb_shape, text_dim, compute_dtype)
@@ -187,7 +195,8 @@ def run_variant(name: str) -> dict:
     times = times[1:]
     peak, peak_kind = _peak_bytes(compiled)
     mem = compiled.memory_analysis()
-    result = {"variant": name, "compile_s": compile_s, "s_per_it": float(np.median(times)),
+    result = {"variant": name, "attention": attention, "compile_s": compile_s,
+              "s_per_it": float(np.median(times)),
               "peak_gib": peak / 2**30, "peak_kind": peak_kind,
               "xla_gib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30,
               "loss": float(metrics["loss"]), "finite": bool(jnp.isfinite(metrics["grad_norm"]))}
@@ -240,8 +249,7 @@ def main(argv):
   print(f"## Optimisation iteration on {jax.devices()[0].device_kind}, size {_SIZE.value}\n")
   print(harness.machine_report())
   print(f"- T={_STEPS.value} CFG DDIM, batch 1, 512 px (tiny: 64 px), full objective (CLIP + "
-        f"VGG), Adam; attention {_ATTENTION.value}; median of {_REPEATS.value} iterations\n",
-        flush=True)
+        f"VGG), Adam; median of {_REPEATS.value} iterations\n", flush=True)
   results = (((n, run_variant(n)) for n in _VARIANTS.value) if _IN_PROCESS.value
              else _run_children(_VARIANTS.value, _JOBS.value))
   by_name = {}
@@ -249,12 +257,12 @@ def main(argv):
     if result is not None:
       print(f"  {name}: {result}", flush=True)
       by_name[name] = result
-  rows = [[name, r["peak_gib"], r["peak_kind"], r["xla_gib"], r["compile_s"], r["s_per_it"],
+  rows = [[name, r["attention"], r["peak_gib"], r["peak_kind"], r["xla_gib"], r["compile_s"], r["s_per_it"],
            r.get("images_per_s", float("nan")), r["finite"]]
           for name in _VARIANTS.value if (r := by_name.get(name))]
   print()
   print(harness.markdown_table(
-      ["variant", "peak GiB", "peak from", "XLA args+temps GiB", "compile s", "s/iteration",
+      ["variant", "attention", "peak GiB", "peak from", "XLA args+temps GiB", "compile s", "s/iteration",
        "sampling images/s", "finite grad"], rows))
 
 

@@ -30,6 +30,10 @@ def program_env(env=None) -> dict:
 
 os.environ.update(program_env())  # this process too (read when jax is imported / starts)
 
+from tests import compile_report  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+compile_report.install()  # opt-in (DISENTANGLE_COMPILE_REPORT=DIR): JAX compile time per program
+
 import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import hashlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position

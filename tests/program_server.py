@@ -39,6 +39,10 @@ def _preload():
       pass  # optional (matplotlib): the child reports it as the program would
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   assert not xla_bridge._backends, "a preloaded module started a JAX backend"  # pylint: disable=protected-access
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import compile_report  # pylint: disable=import-outside-toplevel
+  sys.path.pop(0)
+  compile_report.install()  # opt-in; the forked programs inherit it
   import gc  # pylint: disable=import-outside-toplevel
   gc.collect()
   gc.freeze()  # the children's garbage collections skip (and so do not copy) these objects

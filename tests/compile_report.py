@@ -1,0 +1,67 @@
+"""Where the test suite's time goes in JAX: tracing, lowering and XLA compilation, per program.
+
+Opt-in: with ``DISENTANGLE_COMPILE_REPORT=DIR`` in the environment, every test process (the
+pytest workers, via conftest.py, and the programs forked by tests/program_server.py) records
+JAX's own compile events (``jax.monitoring``) and writes ``DIR/<pid>.json`` when it exits.
+Then ``python tests/compile_report.py DIR`` prints the totals and the costliest programs:
+
+  mkdir /tmp/report && DISENTANGLE_COMPILE_REPORT=/tmp/report pytest -q -n 2 tests
+  python tests/compile_report.py /tmp/report
+"""
+import atexit
+import collections
+import glob
+import json
+import os
+import sys
+import time
+
+ENV = "DISENTANGLE_COMPILE_REPORT"
+COMPILE = "/jax/core/compile/backend_compile_duration"
+EVENTS = {"trace": "/jax/core/compile/jaxpr_trace_duration",
+          "lower": "/jax/core/compile/jaxpr_to_mlir_module_duration",
+          "compile": COMPILE,
+          "cache hits saved": "/jax/compilation_cache/compile_time_saved_sec"}
+
+
+def install() -> None:
+  """Records this process's compile events if ENV names a folder (no-op otherwise)."""
+  folder = os.environ.get(ENV)
+  if not folder:
+    return
+  import jax.monitoring  # pylint: disable=import-outside-toplevel
+  totals, programs = collections.Counter(), collections.defaultdict(list)
+
+  def listen(event, duration, **kwargs):
+    totals[event] += duration
+    if event == COMPILE:
+      programs[kwargs.get("fun_name", "?")].append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+
+  def write():  # at exit: in a forked child, its own pid and its own numbers
+    with open(os.path.join(folder, f"{os.getpid()}.json"), "w", encoding="utf-8") as f:
+      json.dump({"cpu_s": time.process_time(), "totals": totals, "programs": programs,
+                 "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}, f)
+
+  atexit.register(write)
+
+
+def report(folder: str, top: int = 25) -> str:
+  runs = [json.load(open(p, encoding="utf-8")) for p in glob.glob(os.path.join(folder, "*.json"))]
+  totals, programs = collections.Counter(), collections.defaultdict(list)
+  for run in runs:
+    totals.update(run["totals"])
+    for name, durations in run["programs"].items():
+      programs[name] += durations
+  lines = [f"{len(runs)} processes, {sum(r['cpu_s'] for r in runs):.0f} CPU-s in all"]
+  lines += [f"  {label}: {totals[event]:.0f} s" for label, event in EVENTS.items()]
+  lines.append(f"  XLA compilations: {sum(len(d) for d in programs.values())}")
+  lines.append("\ncompile s  count  program")
+  for name, durations in sorted(programs.items(), key=lambda kv: -sum(kv[1]))[:top]:
+    lines.append(f"{sum(durations):9.1f}  {len(durations):5d}  {name}")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  print(report(sys.argv[1]))
