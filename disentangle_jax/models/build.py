@@ -73,5 +73,7 @@ def shape_trees(unet, vae, text_encoder, text_encoder_2=None) -> dict:
 
 
 def to_device(params, dtype) -> dict:
-  """Numpy weights -> jax arrays, floating leaves cast to ``dtype``."""
-  return jax.tree.map(jnp.asarray, convert.cast_floating(params, dtype))
+  """Numpy weights -> jax arrays, floating leaves cast to ``dtype``.
+
+  ``jax.device_put`` copies; ``jnp.asarray`` would compile a small program per leaf shape."""
+  return jax.device_put(convert.cast_floating(params, dtype))

@@ -115,4 +115,4 @@ def load(directory, rebuild_hint: str = "") -> tuple[JudgeConfig, dict]:
                      f"{rebuild_hint}") from None
   if not shapes_ok:
     raise ValueError(f"judge file {path} does not match {cfg_path}; {rebuild_hint}")
-  return config, jax.tree.map(jnp.asarray, params)
+  return config, jax.device_put(params)  # no per-shape program, unlike jnp.asarray

@@ -252,4 +252,4 @@ def init_params(cfg: TrainConfig, sd: models.StableDiffusion, clip_module) -> di
   params = {name: noise.random_params(tree, [cfg.seed, i])
             for i, (name, tree) in enumerate(sorted(shapes.items()))}
   params["clip"]["logit_scale"] = np.full((), np.log(1 / 0.07), np.float32)  # CLIP's init
-  return jax.tree.map(jnp.asarray, params)
+  return jax.device_put(params)  # no per-shape program, unlike jnp.asarray
