@@ -5,8 +5,8 @@ pytest workers, via conftest.py, and the programs forked by tests/program_server
 JAX's own compile events (``jax.monitoring``) and writes ``DIR/<pid>.json`` when it exits.
 Then ``python tests/compile_report.py DIR`` prints the totals and the costliest programs:
 
-  mkdir /tmp/report && DISENTANGLE_COMPILE_REPORT=/tmp/report pytest -q -n 2 tests
-  python tests/compile_report.py /tmp/report
+  DIR=$(mktemp -d) && DISENTANGLE_COMPILE_REPORT=$DIR pytest -q -n 2 tests
+  python tests/compile_report.py $DIR
 """
 import atexit
 import collections
