@@ -48,7 +48,11 @@ def install() -> None:
 
 
 def report(folder: str, top: int = 25) -> str:
-  runs = [json.load(open(p, encoding="utf-8")) for p in glob.glob(os.path.join(folder, "*.json"))]
+  """Totals over every process's file in ``folder`` and the ``top`` programs by compile time."""
+  runs = []
+  for path in glob.glob(os.path.join(folder, "*.json")):
+    with open(path, encoding="utf-8") as f:
+      runs.append(json.load(f))
   totals, programs = collections.Counter(), collections.defaultdict(list)
   for run in runs:
     totals.update(run["totals"])
