@@ -1,15 +1,12 @@
-"""Pieces every entry point shares: flag parsing, user-error reporting, the workdir claim and
-config -> library objects.
+"""Pieces every entry point shares: flag parsing, the workdir claim and config -> library
+objects.
 
 Every program is started with ``common.run(main)``: a bad flag, config field, preset or value,
 a user error (errors.UserError) or an OS error (missing file, full disk) anywhere in the run,
-and Ctrl-C each end in exactly one ``error: ...`` line (exit code 2; 130 for Ctrl-C) instead of
-a traceback. Errors from computation that are not the user's keep their traceback: they are
-bugs.
+and Ctrl-C each end in exactly one ``error: ...`` line (launch/failures.py) instead of a
+traceback.
 """
 import contextlib
-import difflib
-import errno
 import logging as std_logging
 import os
 import re
@@ -20,6 +17,7 @@ from absl import flags
 from absl import logging
 
 from disentangle_jax import errors
+from launch import failures
 
 _CACHE = flags.DEFINE_string(
     "compilation_cache", "",
@@ -42,15 +40,11 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 _SHOW_CONFIG = flags.DEFINE_bool(
     "show_config", False, "Print every config field with its value and comment, then exit.")
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
-
-
 def run(main) -> None:
   """``app.run(main)`` with one-line errors (see the module docstring) and --show_config.
   Every program requires --workdir."""
   flags.mark_flags_as_required(["workdir"])
-  app.run(_guarded(main), flags_parser=_parse_flags)
+  app.run(failures.guarded(main), flags_parser=_parse_flags)
 
 
 def define_flags(config_file: str):
@@ -64,7 +58,7 @@ def define_flags(config_file: str):
         "config", config_file, "Config file[:arguments]; override fields with "
         "--config.<field>=v; --show_config lists every field.")
   except Exception as e:  # noqa: BLE001 -- absl/ml_collections raise many kinds
-    fail(_flag_error(e, sys.argv))
+    failures.fail(failures.flag_error(e, sys.argv))
   return config, flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
 
 
@@ -82,74 +76,15 @@ def single_process_main(program: str, config, workdir, run_fn):
   return main
 
 
-def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
-  """Prints ``error: message`` as one line and exits."""
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  sys.exit(code)
-
-
 def _parse_flags(argv):
   try:
     args = flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 -- absl/ml_collections raise many kinds
-    fail(_flag_error(e, argv))
+    failures.fail(failures.flag_error(e, argv))
   if _SHOW_CONFIG.value:
     print(describe_config(flags.FLAGS["config"]))
     sys.exit(0)
   return args
-
-
-def _flag_error(e: Exception, argv) -> str:
-  """One readable sentence for a flag-parsing failure."""
-  if isinstance(e, (KeyError, AttributeError)):  # an unknown --config.<field>
-    key = str(e.args[0]).split("\n")[0].strip("'\"") if e.args else "?"
-    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-             and a.split("=")[0].split(".")[-1] == key]
-    hint = re.search(r'Did you mean "([^"]+)"', str(e.args[0]) if e.args else "")
-    return (f"{given[0] if given else '--config.' + key}: the config has no field {key!r}"
-            f"{'; did you mean ' + repr(hint.group(1)) if hint else ''}. --show_config lists "
-            "every field.")
-  cause, own = e, None
-  while cause is not None:  # the config file's own error (e.g. an unknown preset), if any:
-    if isinstance(cause, errors.UserError):  # the innermost one (ml_collections re-raises it
-      own = cause  # with its traceback as the message)
-    cause = cause.__cause__ or cause.__context__
-  if own is not None:
-    return str(own)
-  text = str(e)
-  if isinstance(e, flags.UnrecognizedFlagError):
-    name = getattr(e, "flagname", "")
-    close = difflib.get_close_matches(name, list(flags.FLAGS), n=1)
-    text = f"unknown flag --{name}" + (f"; did you mean --{close[0]}?" if close else
-                                       "; --helpshort lists the flags.")
-  elif "Error while parsing string" in text and "as tuple" in text:
-    text = text.split(": Error while parsing")[0] + ": not a list; write a comma list without " \
-        "spaces, e.g. 1,2,3, or quote it."
-  return text
-
-
-def _guarded(main):
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except KeyboardInterrupt:
-      fail("interrupted (Ctrl-C); nothing unfinished was published. Run the same command "
-           "again to resume from the last checkpoint.", EXIT_INTERRUPTED)
-    except errors.UserError as e:
-      fail(str(e))
-    except OSError as e:
-      fail(_os_error(e))
-  return wrapped
-
-
-def _os_error(e: OSError) -> str:
-  where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
-  if e.errno == errno.ENOSPC:
-    return (f"the disk is full (writing{where}): free space and run the same command again; "
-            "finished work (checkpoints, study chunks) is kept.")
-  if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-    return f"permission denied{where}: choose a --workdir and files you can read and write."
-  return f"{e.strerror or e}{where}."
 
 
 def require_single_process(program: str) -> None:

@@ -189,7 +189,7 @@ def test_source_labels_avoid_the_baselines():
 
 def test_os_errors_and_ctrl_c_in_a_program_are_one_line(capsys):
   import errno  # pylint: disable=import-outside-toplevel
-  from launch import common  # pylint: disable=import-outside-toplevel
+  from launch import failures  # pylint: disable=import-outside-toplevel
 
   def full_disk(argv):
     raise OSError(errno.ENOSPC, "No space left on device", "/w/edited.png")
@@ -200,7 +200,7 @@ def test_os_errors_and_ctrl_c_in_a_program_are_one_line(capsys):
   for main, code, message in ((full_disk, 2, "the disk is full"),
                               (interrupted, 130, "to resume")):
     with pytest.raises(SystemExit) as e:
-      common._guarded(main)(["prog"])  # pylint: disable=protected-access
+      failures.guarded(main)(["prog"])
     assert e.value.code == code
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and message in err
