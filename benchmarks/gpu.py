@@ -13,8 +13,7 @@ CLIP + VGG losses -> d/d lambda -> Adam), 512x512, batch 1. It reports
 
 Variants: {f32,bf16}_{step,layers}: model.dtype float32 | bfloat16 (the mixed-precision policy:
 bf16 weights and activations, float32 latents, schedule arithmetic and losses), with step remat
-(SamplerConfig remat "full") alone or plus model.block_remat="layers" and model.unet_chunks=2
-(the CFG pair as two recomputed UNet calls). Attention (--attention
+(SamplerConfig remat "full") alone or plus model.block_remat="layers". Attention (--attention
 auto): "chunked" in float32, where jax.nn.dot_product_attention has no fused kernel and keeps
 the 4096x4096 attention maps for the backward; "dot_product" in bf16 (cuDNN's fused flash
 attention on GPUs). Each variant runs in its
@@ -89,8 +88,7 @@ def build(size: str, config: models.ModelConfig):
     lm = loss_models.load_loss_models(tokenizer=sd.tokenizer)
     unet, vae, scaling, latent = sd.unet, sd.vae, sd.scaling_factor, sd.latent_size
     sd_params = {"unet": sd.params["unet"], "vae": sd.params["vae"]}
-    clip_fn, vgg_fn = lm.clip_image_apply, lm.vgg_apply
-    loss_params = {"clip": loss_models.image_tower(lm.params["clip"]), "vgg": lm.params["vgg"]}
+    clip_fn, vgg_fn, loss_params = lm.clip_image_apply, lm.vgg_apply, lm.params
     clip_size, vgg_size, text_dim = lm.clip_image_size, lm.vgg_input_size, None
   else:
     unet = diffusers.FlaxUNet2DConditionModel.from_config(
@@ -104,8 +102,8 @@ def build(size: str, config: models.ModelConfig):
         transformers.CLIPConfig())  # ViT-B/32
     vgg = loss_models.VGG16Features()
     vgg_shapes = jax.eval_shape(vgg.init, key, jnp.zeros((1, 224, 224, 3)))["params"]
-    loss_params = {"clip": _random_tree(loss_models.image_tower(
-                       flax.traverse_util.unflatten_dict(clip_flat)), jnp.float32, 2),
+    loss_params = {"clip": _random_tree(flax.traverse_util.unflatten_dict(clip_flat),
+                                        jnp.float32, 2),
                    "vgg": _random_tree(vgg_shapes, jnp.float32, 3)}
     clip_fn = loss_models.make_clip_image_fn(clip_module)
     vgg_fn = loss_models.make_vgg_fn(vgg)
@@ -167,8 +165,7 @@ def run_variant(name: str) -> dict:
     attention = "chunked" if dtype == "f32" else "dot_product"
   config = models.ModelConfig(dtype={"f32": "float32", "bf16": "bfloat16"}[dtype],
                               attention=attention,
-                              block_remat="layers" if remat == "layers" else "none",
-                              unet_chunks=2 if remat == "layers" else 1)
+                              block_remat="layers" if remat == "layers" else "none")
   nets, params, latent, emb_shape, text_dim, compute_dtype = build(_SIZE.value, config)
   prob = problem(_STEPS.value, latent, emb_shape, text_dim, compute_dtype)
   tx = optimize.make_optimizer(optimize.OptimizerConfig())

@@ -23,17 +23,16 @@ Variants (``--variants``):
   step_chunked    + chunked attention (use_memory_efficient_attention=True)
   step_bf16_chunked
   step_chunked_split, step_bf16_chunked_split
-                  + model.unet_chunks=2: the CFG batch of 2 run as two batch-1 UNet calls,
-                  each under its own remat.recompute_in_backward (nested in the step's;
-                  plain jax.checkpoint is merged back into the forward by XLA:CPU's CSE, see
-                  remat.py): the step's backward holds one half's activations at a time,
-                  for one extra UNet forward per step
+                  + the CFG batch of 2 run as two batch-1 UNet calls, each under its own
+                  remat.recompute_in_backward (nested in the step's; plain jax.checkpoint
+                  is merged back into the forward by XLA:CPU's CSE, see remat.py): the step's
+                  backward holds one half's
+                  activations at a time, for one extra UNet forward per step
   step_chunked_vae, step_bf16_chunked_vae   + remat.recompute_in_backward around the decoder
   step_chunked_blocks, step_chunked_layers, step_bf16_chunked_layers
                   + remat inside the UNet and the VAE decoder (model.block_remat "blocks":
                   per down/mid/up block and transformer block; "layers": per ResNet,
                   transformer and VAE attention block), see disentangle_jax/remat.py
-  step_chunked_split_layers   the CFG split and "layers" together
 
 Usage:
   DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error \
@@ -71,7 +70,7 @@ from sd_configs import SCALING_FACTOR, SD15_UNET, SD15_VAE, SD21_UNET, SDXL_UNET
 ALL_VARIANTS = ("none", "step", "step_bf16", "step_chunked", "step_bf16_chunked",
                 "step_chunked_split", "step_bf16_chunked_split", "step_chunked_vae",
                 "step_bf16_chunked_vae", "step_chunked_blocks", "step_chunked_layers",
-                "step_bf16_chunked_layers", "step_chunked_split_layers")
+                "step_bf16_chunked_layers")
 DEFAULT_VARIANTS = ("none", "step", "step_chunked", "step_chunked_blocks", "step_chunked_layers")
 
 _STEPS = flags.DEFINE_integer("steps", 50, "Sampling steps T of the remat variants.")
@@ -122,15 +121,14 @@ class Variant:
     if name not in ALL_VARIANTS:
       raise ValueError(f"--variants has {name!r}; use any of {ALL_VARIANTS}.")
     return cls(name=name, remat="none" if name == "none" else "full", bf16="bf16" in name,
-               chunked="chunked" in name, split_cfg="_split" in name,
+               chunked="chunked" in name, split_cfg=name.endswith("_split"),
                vae_remat=name.endswith("_vae"),
                block_remat=name.rsplit("_", 1)[1] if name.endswith(("_blocks", "_layers"))
                else "none")
 
   @property
   def model_config(self) -> models.ModelConfig:
-    return models.ModelConfig(block_remat=self.block_remat,
-                              unet_chunks=2 if self.split_cfg else 1)
+    return models.ModelConfig(block_remat=self.block_remat)
 
 
 def build_modules(variant: Variant):
@@ -158,12 +156,21 @@ def abstract_inputs(steps: int, text_dtype):
   return latent, noise, lam, pipeline.PromptPair(emb, emb, emb), guidance, tables
 
 
+def split_cfg(eps_fn):
+  """eps_fn that runs its batch [2B] as two [B] calls, each rematerialised on its own."""
+  half = remat.recompute_in_backward(eps_fn, skip_tie=(0,))
+
+  def fn(params, x, t, emb):
+    b = x.shape[0] // 2
+    return jnp.concatenate([half(params, x[:b], t, emb[:b]), half(params, x[b:], t, emb[b:])])
+  return fn
+
+
 def loss_networks():
-  """(clip image apply, vgg apply, abstract params {"clip", "vgg"}): CLIP ViT-B/32 (its image
-  tower, as the library's objective holds it), VGG16."""
+  """(clip image apply, vgg apply, abstract params {"clip", "vgg"}): CLIP ViT-B/32, VGG16."""
   clip_module, clip_flat = loss_models.clip_shapes(
       transformers.CLIPConfig())  # the defaults are ViT-B/32's
-  clip_params = loss_models.image_tower(flax.traverse_util.unflatten_dict(clip_flat))
+  clip_params = flax.traverse_util.unflatten_dict(clip_flat)
   vgg = loss_models.VGG16Features()
   vgg_params = jax.eval_shape(vgg.init, jax.random.PRNGKey(0),
                               jnp.zeros((1, VGG_SIZE, VGG_SIZE, 3)))["params"]
@@ -180,7 +187,9 @@ def grad_program(unet, vae, variant: Variant):
   decode = models.make_decode_fn(vae, SCALING_FACTOR, variant.model_config)
   if variant.vae_remat:
     decode = remat.recompute_in_backward(decode, skip_tie=(0,))
-  eps_fn = models.make_eps_fn(unet, variant.model_config)  # unet_chunks=2 for the split
+  eps_fn = models.make_eps_fn(unet, variant.model_config)
+  if variant.split_cfg:
+    eps_fn = split_cfg(eps_fn)
   sampler_cfg = sampler.SamplerConfig("ddim", remat=variant.remat)
   if _OBJECTIVE.value == "full":
     clip_fn, vgg_fn, _ = loss_networks()
@@ -373,8 +382,7 @@ def print_header(steps: int) -> None:
   if _OBJECTIVE.value == "full":
     print("- objective: optimize.objective (directional CLIP ViT-B/32 loss + 0.05 x VGG16 "
           "perceptual loss, both at 224 px, 'standard' preprocessing); the weights column "
-          "includes CLIP's image tower (88 M params; the text tower, used once before the run, is not "
-          "an argument) and VGG16 features (14.7 M)")
+          "includes CLIP (151 M params) and VGG16 features (14.7 M)")
   else:
     print("- objective: mean(images) (no loss networks)")
   unet_tflop, vae_tflop = forward_flops()

@@ -16,7 +16,6 @@ def model_config() -> ml_collections.ConfigDict:
       attention="standard",  # "standard" | "chunked" (memory-efficient) | "dot_product" (jax.nn)
       conv="fast",  # "fast" (custom-VJP conv) | "fast_hoisted" (+ flips out of the loop) | "xla"
       block_remat="none",  # remat inside UNet/VAE: "none" | "blocks" | "layers" (less memory)
-      unet_chunks=1,  # 2: the CFG pair as two UNet calls, each recomputed (half the UNet memory)
       tiny_seed=0,  # seed of the built-in tiny random model
       torch_numerics=False,  # UNet numerics of diffusers' PyTorch UNet (exact GELU, eps 1e-6)
       tiny_family="",  # family of the tiny random model: "" (SD 1.x layout) | "sd2" | "sdxl"

@@ -37,15 +37,14 @@ def encode_edits(model, loss_models, edits: Sequence, negative_prompt: str = "")
 
 def frozen_networks(model, loss_models) -> tuple[optimize.Networks, dict]:
   """The objective's networks (static apply functions) and their frozen parameters
-  {"sd": {"unet", "vae"}, "clip" (its image tower), "vgg"}."""
+  {"sd": {"unet", "vae"}, "clip", "vgg"}."""
   nets = optimize.Networks(
       eps=models.predictor(model),
       decode=models.make_decode_fn(model.vae, model.scaling_factor, model.config),
       clip_image=loss_models.clip_image_apply, vgg=loss_models.vgg_apply,
       clip_image_size=loss_models.clip_image_size, vgg_input_size=loss_models.vgg_input_size)
   params = {"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
-            "clip": loss_models_lib.image_tower(loss_models.params["clip"]),
-            "vgg": loss_models.params["vgg"]}
+            "clip": loss_models.params["clip"], "vgg": loss_models.params["vgg"]}
   return nets, params
 
 

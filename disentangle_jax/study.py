@@ -189,8 +189,7 @@ def prepare(model, loss_models, spec: StudySpec, mesh) -> StudyInputs:
   tables = spec.sampling.tables(model.schedule)
   return parallel.replicate(StudyInputs(
       params={"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
-              "clip": loss_models_lib.image_tower(loss_models.params["clip"]),
-              "vgg": loss_models.params["vgg"]},
+              "clip": loss_models.params["clip"], "vgg": loss_models.params["vgg"]},
       c0=mixing.select(emb, slice(0, None, 2)), c1=mixing.select(emb, slice(1, None, 2)),
       uncond=uncond, text0=feats[0::2], text1=feats[1::2],
       lam=jnp.asarray(lam), guidance=jnp.asarray(spec.sampling.guidance, jnp.float32),

@@ -1,4 +1,4 @@
-"""model.conv / block_remat / attention / unet_chunks change results only by rounding (float64).
+"""model.conv / block_remat / attention change results only by rounding (checked in float64).
 
 Each option set is compared with the plain path (conv "xla", no block remat, standard
 attention), whose parity with diffusers' PyTorch models tests/test_parity_models.py checks:
@@ -27,8 +27,7 @@ PLAIN = dict(conv="xla")
 # "dot_product" rides with the hoisted convolution and layer remat: a wrong conv or remat
 # gradient is off by far more than its 1e-6 (a missed re-entry of the options: ~1e-4).
 OPTIONS = {
-    "blocks_chunked_unet_chunks": (dict(block_remat="blocks", attention="chunked",
-                                        unet_chunks=2), 1e-10),
+    "blocks_chunked": (dict(block_remat="blocks", attention="chunked"), 1e-10),
     "hoisted_layers_dot_product": (dict(conv="fast_hoisted", block_remat="layers",
                                         attention="dot_product"), 1e-6),
 }
@@ -99,17 +98,10 @@ def test_hoisted_eps_fn_prepares_and_accepts_both_trees(tiny_model):
 
 
 @pytest.mark.parametrize("field,value", [("conv", "cudnn"), ("block_remat", "all"),
-                                         ("attention", "flash"), ("unet_chunks", 0)])
+                                         ("attention", "flash")])
 def test_unknown_option_names_the_field(field, value):
   with pytest.raises(ValueError, match=f"model.{field}="):
     models.ModelConfig(**{field: value})
-
-
-def test_unet_chunks_must_divide_the_batch(tiny_model):
-  eps = models.make_eps_fn(tiny_model.unet, models.ModelConfig(unet_chunks=2))
-  x, emb = jax.ShapeDtypeStruct((3, 8, 8, 4), jnp.float32), jnp.ones((3, 77, 32))
-  with pytest.raises(ValueError, match=r"model.unet_chunks=2 must divide the UNet batch \(3\)"):
-    jax.eval_shape(eps, tiny_model.params["unet"], x, 1, emb)
 
 
 def test_recomputation_is_neither_merged_nor_hoisted_into_the_forward():

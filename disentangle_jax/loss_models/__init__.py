@@ -9,8 +9,8 @@ and returns pure apply functions; ``losses.py`` holds the loss math.
   clip.py     CLIP: Hugging Face directories, the tiny CLIP, apply functions
   vgg.py      VGG16Features: torchvision weights, the tiny VGG, apply function
 """
-from disentangle_jax.loss_models.clip import (clip_shapes, image_tower, init_tiny_clip,
-                                              load_clip, make_clip_image_fn, make_clip_text_fn,
+from disentangle_jax.loss_models.clip import (clip_shapes, init_tiny_clip, load_clip,
+                                              make_clip_image_fn, make_clip_text_fn,
                                               tiny_clip_config)
 from disentangle_jax.loss_models.config import (TINY_CLIP_IMAGE_SIZE, TINY_CLIP_MAX_TOKENS,
                                                 TINY_CLIP_PROJECTION,

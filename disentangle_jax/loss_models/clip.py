@@ -179,13 +179,6 @@ def make_clip_image_fn(module: nn.Module) -> losses.ClipApplyFn:
   return apply
 
 
-def image_tower(params: dict) -> dict:
-  """The part of CLIP's parameters that ``make_clip_image_fn``'s apply reads (vision tower, its
-  projection, and the scalar logit_scale the module's setup asks for): what the objective keeps
-  on the device, without the text tower."""
-  return {name: params[name] for name in ("vision_model", "visual_projection", "logit_scale")}
-
-
 def make_clip_text_fn(module: nn.Module) -> ClipTextApplyFn:
   """(params, input_ids [N, L], attention_mask [N, L]) -> projected features [N, E]."""
 

@@ -83,32 +83,11 @@ def make_eps_fn(unet, config: ModelConfig = ModelConfig(), prediction_type: str 
       out = unet.apply({"params": params}, jnp.transpose(x, (0, 3, 1, 2)), t, tokens,
                        **extra).sample
     return jnp.transpose(out, (0, 2, 3, 1))
-  if config.unet_chunks > 1:
-    eps_fn = _in_chunks(eps_fn, config.unet_chunks)
   if config.conv == "fast_hoisted":
     eps_fn.prepare = fast_conv.prepare
   if prediction_type == "epsilon":
     return eps_fn
   return sampler.Predictor(eps_fn, prediction_type)
-
-
-def _in_chunks(eps_fn: Callable, chunks: int) -> Callable:
-  """eps_fn over its batch N as ``chunks`` calls of N / chunks, each saving only its inputs
-  and recomputing its forward in the backward (remat.recompute_in_backward; weights untied):
-  the backward holds one chunk's activations at a time, for one extra UNet forward."""
-  chunk_fn = remat_lib.recompute_in_backward(eps_fn, skip_tie=(0,))
-
-  def chunked(params, x, t, emb):
-    n = x.shape[0]
-    if n % chunks:
-      raise ValueError(f"model.unet_chunks={chunks} must divide the UNet batch ({n}); "
-                       "use 1 or 2 (the CFG pair).")
-    size = n // chunks
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (n,))
-    part = lambda a, i: jax.tree.map(lambda v: v[i * size:(i + 1) * size], a)  # noqa: E731
-    return jnp.concatenate([chunk_fn(params, part(x, i), part(t, i), part(emb, i))
-                            for i in range(chunks)])
-  return chunked
 
 
 def predictor(model) -> Callable:

@@ -23,9 +23,6 @@ class ModelConfig:
   attention: str = "standard"  # "standard" | "chunked" (memory-efficient) | "dot_product" (jax.nn)
   conv: str = "fast"  # "fast" (fast_conv custom_vjp) | "fast_hoisted" (fast_conv.prepare) | "xla"
   block_remat: str = "none"  # remat inside UNet / VAE: a key of remat.LEVELS
-  # The UNet's batch as this many sequential calls, each recomputed in the backward, so the
-  # backward holds one call's activations (2: the CFG pair's halves; must divide the batch).
-  unet_chunks: int = 1
   tiny_seed: int = 0  # seed of the tiny random model's weights
   tiny_latent_size: int = 8  # default latent H = W of the tiny model (images 8x larger)
   torch_numerics: bool = False  # UNet as diffusers' PyTorch computes it (exact GELU, eps 1e-6)
@@ -44,9 +41,6 @@ class ModelConfig:
     if self.block_remat not in remat_lib.LEVELS:
       raise ValueError(f"model.block_remat={self.block_remat!r} is unknown; use one of "
                        f"{remat_lib.LEVELS}.")
-    if not isinstance(self.unet_chunks, int) or self.unet_chunks < 1:
-      raise ValueError(f"model.unet_chunks={self.unet_chunks!r} must be a positive integer "
-                       "(1: one UNet call; 2: the CFG pair as two calls).")
     if self.tiny_family not in ("", "sd1", "sd2", "sdxl"):
       raise ValueError(f"model.tiny_family={self.tiny_family!r} is unknown; use '' (SD 1.x), "
                        "'sd2' or 'sdxl'.")
