@@ -33,6 +33,7 @@ Variants (``--variants``):
                   + remat inside the UNet and the VAE decoder (model.block_remat "blocks":
                   per down/mid/up block and transformer block; "layers": per ResNet,
                   transformer and VAE attention block), see disentangle_jax/remat.py
+  step_chunked_split_layers   the CFG split and "layers" together
 
 Usage:
   DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error \
@@ -70,7 +71,7 @@ from sd_configs import SCALING_FACTOR, SD15_UNET, SD15_VAE, SD21_UNET, SDXL_UNET
 ALL_VARIANTS = ("none", "step", "step_bf16", "step_chunked", "step_bf16_chunked",
                 "step_chunked_split", "step_bf16_chunked_split", "step_chunked_vae",
                 "step_bf16_chunked_vae", "step_chunked_blocks", "step_chunked_layers",
-                "step_bf16_chunked_layers")
+                "step_bf16_chunked_layers", "step_chunked_split_layers")
 DEFAULT_VARIANTS = ("none", "step", "step_chunked", "step_chunked_blocks", "step_chunked_layers")
 
 _STEPS = flags.DEFINE_integer("steps", 50, "Sampling steps T of the remat variants.")
@@ -121,7 +122,7 @@ class Variant:
     if name not in ALL_VARIANTS:
       raise ValueError(f"--variants has {name!r}; use any of {ALL_VARIANTS}.")
     return cls(name=name, remat="none" if name == "none" else "full", bf16="bf16" in name,
-               chunked="chunked" in name, split_cfg=name.endswith("_split"),
+               chunked="chunked" in name, split_cfg="_split" in name,
                vae_remat=name.endswith("_vae"),
                block_remat=name.rsplit("_", 1)[1] if name.endswith(("_blocks", "_layers"))
                else "none")
