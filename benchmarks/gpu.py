@@ -257,13 +257,13 @@ def main(argv):
     if result is not None:
       print(f"  {name}: {result}", flush=True)
       by_name[name] = result
-  rows = [[name, r["attention"], r["peak_gib"], r["peak_kind"], r["xla_gib"], r["compile_s"], r["s_per_it"],
-           r.get("images_per_s", float("nan")), r["finite"]]
+  rows = [[name, r["attention"], r["peak_gib"], r["peak_kind"], r["xla_gib"], r["compile_s"],
+           r["s_per_it"], r.get("images_per_s", float("nan")), r["finite"]]
           for name in _VARIANTS.value if (r := by_name.get(name))]
   print()
   print(harness.markdown_table(
-      ["variant", "attention", "peak GiB", "peak from", "XLA args+temps GiB", "compile s", "s/iteration",
-       "sampling images/s", "finite grad"], rows))
+      ["variant", "attention", "peak GiB", "peak from", "XLA args+temps GiB", "compile s",
+       "s/iteration", "sampling images/s", "finite grad"], rows))
 
 
 if __name__ == "__main__":

@@ -293,6 +293,14 @@ class Cli:
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
+  def run_code_result(self, code, *argv, env=None, timeout=900):
+    """Runs ``code`` like ``run_code``; it must exit 0 and print ``RESULT<json>`` last: the
+    parsed JSON."""
+    import json as json_lib  # pylint: disable=g-import-not-at-top
+    proc = self.run_code(code, *argv, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json_lib.loads(proc.stdout.split("RESULT")[-1])
+
   def run_all(self, runs, timeout=600) -> list:
     """Runs ``[(module, workdir, overrides), ...]`` side by side (for runs refused before any
     JAX work); returns their CompletedProcess in order."""

@@ -1,5 +1,4 @@
 """A batch of seeds sharded over 4 (fake CPU) devices learns the same lambda as one device."""
-import json
 import os
 import textwrap
 
@@ -38,9 +37,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_batch_matches_single_device(cli):
-  proc = cli.run_code(SCRIPT, env=dict(os.environ, XLA_FLAGS=XLA_TEST_FLAGS))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.split("RESULT")[-1])
+  out = cli.run_code_result(SCRIPT, env=dict(os.environ, XLA_FLAGS=XLA_TEST_FLAGS))
   one, four = out["one"], out["four"]
   assert out["devices"] == 4
   assert four["x_T_devices"] == 4 and one["x_T_devices"] == 1

@@ -157,10 +157,8 @@ def _assert_rows_close(got, want):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, cli):
   """Rows of seeds 0..7 on 1 and on 4 fake devices (one fresh process)."""
-  proc = cli.run_code(SHARDING_SCRIPT, str(tmp_path_factory.mktemp("sharded")),
-                      env=dict(os.environ, XLA_FLAGS=XLA_TEST_FLAGS))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.split("RESULT")[-1])
+  return cli.run_code_result(SHARDING_SCRIPT, str(tmp_path_factory.mktemp("sharded")),
+                             env=dict(os.environ, XLA_FLAGS=XLA_TEST_FLAGS))
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """The toy world: renderer and captions, tokenizer, training resume/refusal, loading errors,
 and the quality floors of the shipped weights (judge, toy CLIP, diffusion samples)."""
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -162,17 +161,16 @@ def test_judge_and_clip_floors_on_fresh_renders(shipped):
 FLOORS = """
 import json
 from disentangle_jax.toy import evaluate, world
-print("RESULT" + json.dumps(evaluate.diffusion_floors(world.load(world.WEIGHTS_DIR), seed=5, n=16)))
+rates = evaluate.diffusion_floors(world.load(world.WEIGHTS_DIR), seed=5, n=16)
+print("RESULT" + json.dumps(rates))
 """
 
 
 @needs_weights
 @pytest.mark.slow  # a fresh process (conftest.cli)
 def test_diffusion_floors(cli):
-  proc = cli.run_code(FLOORS, env=dict(os.environ,
-                                       XLA_FLAGS="--xla_backend_optimization_level=1"))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  rates = json.loads(proc.stdout.split("RESULT")[-1])
+  rates = cli.run_code_result(FLOORS, env=dict(os.environ,
+                                               XLA_FLAGS="--xla_backend_optimization_level=1"))
   print("diffusion floors", rates)
   assert rates["c0_content"] >= 0.8 and rates["c1_attribute"] >= 0.8, rates
 
