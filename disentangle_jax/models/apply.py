@@ -28,6 +28,7 @@ from disentangle_jax import fast_conv, library_logs, sampler, torch_numerics
 from disentangle_jax import remat as remat_lib
 from disentangle_jax.models import family as family_lib
 from disentangle_jax.models.build import vae_scale_factor
+from disentangle_jax.models import upsample
 from disentangle_jax.models.config import ModelConfig
 
 
@@ -37,9 +38,10 @@ def run_options(config: ModelConfig):
   Flax modules.
 
   Flax method interceptors (fast_conv, remat, attention, torch_numerics modules) active while
-  the wrapped ``apply`` traces; parameter trees are untouched.
+  the wrapped ``apply`` traces; parameter trees are untouched. The upsamplers' gather-free
+  ``upsample.intercept`` is always active (the same numbers, bit for bit).
   """
-  interceptors = [remat_lib.interceptor(config.block_remat),
+  interceptors = [remat_lib.interceptor(config.block_remat), upsample.intercept,
                   attention_lib.intercept if config.attention == "dot_product" else None,
                   fast_conv.intercept if config.conv in ("fast", "fast_hoisted") else None,
                   torch_numerics.intercept if config.torch_numerics else None]
