@@ -82,8 +82,8 @@ class Problem:
     self.lam = jnp.linspace(0.2, 0.9, steps)
 
 
-def ours(problem: Problem, variant: str):
-  """(grad_fn, forward_fn, check_fn) of one of our variants; each call blocks until done."""
+def ours_program(problem: Problem, variant: str):
+  """(jitted value_and_grad, jitted loss, their arguments after lambda) of one of our variants."""
   remat, conv, *rest = variant.split("/")
   config = models.ModelConfig(conv=conv, block_remat=rest[0] if rest else "none")
   sd = problem.shared.sd
@@ -97,9 +97,13 @@ def ours(problem: Problem, variant: str):
                              scfg)
     return jnp.mean((images - target) ** 2)
 
-  grad = jax.jit(jax.value_and_grad(loss))
-  fwd = jax.jit(loss)
   args = (params, problem.x_T, problem.noise, problem.prompts, problem.tables, problem.target)
+  return jax.jit(jax.value_and_grad(loss)), jax.jit(loss), args
+
+
+def ours(problem: Problem, variant: str):
+  """(grad_fn, forward_fn, check_fn) of one of our variants; each call blocks until done."""
+  grad, fwd, args = ours_program(problem, variant)
   return (lambda: jax.block_until_ready(grad(problem.lam, *args)),
           lambda: jax.block_until_ready(fwd(problem.lam, *args)),
           lambda: tuple(np.asarray(v) for v in grad(problem.lam, *args)))
