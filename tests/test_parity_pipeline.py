@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from disentangle_jax import mixing, models, noise, pipeline, sampler, schedule
+from disentangle_jax import mixing, models, noise, sampler, schedule
 
 torch = pytest.importorskip("torch", reason="parity tests need torch: pip install torch==2.13.0")
 import diffusers  # noqa: E402  (its PyTorch classes need torch)
@@ -55,11 +55,15 @@ def _ours(model, kind, eta, lam):
   tables = schedule.step_tables(model.schedule, NUM_STEPS, eta)
   rn = noise.draw(jax.random.key(0), SEEDS, (8, 8, 4), tables.sigma)
   c0, c1, un = models.encode_prompts(model, list(PROMPTS) + [""])
-  cond = mixing.mix(jnp.asarray(lam), c0, c1)
-  traj = sampler.sample(models.make_eps_fn(model.unet), model.params["unet"], rn.x_T, rn.noise,
-                        cond, un, GUIDANCE, tables, sampler.SamplerConfig(kind),
-                        trajectory=True)
-  images = models.make_decode_fn(model.vae, model.scaling_factor)(model.params["vae"], traj[-1])
+  eps, decode = models.make_eps_fn(model.unet), models.make_decode_fn(model.vae,
+                                                                     model.scaling_factor)
+
+  @jax.jit  # one program (called eagerly, every op of the decoder would be compiled apart)
+  def run(params, x_T, noise_, lam, c0, c1, un):
+    traj = sampler.sample(eps, params["unet"], x_T, noise_, mixing.mix(lam, c0, c1), un,
+                          GUIDANCE, tables, sampler.SamplerConfig(kind), trajectory=True)
+    return traj, decode(params["vae"], traj[-1])
+  traj, images = run(model.params, rn.x_T, rn.noise, jnp.asarray(lam), c0, c1, un)
   z = rn.noise / np.maximum(tables.sigma, 1e-30).reshape(-1, 1, 1, 1, 1)  # the unit Gaussians
   return rn, z, np.asarray(traj), np.asarray(images)
 

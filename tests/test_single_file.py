@@ -5,11 +5,8 @@ tests/ldm_layout.py (an independent inverse of diffusers' mapping); diffusers' o
 ``from_single_file`` reading that file back proves the layout is the real one.
 """
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +22,6 @@ torch = pytest.importorskip("torch", reason="needs torch: pip install torch==2.1
 import diffusers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import transformers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -264,15 +260,14 @@ def test_error_single_file_fields_with_a_folder(torch_sd_dir, files):
   assert "only for a single-file model.path" in message
 
 
-def test_cli_error_line(files, tmp_path):
+@pytest.mark.slow  # a forked program (conftest.cli)
+def test_cli_error_line(files, tmp_path, cli):
   """The launcher turns a bad single file into one `error:` line, exit code 2."""
   cut = tmp_path / "cut.safetensors"
   cut.write_bytes(files[0].read_bytes()[:1000])
-  out = subprocess.run(
-      [sys.executable, "-m", "launch.switch", f"--workdir={tmp_path / 'wd'}",
-       f"--config.model.path={cut}", f"--config.model.tokenizer_path={files[2]}",
-       f"--config.model.config_path={files[1]}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  out = cli.run("switch", tmp_path / "wd", f"--config.model.path={cut}",
+                f"--config.model.tokenizer_path={files[2]}",
+                f"--config.model.config_path={files[1]}", timeout=300)
   assert out.returncode == 2, out.stderr[-2000:]
   errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and str(cut) in errors[0] and "Traceback" not in out.stderr

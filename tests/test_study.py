@@ -31,22 +31,25 @@ def test_metrics_match_the_losses_and_their_definitions(lm):
   edited = jnp.asarray(rng.uniform(size=(3, 64, 64, 3)), jnp.float32)
   text = loss_models.encode_texts(lm, ["a photo of person", "a photo of person, smiling"])
   t0, t1 = jnp.tile(text[:1], (3, 1)), jnp.tile(text[1:], (3, 1))
-  got = jax.jit(metrics.item_metrics, static_argnums=0)(nets, lm.params, original, edited, t0,
-                                                          t1)
+  item_metrics = jax.jit(metrics.item_metrics, static_argnums=0)
+  got = item_metrics(nets, lm.params, original, edited, t0, t1)
   assert set(got) == set(metrics.METRIC_NAMES)
-  f = losses.clip_image_features(lm.clip_image_apply, lm.params["clip"],
-                                 jnp.concatenate([original, edited]), "standard",
-                                 lm.clip_image_size)
-  l_dir = losses.directional_clip_loss(f[:3], f[3:], text[0], text[1])
+
+  @jax.jit  # the references as one program (eagerly, every op would be compiled apart)
+  def references(params):
+    f = losses.clip_image_features(lm.clip_image_apply, params["clip"],
+                                   jnp.concatenate([original, edited]), "standard",
+                                   lm.clip_image_size)
+    content = losses.vgg_perceptual_loss(lm.vgg_apply, params["vgg"], edited, original,
+                                         lm.vgg_input_size)
+    return f, losses.directional_clip_loss(f[:3], f[3:], text[0], text[1]), content
+  f, l_dir, content = references(lm.params)
   np.testing.assert_allclose(got["directional_clip"], 1.0 - l_dir, rtol=1e-5, atol=1e-6)
   f_edit, t = np.asarray(f[3:]), np.asarray(text[1])
   want = f_edit @ t / (np.linalg.norm(f_edit, axis=1) * np.linalg.norm(t))
   np.testing.assert_allclose(got["clip_score"], want, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(
-      got["content_distance"],
-      losses.vgg_perceptual_loss(lm.vgg_apply, lm.params["vgg"], edited, original,
-                                 lm.vgg_input_size), rtol=1e-5)
-  same = metrics.item_metrics(nets, lm.params, original, original, t0, t1)
+  np.testing.assert_allclose(got["content_distance"], content, rtol=1e-5)
+  same = item_metrics(nets, lm.params, original, original, t0, t1)
   np.testing.assert_allclose(same["content_distance"], 0.0, atol=1e-7)
   np.testing.assert_allclose(same["directional_clip"], 0.0, atol=1e-7)  # no edit, no direction
   with pytest.raises(ValueError, match=r"text0 .* must both be \[B, E\]"):

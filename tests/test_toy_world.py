@@ -3,8 +3,6 @@ and the quality floors of the shipped weights (judge, toy CLIP, diffusion sample
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -176,15 +174,14 @@ def test_diffusion_floors(cli):
 
 
 @needs_weights
-def test_cli_missing_toy_weights_is_one_error_line(tmp_path):
+@pytest.mark.slow  # a forked program (conftest.cli)
+def test_cli_missing_toy_weights_is_one_error_line(tmp_path, cli):
   root = tmp_path / "world"
   shutil.copytree(SHIPPED, root)
   os.remove(root / "sd" / "vae" / "diffusion_flax_model.msgpack")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(
-      [sys.executable, "-m", "launch.disentangle", "--config=configs/toy.py:snow",
-       f"--config.model.path={root / 'sd'}", f"--config.loss_models.clip_path={root / 'clip'}",
-       f"--workdir={tmp_path / 'out'}"], cwd=repo, capture_output=True, text=True, timeout=300)
+  out = cli.run("disentangle", tmp_path / "out", "--config=configs/toy.py:snow",
+                f"--config.model.path={root / 'sd'}",
+                f"--config.loss_models.clip_path={root / 'clip'}", timeout=300)
   assert out.returncode == 2, out.stderr[-2000:]
   errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "vae/diffusion_flax_model.msgpack" in errors[0], out.stderr[-2000:]
