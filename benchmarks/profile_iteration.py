@@ -93,9 +93,8 @@ def profile(variant: str, problem) -> list[list]:
       seconds[classes[event["name"]]] += event["dur"] / 1e6
       counts[classes[event["name"]]] += 1
   total = sum(seconds.values())
-  rows = [[variant, f"{wall:.3g}", f"{total:.3g}", kind, phase, s, f"{100 * s / total:.0f}%",
+  return [[variant, f"{wall:.3g}", f"{total:.3g}", kind, phase, s, f"{100 * s / total:.0f}%",
            counts[(kind, phase)]] for (kind, phase), s in seconds.most_common()]
-  return rows
 
 
 def main(argv):

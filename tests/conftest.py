@@ -389,6 +389,15 @@ DISENTANGLE = ("--config=configs/disentangle.py:snow", "--config.num_steps=4",
                "--config.t_star=2", "--config.optimizer.iterations=3")
 
 
+def lines_until(stream, text, seen):
+  """Reads ``stream`` (appending to ``seen``) until a line contains ``text``."""
+  for line in stream:
+    seen.append(line)
+    if text in line:
+      return
+  raise AssertionError(f"{text!r} never logged:\n" + "".join(seen)[-3000:])
+
+
 def write_weights(path, lam, num_steps=None, sampler="ddim"):
   """A weights file (as launch.disentangle exports it) with ``lam``; folders made."""
   from disentangle_jax import weights_file  # pylint: disable=g-import-not-at-top

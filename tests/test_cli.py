@@ -10,18 +10,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import DISENTANGLE, ROOT, refused as _refused, snapshot as _snapshot
-from tests.conftest import write_weights
+from tests.conftest import lines_until as _lines_until, write_weights
 
 pytestmark = pytest.mark.slow  # subprocesses (conftest.cli: one compilation cache per session)
-
-
-def _lines_until(stream, text, seen):
-  """Reads ``stream`` (appending to ``seen``) until a line contains ``text``."""
-  for line in stream:
-    seen.append(line)
-    if text in line:
-      return
-  raise AssertionError(f"{text!r} never logged:\n" + "".join(seen)[-3000:])
 
 
 def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cli):

@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from disentangle_jax import loss_models, losses, metrics, sampling, stats, study, study_store
-from tests.conftest import XLA_TEST_FLAGS, refused as _refused, snapshot, write_weights
+from disentangle_jax import loss_models, losses, metrics, sampling, stats, study
+from tests.conftest import XLA_TEST_FLAGS, lines_until, refused as _refused, snapshot
+from tests.conftest import write_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,10 +200,7 @@ def test_study_kill_resume_other_model_and_damaged_chunks(tmp_path, cli):
   wd = tmp_path / "full"
   first = cli.popen("study", wd, *args)
   seen = []
-  for line in first.stderr:  # its programs are compiled (and cached) by its first chunk
-    seen.append(line)
-    if "chunk 1/3 done" in line:
-      break
+  lines_until(first.stderr, "chunk 1/3 done", seen)  # its programs are compiled (and cached)
   returncode = cli.kill_at("chunk 1/3 done", "study", tmp_path / "killed", *args)
   assert returncode == -signal.SIGKILL
   assert not (tmp_path / "killed" / "rows.jsonl").exists()

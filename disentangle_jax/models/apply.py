@@ -27,8 +27,8 @@ from disentangle_jax import attention as attention_lib
 from disentangle_jax import fast_conv, library_logs, sampler, torch_numerics
 from disentangle_jax import remat as remat_lib
 from disentangle_jax.models import family as family_lib
-from disentangle_jax.models.build import vae_scale_factor
 from disentangle_jax.models import upsample
+from disentangle_jax.models.build import vae_scale_factor
 from disentangle_jax.models.config import ModelConfig
 
 
