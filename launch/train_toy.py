@@ -6,7 +6,6 @@ checkpoints); a workdir of another config is refused. Writes <workdir>/world (di
 SD, HF-layout CLIP, judge, made.json) and <workdir>/losses.png.
 """
 import os
-import re
 import subprocess
 import sys
 import time
@@ -62,9 +61,7 @@ def main(argv):
     out = workdir.ensure_writable(_WORKDIR.value)
     tc = train_config(_CONFIG.value)
     build.claim_workdir(tc, out)
-  # The recorded command names no folder of this machine: the workdir is the user's choice.
-  args = [re.sub(r"^--workdir=.*", "--workdir=WORKDIR", a) for a in sys.argv[1:]]
-  provenance = {"command": " ".join(["python -m launch.train_toy"] + args),
+  provenance = {"command": build.recorded_command("launch.train_toy", sys.argv[1:]),
                 "commit": _commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   build.build(tc, out, logging.info, provenance)
   print(os.path.join(out, build.WORLD_DIR))

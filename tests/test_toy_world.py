@@ -82,6 +82,13 @@ def test_stage_resumes_exactly_and_refuses_other_config(tmp_path):
     build.claim_workdir(dataclasses.replace(cfg, seed=1), str(tmp_path / "w"))
 
 
+def test_recorded_command_names_no_workdir():
+  argv = ["--config=configs/train_toy.py", "--workdir", "/home/me/run", "--config.seed=1"]
+  assert (build.recorded_command("launch.train_toy", argv) == "python -m launch.train_toy "
+          "--config=configs/train_toy.py --workdir WORKDIR --config.seed=1")
+  assert build.recorded_command("m", ["--workdir=/tmp/x"]) == "python -m m --workdir=WORKDIR"
+
+
 def test_stage_fingerprints_follow_what_each_stage_trains():
   cfg = train.TrainConfig()
   fp = {s: build.stage_fingerprint(cfg, s) for s in train.STAGES}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import time
 from typing import Callable
@@ -79,6 +80,14 @@ def claim_workdir(cfg: train.TrainConfig, workdir: str) -> bool:
     tmp.write_text(json.dumps(mine, indent=2))
     os.replace(tmp, path)
   return (pathlib.Path(workdir) / WORLD_DIR / world.MADE_FILE).is_file()
+
+
+def recorded_command(module: str, argv) -> str:
+  """``python -m module *argv`` for made.json, naming no folder of this machine: the workdir
+  is the user's choice (``--workdir=DIR`` and ``--workdir DIR`` both become WORKDIR)."""
+  args = ["WORKDIR" if i and argv[i - 1] in ("--workdir", "-workdir") else
+          re.sub(r"^(--?workdir)=.*", r"\1=WORKDIR", a) for i, a in enumerate(argv)]
+  return " ".join(["python -m", module] + args)
 
 
 def build(cfg: train.TrainConfig, workdir: str, log: Callable, provenance: dict) -> dict:
