@@ -35,14 +35,40 @@ def encode_edits(model, loss_models, edits: Sequence, negative_prompt: str = "")
   return EncodedEdits(prompts, feats[0::2], feats[1::2])
 
 
-def frozen_networks(model, loss_models) -> tuple[optimize.Networks, dict]:
-  """The objective's networks (static apply functions) and their frozen parameters
-  {"sd": {"unet", "vae"}, "clip", "vgg"}."""
+# The last Networks built, by what they are made of (static modules, settings and apply
+# functions; never parameters). Preparing again with the same model and loss networks (another
+# prompt, a sweep, a notebook) gets the same Networks, and with them the compiled update and
+# render programs, which are cached by their networks.
+_NETWORKS: list[tuple[tuple, optimize.Networks]] = []
+_NETWORKS_KEPT = 4
+
+
+def _static_parts(model, loss_models) -> tuple:
+  return (model.unet, model.vae, model.scaling_factor, model.config,
+          model.schedule.prediction_type, model.vae_scale_factor, loss_models.clip_image_apply,
+          loss_models.vgg_apply, loss_models.clip_image_size, loss_models.vgg_input_size)
+
+
+def networks(model, loss_models) -> optimize.Networks:
+  """The objective's networks (static apply functions): the same object for every call with
+  equal modules, settings and loss apply functions."""
+  key = _static_parts(model, loss_models)
+  for known, nets in _NETWORKS:
+    if known == key:
+      return nets
   nets = optimize.Networks(
       eps=models.predictor(model),
       decode=models.make_decode_fn(model.vae, model.scaling_factor, model.config),
       clip_image=loss_models.clip_image_apply, vgg=loss_models.vgg_apply,
       clip_image_size=loss_models.clip_image_size, vgg_input_size=loss_models.vgg_input_size)
+  _NETWORKS[:] = [(key, nets)] + _NETWORKS[:_NETWORKS_KEPT - 1]
+  return nets
+
+
+def frozen_networks(model, loss_models) -> tuple[optimize.Networks, dict]:
+  """The objective's networks (``networks``) and their frozen parameters
+  {"sd": {"unet", "vae"}, "clip", "vgg"}."""
+  nets = networks(model, loss_models)
   params = {"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
             "clip": loss_models.params["clip"], "vgg": loss_models.params["vgg"]}
   return nets, params

@@ -22,6 +22,7 @@ reused every iteration.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -196,10 +197,12 @@ def make_update_fn(nets: Networks, loss_cfg: LossConfig, sampler_cfg: sampler.Sa
   return jax.jit(update, donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
 def make_problem_render_fn(nets: Networks, sampler_cfg: sampler.SamplerConfig) -> Callable:
   """The jitted ``render(sd_params, problem, lam) -> images`` (reference, final and transfer
   renders). It reads only the sampler inputs of ``problem``, so the reference images and the
-  mask may change without a recompile."""
+  mask may change without a recompile. One per (networks, sampler settings): equal calls share
+  the compiled programs."""
   @jax.jit
   def _render(sd_params, x_T, noise, prompts, guidance, tables, group, lam):
     lam_items, item_prompts = per_item(lam, prompts, group)

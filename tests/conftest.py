@@ -12,20 +12,24 @@ XLA_TEST_FLAGS = next((f for f in os.environ.get("XLA_FLAGS", "").split()
                       "--xla_backend_optimization_level=0")
 
 
-# The compilation cache is shared by the test processes of a run (pytest-xdist workers, and
-# the programs they start), which write and read it side by side. JAX locks the cache folder
+# The compilation cache is shared by the programs the tests of a run start (conftest.Cli, from
+# both pytest-xdist workers), which write and read it side by side. JAX locks the cache folder
 # (a file lock around each read and write) only when it has a size limit, so it gets one, far
-# above what a run writes (~0.3 GiB). Read by JAX from the environment in every process.
-CACHE_LIMIT = {"JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
+# above what a run writes (~0.1 GiB). Every program is kept, not only those that took 0.5 s
+# to compile (launch/common.py's threshold): the programs run the same tiny models, and their
+# hundreds of small programs (random draws, padding, slicing: ~40 ms each) repeat from run to
+# run. Read by JAX from the environment in every process.
+CACHE_ENV = {"JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def program_env(env=None) -> dict:
-  """``env`` (default: this process's) with XLA_TEST_FLAGS in XLA_FLAGS and the cache limit."""
+  """``env`` (default: this process's) with XLA_TEST_FLAGS in XLA_FLAGS and CACHE_ENV."""
   env = dict(os.environ if env is None else env)
   flags = env.get("XLA_FLAGS", "")
   if "--xla_backend_optimization_level" not in flags:
     env["XLA_FLAGS"] = f"{flags} {XLA_TEST_FLAGS}".strip()
-  return {**env, **CACHE_LIMIT}
+  return {**env, **CACHE_ENV}
 
 
 os.environ.update(program_env())  # this process too (read when jax is imported / starts)
@@ -328,22 +332,22 @@ class Cli:
     return self.start(module, workdir, *overrides, stdout=False, fresh=fresh)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def compilation_cache(tmp_path_factory):
-  """One persistent compilation cache for the test run: the tests' own jitted programs and the
-  programs the tests run (a program compiled again, in this process or another, is read
-  back instead). Under pytest-xdist (``-n 2``) every worker uses the same folder, next to
-  the workers' own temporary folders."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """One persistent compilation cache for the programs the tests run (conftest.Cli): a program
+  compiled again by a later run, a resumed one or one started side by side, is read back.
+  Under pytest-xdist (``-n 2``) both workers' programs use the same folder, next to the
+  workers' own temporary folders.
+
+  The test processes themselves keep no persistent cache: no other process compiles their
+  programs (measured: 3 of ~900 CPU-s saved by hits), and writing one costs its serialisation,
+  0.3-0.5 s, and seconds more where a test bakes float64 weights into the program (zlib
+  compresses 40 MB)."""
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent  # the run's folder, shared by the workers (each has a subfolder)
   path = os.path.join(root, "xla_cache")
   os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_max_size", int(CACHE_LIMIT[
-      "JAX_COMPILATION_CACHE_MAX_SIZE"]))  # also when jax was imported before this file
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # as launch/common.py
   return path
 
 

@@ -61,6 +61,37 @@ def test_tiny_build_is_deterministic(tiny_model):
                             other.params["unet"]["conv_in"]["kernel"])
 
 
+def test_init_shapes_are_traced_once_per_module_configuration():
+  """models.build.init_shapes: an equal module reads the shapes traced before (no trace);
+  another configuration traces its own; every call gets its own containers."""
+  from disentangle_jax.models import build  # pylint: disable=import-outside-toplevel
+  traces = []
+
+  def listener(event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      traces.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    config = models.ModelConfig()
+    vae = models.build_vae(models.tiny_vae_config(64), config)
+    first = build.init_shapes(vae)
+    traced = traces.count("init_weights")
+    again = build.init_shapes(models.build_vae(models.tiny_vae_config(64), config))
+    assert traces.count("init_weights") == traced  # read back, not traced
+    assert again == first and again is not first
+    again.clear()  # a caller's change stays its own
+    assert build.init_shapes(vae) == first
+    wider = build.init_shapes(models.build_vae(
+        dict(models.tiny_vae_config(64), block_out_channels=[8, 8, 16, 32]), config))
+    assert traces.count("init_weights") == traced + 1
+    assert wider != first
+    assert build.init_shapes(vae) == jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_tiny_constants(tiny_model):
   m = tiny_model
   assert (m.latent_channels, m.latent_size, m.vae_scale_factor) == (4, 8, 8)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from disentangle_jax import checkpoint, disentangle, loss_models, optimize, parallel, weights_file
+from disentangle_jax import checkpoint, disentangle, edit_problem, loss_models, optimize, parallel
+from disentangle_jax import weights_file
 from disentangle_jax.sampling import SamplingConfig
 
 NUM_STEPS = 4
@@ -40,6 +41,23 @@ def test_update_step_compiles_once(setup):
   for _ in range(3):
     state, _, _ = update(state, prep.params, prep.problem)
   assert update._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_preparing_again_reuses_the_compiled_programs(setup):
+  """Another prompt with the same model and loss networks: the same networks, render and
+  update, so the reference render and the update compile nothing new."""
+  model, lm, spec, prep = setup
+  update, tx = disentangle.compiled_update(prep, spec)
+  other = dataclasses.replace(spec, prompt="a photo of church", attribute=", covered by snow")
+  again = disentangle.prepare(model, lm, other, (8, 8, 4), parallel.make_mesh())
+  assert again.nets is prep.nets and again.render is prep.render
+  assert disentangle.compiled_update(again, other)[0] is update
+  state = disentangle.initial_state(again, other, tx)
+  update(state, again.params, again.problem)
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+  # Other loss networks (their own apply functions): their own networks.
+  lm2 = loss_models.load_loss_models(loss_models.LossModelConfig(), tokenizer=model.tokenizer)
+  assert edit_problem.networks(model, lm2) != prep.nets
 
 
 def test_padding_is_masked_out_of_loss_and_gradient(setup):

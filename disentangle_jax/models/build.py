@@ -61,15 +61,31 @@ def _drop_private(cfg: dict) -> dict:
 def shape_trees(unet, vae, text_encoder, text_encoder_2=None) -> dict:
   """{"unet", "vae", "text_encoder"(, "text_encoder_2"): ShapeDtypeStruct tree} of the
   modules' weights."""
-  key = jax.random.PRNGKey(0)
   trees = {
-      "unet": jax.eval_shape(unet.init_weights, key),
-      "vae": jax.eval_shape(vae.init_weights, key),
+      "unet": init_shapes(unet),
+      "vae": init_shapes(vae),
       "text_encoder": text_encoder.params_shape_tree,
   }
   if text_encoder_2 is not None:
     trees["text_encoder_2"] = text_encoder_2.params_shape_tree
   return trees
+
+
+# {module type and repr: its weights' ShapeDtypeStruct tree}. Tracing init_weights costs ~0.5-2 s
+# (the tiny models) and a process builds the same modules again and again (tests, studies).
+_INIT_SHAPES: dict[str, object] = {}
+
+
+def init_shapes(module):
+  """The ShapeDtypeStruct tree of a diffusers Flax module's ``init_weights``, traced once per
+  module configuration (its repr names every field, the dtype included); fresh containers on
+  every call, so a caller may change them. Abstract all through: no PRNG key is made, and no
+  JAX backend is needed."""
+  key = f"{type(module).__module__}.{type(module).__qualname__}: {module!r}"
+  if key not in _INIT_SHAPES:
+    _INIT_SHAPES[key] = jax.eval_shape(module.init_weights,
+                                       jax.ShapeDtypeStruct((2,), jnp.uint32))  # a raw key
+  return jax.tree.map(lambda leaf: leaf, _INIT_SHAPES[key])
 
 
 def to_device(params, dtype) -> dict:
