@@ -22,8 +22,7 @@ from launch import failures
 _CACHE = flags.DEFINE_string(
     "compilation_cache", "",
     "Directory of JAX's persistent compilation cache: a restarted or repeated run skips "
-    "compilation. Keeps programs that took at least 0.5 s to compile (the environment's "
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, if set, instead). Empty = off.")
+    "compilation. Empty = off.")
 
 
 _COORDINATOR = flags.DEFINE_string(
@@ -194,8 +193,7 @@ def setup_process() -> None:
   if _CACHE.value:
     import jax  # noqa: PLC0415
     jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the environment's wins
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def quiet_library_logs() -> None:

@@ -15,21 +15,17 @@ XLA_TEST_FLAGS = next((f for f in os.environ.get("XLA_FLAGS", "").split()
 # The compilation cache is shared by the programs the tests of a run start (conftest.Cli, from
 # both pytest-xdist workers), which write and read it side by side. JAX locks the cache folder
 # (a file lock around each read and write) only when it has a size limit, so it gets one, far
-# above what a run writes (~0.1 GiB). Every program is kept, not only those that took 0.5 s
-# to compile (launch/common.py's threshold): the programs run the same tiny models, and their
-# hundreds of small programs (random draws, padding, slicing: ~40 ms each) repeat from run to
-# run. Read by JAX from the environment in every process.
-CACHE_ENV = {"JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),
-             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+# above what a run writes (~0.1 GiB). Read by JAX from the environment in every process.
+CACHE_LIMIT = {"JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
 
 
 def program_env(env=None) -> dict:
-  """``env`` (default: this process's) with XLA_TEST_FLAGS in XLA_FLAGS and CACHE_ENV."""
+  """``env`` (default: this process's) with XLA_TEST_FLAGS in XLA_FLAGS and the cache limit."""
   env = dict(os.environ if env is None else env)
   flags = env.get("XLA_FLAGS", "")
   if "--xla_backend_optimization_level" not in flags:
     env["XLA_FLAGS"] = f"{flags} {XLA_TEST_FLAGS}".strip()
-  return {**env, **CACHE_ENV}
+  return {**env, **CACHE_LIMIT}
 
 
 os.environ.update(program_env())  # this process too (read when jax is imported / starts)
