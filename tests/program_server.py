@@ -40,11 +40,8 @@ def _preload():
   # The tiny model's weight shapes, traced once here instead of in every program (~0.7 s each;
   # abstract, so no backend starts).
   from disentangle_jax import models  # pylint: disable=import-outside-toplevel
-  config = models.ModelConfig()
-  models.build.init_shapes(models.build_unet(models.tiny_unet_config(config.tiny_latent_size),
-                                             config, "tiny unet"))
-  models.build.init_shapes(models.build_vae(models.tiny_vae_config(config.tiny_latent_size * 8),
-                                            config))
+  for module in models.tiny.tiny_unet_and_vae(models.ModelConfig())[:2]:
+    models.build.init_shapes(module)
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   assert not xla_bridge._backends, "a preloaded module started a JAX backend"  # pylint: disable=protected-access
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

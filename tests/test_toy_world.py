@@ -86,7 +86,7 @@ def test_recorded_command_names_no_workdir():
   argv = ["--config=configs/train_toy.py", "--workdir", "/home/me/run", "--config.seed=1"]
   assert (build.recorded_command("launch.train_toy", argv) == "python -m launch.train_toy "
           "--config=configs/train_toy.py --workdir WORKDIR --config.seed=1")
-  assert build.recorded_command("m", ["--workdir=/tmp/x"]) == "python -m m --workdir=WORKDIR"
+  assert build.recorded_command("m", ["--workdir=runs/x"]) == "python -m m --workdir=WORKDIR"
 
 
 def test_stage_fingerprints_follow_what_each_stage_trains():

@@ -184,6 +184,15 @@ def _tiny_tokenizer():
 
 
 @library_logs.quietly
+def tiny_unet_and_vae(config: ModelConfig) -> tuple:
+  """The tiny model's UNet and VAE modules (no weights) and the VAE's config dict."""
+  name = config.tiny_family or "sd1"
+  unet = build_unet(tiny_unet_config(config.tiny_latent_size, name), config, "tiny unet")
+  vae_cfg = tiny_vae_config(config.tiny_latent_size * 8, name)
+  vae = build_vae(vae_cfg, config, upcast=family_lib.FAMILIES[name].vae_float32)
+  return unet, vae, vae_cfg
+
+
 def build_tiny(config: ModelConfig = ModelConfig()) -> StableDiffusion:
   """A tiny random Stable Diffusion of family ``config.tiny_family`` ("" = SD 1.x layout),
   deterministic in ``config.tiny_seed``; no files read.
@@ -197,9 +206,7 @@ def build_tiny(config: ModelConfig = ModelConfig()) -> StableDiffusion:
   fam = family_lib.FAMILIES[name]
   dtype = compute_dtype(config)
   tokenizer = _tiny_tokenizer()
-  unet = build_unet(tiny_unet_config(config.tiny_latent_size, name), config, "tiny unet")
-  vae_cfg = tiny_vae_config(config.tiny_latent_size * 8, name)
-  vae = build_vae(vae_cfg, config, upcast=fam.vae_float32)
+  unet, vae, vae_cfg = tiny_unet_and_vae(config)
   encoders = [build_text_encoder(tiny_text_config(tokenizer, name, i), config,
                                  projection=fam.pooled and i == len(fam.text_encoders) - 1)
               for i in range(len(fam.text_encoders))]
