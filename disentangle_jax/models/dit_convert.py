@@ -198,12 +198,11 @@ def load_transformer(folder: str, dtype=np.float32):
   """(config, params) of a diffusers transformer folder, whichever of the two classes it is."""
   config = read_config(folder)
   cls = config.get("_class_name")
-  state = read_state_dict(folder, dtype)
   if cls == "SD3Transformer2DModel":
     cfg = mmdit.MMDiTConfig.from_diffusers_config(config)
-    return cfg, sd3_params(state, cfg, folder)
+    return cfg, sd3_params(read_state_dict(folder, dtype), cfg, folder)
   if cls == "FluxTransformer2DModel":
     cfg = flux_lib.FluxConfig.from_diffusers_config(config)
-    return cfg, flux_params(state, cfg, folder)
+    return cfg, flux_params(read_state_dict(folder, dtype), cfg, folder)
   raise ValueError(f"{folder}/config.json has _class_name={cls!r}; this port reads "
                    "'SD3Transformer2DModel' and 'FluxTransformer2DModel'.")

@@ -1,0 +1,173 @@
+"""The own Flax MMDiT and Flux ports against diffusers' PyTorch classes on tiny random weights,
+and the converter's reading (sharded index, bfloat16, refusals)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from disentangle_jax.models import dit_convert, dit_layers, flux, mmdit
+from tests import flow_tiny
+
+RTOL = 1e-4  # relative to the output's largest magnitude, float32
+
+
+def _rel(a, b):
+  return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+  model = flow_tiny.torch_sd3()
+  folder = str(tmp_path_factory.mktemp("sd3"))
+  cfg, params = flow_tiny.saved_and_converted(model, folder)
+  return model, cfg, params, folder
+
+
+@pytest.fixture(scope="module")
+def flux_model(tmp_path_factory):
+  model = flow_tiny.torch_flux()
+  folder = str(tmp_path_factory.mktemp("flux"))
+  cfg, params = flow_tiny.saved_and_converted(model, folder)
+  return model, cfg, params, folder
+
+
+def _sd3_inputs(seed=1, height=8, width=6):
+  gen = torch.Generator().manual_seed(seed)
+  x = torch.randn(2, 4, height, width, generator=gen)
+  tokens = torch.randn(2, flow_tiny.TEXT_LEN, 12, generator=gen)
+  pooled = torch.randn(2, 10, generator=gen)
+  t = torch.tensor([1000.0, 3.7])
+  return x, tokens, pooled, t
+
+
+def test_sd3_matches_diffusers(sd3, attention="dot_product", remat=False):
+  """Dual attention, q/k RMS norm, the context_pre_only last block, a non-square latent that
+  crops the position table off-centre: the same velocity as SD3Transformer2DModel."""
+  model, cfg, params, _ = sd3
+  assert cfg.dual_attention_layers == (0,) and cfg.qk_norm == "rms_norm"
+  x, tokens, pooled, t = _sd3_inputs()
+  with torch.no_grad():
+    expected = model(x, tokens, pooled, t).sample.numpy()
+  module = mmdit.MMDiT(cfg, remat=remat, attention=attention)
+  out = jax.jit(module.apply)({"params": params}, flow_tiny.nchw_to_nhwc(x), tokens.numpy(),
+                              pooled.numpy(), t.numpy())
+  assert out.shape == (2, 8, 6, 4)
+  assert _rel(flow_tiny.nhwc_to_nchw(out), expected) < RTOL
+
+
+def test_attention_kinds_agree():
+  """"reference" (einsum, softmax, einsum) and "dot_product" compute the same attention."""
+  q, k, v = np.random.default_rng(0).normal(size=(3, 2, 7, 3, 4)).astype(np.float32)
+  k, v = k[:, :5], v[:, :5]
+  attend = jax.jit(dit_layers.attention, static_argnums=3)
+  np.testing.assert_allclose(attend(q, k, v, "reference"), attend(q, k, v, "dot_product"),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="model.attention"):
+    dit_layers.attention(q, k, v, "flash")
+
+
+def test_sd3_position_table_matches_diffusers(sd3):
+  """Freshly initialised weights carry diffusers' 2-D sin-cos table."""
+  model = sd3[0]
+  table = dit_layers.sincos_pos_embed(16, 6, 8 // 2)
+  np.testing.assert_allclose(table, model.pos_embed.pos_embed.numpy(), rtol=0, atol=1e-6)
+
+
+def test_flux_matches_diffusers(flux_model, attention="reference", remat=True):
+  """Double and single blocks, rotary positions over (text, row, col), the guidance embedding:
+  the same velocity as FluxTransformer2DModel on packed latents."""
+  model, cfg, params, _ = flux_model
+  gen = torch.Generator().manual_seed(2)
+  h, w = 8, 4
+  latents = torch.randn(2, 4, h, w, generator=gen)
+  tokens = torch.randn(2, flow_tiny.TEXT_LEN, 12, generator=gen)
+  pooled = torch.randn(2, 10, generator=gen)
+  t = torch.tensor([1000.0, 3.7]) / 1000
+  guidance = torch.tensor([3.5, 3.5])
+  txt_ids, img_ids = flow_tiny.flux_ids(h, w)
+  with torch.no_grad():
+    expected = model(flow_tiny.torch_pack(latents), tokens, pooled, t, img_ids, txt_ids,
+                     guidance).sample
+  expected = flow_tiny.torch_unpack(expected, h, w).numpy()
+  module = flux.Flux(cfg, remat=remat, attention=attention)
+  out = jax.jit(lambda p, *a: flux.velocity(module, p, *a))(
+      params, flow_tiny.nchw_to_nhwc(latents), tokens.numpy(), pooled.numpy(), t.numpy(),
+      guidance.numpy())
+  assert _rel(flow_tiny.nhwc_to_nchw(out), expected) < RTOL
+
+
+def test_pack_is_diffusers_packing():
+  x = np.random.default_rng(0).normal(size=(2, 4, 6, 8)).astype(np.float32)
+  packed = flow_tiny.torch_pack(torch.from_numpy(x)).numpy()
+  np.testing.assert_array_equal(flux.pack(flow_tiny.nchw_to_nhwc(x)), packed)
+  np.testing.assert_array_equal(flux.unpack(packed, 6, 8), flow_tiny.nchw_to_nhwc(x))
+  _, img_ids = flow_tiny.flux_ids(6, 8)
+  np.testing.assert_array_equal(flux.image_ids(6, 8), img_ids.numpy())
+
+
+def test_sharded_bf16_checkpoint_reads_like_torch(flux_model, tmp_path):
+  """save_pretrained with a small max_shard_size writes an index and shards; bfloat16 shards
+  read back as torch's own bf16 -> float32 values."""
+  model = flux_model[0]
+  folder = str(tmp_path / "sharded")
+  model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True,
+                                           max_shard_size="20KB")
+  model.to(torch.float32)
+  assert os.path.isfile(os.path.join(folder, dit_convert.INDEX_NAME))
+  assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) > 1
+  state = dit_convert.read_state_dict(folder)
+  expected = {k: v.to(torch.bfloat16).float().numpy() for k, v in model.state_dict().items()}
+  assert sorted(state) == sorted(expected)
+  for key, value in expected.items():
+    assert state[key].dtype == np.float32
+    np.testing.assert_array_equal(state[key], value, err_msg=key)
+  cfg, params = dit_convert.load_transformer(folder)
+  assert cfg == flux_model[1]
+  assert jax.tree.structure(params) == jax.tree.structure(flux_model[2])
+
+
+def test_converter_names_what_does_not_fit(sd3):
+  """A state dict of another configuration, or with an extra part, is refused by entry name."""
+  _, cfg, _, folder = sd3
+  state = dit_convert.read_state_dict(folder)
+  with pytest.raises(ValueError, match="ip_adapter"):
+    dit_convert.sd3_params({**state, "ip_adapter.proj.weight": np.zeros((2, 2))}, cfg)
+  del state["transformer_blocks.0.attn2.to_q.weight"]
+  with pytest.raises(ValueError, match="transformer_blocks_0/attn2/to_q/kernel"):
+    dit_convert.sd3_params(state, cfg)
+
+
+def test_configs_refuse_unknown_options(tmp_path):
+  with pytest.raises(ValueError, match="qk_norm"):
+    mmdit.MMDiTConfig(qk_norm="layer_norm_across_heads")
+  with pytest.raises(ValueError, match="use_new_option"):
+    flux.FluxConfig.from_diffusers_config({**flow_tiny.FLUX_CONFIG, "use_new_option": True})
+  (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+  with pytest.raises(ValueError, match="UNet2DConditionModel"):
+    dit_convert.load_transformer(str(tmp_path))
+
+
+def test_bf16_compute_is_close(flux_model):
+  """dtype=bfloat16 runs the same network (weights cast at use; norms, softmax and rotary
+  positions in float32): within bf16 rounding of diffusers' float32 output."""
+  model, cfg, params, _ = flux_model
+  gen = torch.Generator().manual_seed(3)
+  latents = torch.randn(1, 4, 4, 4, generator=gen)
+  tokens = torch.randn(1, flow_tiny.TEXT_LEN, 12, generator=gen)
+  pooled = torch.randn(1, 10, generator=gen)
+  t, guidance = torch.tensor([0.5]), torch.tensor([3.5])
+  txt_ids, img_ids = flow_tiny.flux_ids(4, 4)
+  with torch.no_grad():
+    expected = model(flow_tiny.torch_pack(latents), tokens, pooled, t, img_ids, txt_ids,
+                     guidance).sample
+  module = flux.Flux(cfg, dtype=jnp.bfloat16)
+  out = jax.jit(lambda p, *a: flux.velocity(module, p, *a))(
+      params, flow_tiny.nchw_to_nhwc(latents), tokens.numpy(), pooled.numpy(), t.numpy(),
+      guidance.numpy())
+  assert out.dtype == jnp.bfloat16
+  out = flux.pack(out.astype(jnp.float32))
+  assert _rel(out, expected.numpy()) < 5e-2
