@@ -57,6 +57,9 @@ def get_config(arg: str = "smile") -> ml_collections.ConfigDict:
   common.add_sampling(c)  # rng_seed, num_steps, guidance, sampler, eta
   c.image_size = 0  # px; 0 = the model's native size
   common.add_learning(c, t_star, late)  # t_star, lambda_late, remat, faithful, loss, optimizer
+  # What is learned: "per_step" (lambda [T], the paper's) | "per_token" (lambda [T, L], one
+  # weight per step and token; the pooled vector of SDXL mixes with each step's token mean)
+  c.lambda_shape = "per_step"
   if size:
     c.image_size = common.SIZES[size]
   return c

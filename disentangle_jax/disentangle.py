@@ -40,9 +40,11 @@ class EditSpec:
   #                         final image = the one before the last update
   loss: optimize.LossConfig = optimize.LossConfig()
   optimizer: optimize.OptimizerConfig = optimize.OptimizerConfig()
+  lambda_shape: str = "per_step"  # "per_step" (lambda [T]) | "per_token" ([T, L], mixing.py)
 
   def __post_init__(self):
     noise.check_seeds(self.seeds)
+    mixing.check_lambda_shape(self.lambda_shape)
     mixing.check_t_star(self.sampling.num_steps, self.t_star)
     self.sampler_config  # noqa: B018 -- validates remat
     errors.check_number("lambda_late", self.lambda_late, low=-MAX_LAMBDA, high=MAX_LAMBDA,
@@ -58,8 +60,13 @@ class EditSpec:
   def sampler_config(self) -> sampler.SamplerConfig:
     return self.sampling.sampler_config(self.remat)
 
-  def init_lambda(self) -> np.ndarray:
-    return mixing.hard_switch(self.sampling.num_steps, self.t_star, self.lambda_late)
+  def init_lambda(self, num_tokens: int | None = None) -> np.ndarray:
+    """The hard switch [T]. Given the model's token count, the lambda to learn: per token,
+    every token of a step starts at the step's value ([T, num_tokens])."""
+    lam = mixing.hard_switch(self.sampling.num_steps, self.t_star, self.lambda_late)
+    if self.lambda_shape == "per_token" and num_tokens is not None:
+      lam = np.repeat(lam[:, None], num_tokens, axis=1)
+    return lam
 
   def fingerprint(self) -> str:
     """A hash of everything that determines the result: a checkpoint from a different spec
@@ -73,7 +80,7 @@ def _shared(spec: EditSpec) -> dict:
   the sampling settings by their own names."""
   return dataclasses.asdict(spec.sampling) | {
       "remat": spec.remat, "faithful": spec.faithful, "loss": spec.loss,
-      "optimizer": spec.optimizer}
+      "optimizer": spec.optimizer, "lambda_shape": spec.lambda_shape}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +109,9 @@ class EditSet:
     all of them (checked equal on construction)."""
     return self.specs[0]
 
-  def init_lambda(self) -> np.ndarray:
-    return np.stack([spec.init_lambda() for spec in self.specs])  # [K, T]
+  def init_lambda(self, num_tokens: int | None = None) -> np.ndarray:
+    """[K, T], or (given num_tokens) per token [K, T, num_tokens]."""
+    return np.stack([spec.init_lambda(num_tokens) for spec in self.specs])
 
   def fingerprint(self) -> str:
     blob = "".join(spec.fingerprint() for spec in self.specs)
@@ -150,7 +158,9 @@ def prepare(model, loss_models, spec: EditSpec | EditSet, latent_shape, mesh,
   encoded = edit_problem.encode_edits(model, loss_models, edits.specs, sampling.negative_prompt)
   problem = edit_problem.place(encoded, run, group, sampling.guidance, tables, mesh)
   render = optimize.make_problem_render_fn(nets, edits.shared.sampler_config)
-  reference = render(params["sd"], problem, jnp.zeros(edits.init_lambda().shape, jnp.float32))
+  # lambda = 0, pure c0, in the shape of the lambda learned (one render program for both)
+  zeros = edits.init_lambda(mixing.num_tokens(problem.prompts.c0))
+  reference = render(params["sd"], problem, jnp.zeros(zeros.shape, jnp.float32))
   if _effective_loss(edits).round_reference:  # the release saves the reference as 8-bit
     reference = optimize.round_to_uint8_levels(reference)
   return Prepared(nets, render, params, problem._replace(reference=reference), run.x_T.shape[0])
@@ -178,10 +188,11 @@ def _cached_update(nets, loss_cfg, sampler_cfg, optimizer_cfg):
 
 
 def initial_state(prep: Prepared, spec: EditSpec | EditSet, tx) -> optimize.TrainState:
-  """The hard-switch initialisation (lambda [K, T]), replicated over the mesh like the states
-  update returns (so the first call and the later ones share one compiled program)."""
-  return jax.device_put(optimize.init_state(as_edit_set(spec).init_lambda(), tx),
-                        _replicated(prep))
+  """The hard-switch initialisation (lambda [K, T], per token [K, T, L]), replicated over the
+  mesh like the states update returns (so the first call and the later ones share one compiled
+  program)."""
+  lam = as_edit_set(spec).init_lambda(mixing.num_tokens(prep.problem.prompts.c0))
+  return jax.device_put(optimize.init_state(lam, tx), _replicated(prep))
 
 
 def _replicated(prep: Prepared):

@@ -5,9 +5,9 @@
     loss     = L_dir(original, edited, text0, text1) + beta * L_perc(edited, original)
 
 The gradient flows through every sampling step, the VAE decoder and both frozen loss networks
-into lambda (float32 [T]); nothing else is trained. With a batch of seeds the loss is the
-(masked) mean over the batch, so one lambda is learned for all of them; the batch may be
-sharded over devices (parallel.py) without changing this code.
+into lambda (float32 [T], or [T, L] per token); nothing else is trained. With a batch of
+seeds the loss is the (masked) mean over the batch, so one lambda is learned for all of them;
+the batch may be sharded over devices (parallel.py) without changing this code.
 
 Several edits (K attributes, each with its own prompts and seeds) can be learned in one
 program: lambda is then [K, T], each batch item belongs to one edit (``EditProblem.group``),
@@ -118,18 +118,21 @@ class EditProblem(NamedTuple):
 
 
 def per_item(lam, prompts: pipeline.PromptPair, group):
-  """lambda [T] (one edit) or [K, T], prompts [K, L, D], group [B] -> ([T, B] lambda of each
-  item, per-item PromptPair with c0, c1 [B, L, D])."""
+  """lambda [T] (one edit), [K, T] or per token [K, T, L], prompts [K, L, D], group [B] ->
+  (lambda of each item: [T, B], or mixing.PerToken [T, B, L]; per-item PromptPair with c0, c1
+  [B, L, D]). Here the edit axis K is always present from two dimensions on, so the number of
+  dimensions tells per step from per token."""
   lam = jnp.asarray(lam)
   lam_k = lam[None] if lam.ndim == 1 else lam
-  return lam_k[group].T, pipeline.PromptPair(c0=mixing.select(prompts.c0, group),
-                                             c1=mixing.select(prompts.c1, group),
-                                             uncond=prompts.uncond)
+  items = jnp.moveaxis(lam_k[group], 0, 1)  # [T, B] or [T, B, L]
+  return (mixing.PerToken(items) if lam.ndim == 3 else items,
+          pipeline.PromptPair(c0=mixing.select(prompts.c0, group),
+                              c1=mixing.select(prompts.c1, group), uncond=prompts.uncond))
 
 
 class TrainState(NamedTuple):
   step: jax.Array  # [] int32, iterations done
-  lam: jax.Array  # [T] float32
+  lam: jax.Array  # [T], [K, T] or per token [K, T, L] float32
   opt_state: Any
 
 
@@ -148,7 +151,8 @@ def objective(lam, params, problem: EditProblem, nets: Networks, loss_cfg: LossC
   """Returns (loss [], aux) with aux = {"l_dir", "l_perc" [K] (each edit's masked mean),
   "images" [B, h, w, 3]}; loss = sum over the K edits of L_dir + beta * L_perc.
 
-  lam: [T] (one edit, K = 1) or [K, T]. params: {"sd": {"unet", "vae"}, "clip", "vgg"}.
+  lam: [T] (one edit, K = 1), [K, T], or per token [K, T, L] (``per_item``).
+  params: {"sd": {"unet", "vae"}, "clip", "vgg"}.
   """
   num_edits = 1 if jnp.ndim(lam) == 1 else lam.shape[0]
   lam_items, prompts = per_item(lam, problem.prompts, problem.group)

@@ -23,9 +23,11 @@ VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class LearnedWeights:
-  """lambda [T] weights the TARGET prompt (convention "target"; see mixing.py)."""
+  """lambda [T] weights the TARGET prompt (convention "target"; see mixing.py); with
+  lambda_shape "per_token" it is [T, L] (a tuple of T rows of L token weights), written with
+  a "lambda_shape" entry (absent = "per_step")."""
 
-  lam: tuple[float, ...]
+  lam: tuple
   prompt: str
   target_prompt: str
   num_steps: int
@@ -37,9 +39,12 @@ class LearnedWeights:
   init_lambda: tuple[float, ...] = ()
   loss_history: tuple[dict, ...] = ()
   extra: dict = dataclasses.field(default_factory=dict)  # free-form provenance (model, config)
+  lambda_shape: str = "per_step"  # "per_step" | "per_token" (mixing.LAMBDA_SHAPES)
 
   def to_json(self) -> dict:
-    return {
+    # A per-step file has no "lambda_shape" entry: files read before it existed stay valid.
+    shape = {} if self.lambda_shape == "per_step" else {"lambda_shape": self.lambda_shape}
+    return shape | {
         "format": FORMAT, "version": VERSION, "package_version": disentangle_jax.__version__,
         "convention": "target", "lambda": list(self.lam), "prompt": self.prompt,
         "target_prompt": self.target_prompt, "num_steps": self.num_steps,
@@ -56,12 +61,19 @@ def learned(spec, schedule, lam, history, *, model: str, optimizer: dict) -> Lea
   the model and the optimiser settings for the provenance."""
   s = spec.sampling
   return LearnedWeights(
-      lam=tuple(float(v) for v in lam), prompt=spec.prompt, target_prompt=spec.target_prompt,
+      lam=_as_tuple(lam), prompt=spec.prompt, target_prompt=spec.target_prompt,
       num_steps=s.num_steps, sampler=s.kind, eta=s.eta, guidance=s.guidance,
       schedule=dataclasses.asdict(schedule), seeds=tuple(int(v) for v in spec.seeds),
       init_lambda=tuple(float(v) for v in spec.init_lambda()), loss_history=tuple(history),
       extra={"model": model, "faithful": spec.faithful, "beta": spec.loss.beta,
-             "optimizer": optimizer, "rng_seed": s.rng_seed})
+             "optimizer": optimizer, "rng_seed": s.rng_seed},
+      lambda_shape=getattr(spec, "lambda_shape", "per_step"))
+
+
+def _as_tuple(lam) -> tuple:
+  """lambda [T] -> T floats; [T, L] -> T tuples of L floats."""
+  lam = np.asarray(lam)
+  return tuple(float(v) for v in lam) if lam.ndim == 1 else tuple(_as_tuple(r) for r in lam)
 
 
 def write(path: str, weights: LearnedWeights) -> None:
@@ -90,21 +102,25 @@ def read(path: str) -> LearnedWeights:
     raise errors.UserError(f"weights file {path!r} lacks the entries {missing}: export it "
                            "again with launch.disentangle.")
   _check_entries(path, data)
-  lam = mixing.check_lambda(data["lambda"], int(data["num_steps"]), name=f"lambda in {path!r}")
+  lambda_shape = data.get("lambda_shape", "per_step")
+  lam = mixing.check_lambda(data["lambda"], int(data["num_steps"]), name=f"lambda in {path!r}",
+                            lambda_shape=lambda_shape)
   if data.get("convention", "target") == "reference":
     lam = mixing.from_reference(lam)
   return LearnedWeights(
-      lam=tuple(float(v) for v in lam), prompt=data["prompt"],
+      lam=_as_tuple(lam), prompt=data["prompt"],
       target_prompt=data["target_prompt"], num_steps=int(data["num_steps"]),
       sampler=data["sampler"], eta=float(data.get("eta", 0.0)),
       guidance=float(data.get("guidance", 7.5)), schedule=data.get("schedule", {}),
       seeds=tuple(data.get("seeds", ())), init_lambda=tuple(data.get("init_lambda", ())),
-      loss_history=tuple(data.get("loss_history", ())), extra=data.get("extra", {}))
+      loss_history=tuple(data.get("loss_history", ())), extra=data.get("extra", {}),
+      lambda_shape=lambda_shape)
 
 
 _ENTRY_TYPES = {"num_steps": int, "sampler": str, "prompt": str, "target_prompt": str,
                 "lambda": list, "eta": (int, float), "guidance": (int, float), "seeds": list,
-                "init_lambda": list, "loss_history": list, "schedule": dict, "extra": dict}
+                "init_lambda": list, "loss_history": list, "schedule": dict, "extra": dict,
+                "lambda_shape": str}
 
 
 def _check_entries(path: str, data: dict) -> None:
@@ -116,8 +132,15 @@ def _check_entries(path: str, data: dict) -> None:
           f"{getattr(kind, '__name__', 'number')}; export the file again with launch.disentangle.")
   if data["num_steps"] < 1:
     raise errors.UserError(f"weights file {path!r}: num_steps={data['num_steps']} must be >= 1.")
-  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data["lambda"]):
-    raise errors.UserError(f"weights file {path!r}: 'lambda' must be a list of numbers.")
+  if data.get("lambda_shape", "per_step") not in mixing.LAMBDA_SHAPES:
+    raise errors.UserError(f"weights file {path!r}: lambda_shape={data['lambda_shape']!r} is "
+                           f"unknown (known: {', '.join(mixing.LAMBDA_SHAPES)}).")
+  per_token = data.get("lambda_shape") == "per_token"
+  rows = data["lambda"] if per_token else [data["lambda"]]
+  if not all(isinstance(r, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         for v in r) for r in rows):
+    raise errors.UserError(f"weights file {path!r}: 'lambda' must be a list of "
+                           f"{'lists of numbers (per token)' if per_token else 'numbers'}.")
   if not all(isinstance(s, int) for s in data.get("seeds", [])):
     raise errors.UserError(f"weights file {path!r}: 'seeds' must be a list of integers.")
 
@@ -151,8 +174,12 @@ def unique_labels(paths: Sequence[str], reserved: Sequence[str] = (),
 
 def check_compatible(weights: LearnedWeights, num_steps: int, sampler: str,
                      source: str = "weights file") -> np.ndarray:
-  """lambda as float32 [T] if the file was made for this step count and sampler, else an error."""
+  """lambda as float32 [T] if the file was made for this step count and sampler, else an error
+  (a per-token file too: the programs that read weights files take one weight per step)."""
   problems = []
+  if weights.lambda_shape != "per_step":
+    problems.append(f"it holds a {weights.lambda_shape} lambda, this run takes one weight per "
+                    "step")
   if weights.num_steps != num_steps:
     problems.append(f"it was learned for {weights.num_steps} steps, this run uses {num_steps}")
   if weights.sampler != sampler:

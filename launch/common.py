@@ -283,7 +283,8 @@ def edit_spec(cfg, **overrides):
       lambda_late=cfg.lambda_late, sampling=sampling(cfg), remat=cfg.remat,
       faithful=cfg.faithful,
       loss=optimize.LossConfig(beta=cfg.loss.beta, preprocess=cfg.loss.preprocess),
-      optimizer=optimize.OptimizerConfig(**cfg.optimizer.to_dict()))
+      optimizer=optimize.OptimizerConfig(**cfg.optimizer.to_dict()),
+      lambda_shape=cfg.get("lambda_shape", "per_step"))
   fields.update(overrides)
   if "seeds" not in fields:
     fields["seeds"] = as_tuple(cfg.seeds, "seeds")

@@ -78,7 +78,8 @@ def _run(cfg, out_dir):
     out.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
   for name, lam_k in zip(names, lam):
     logging.info("learned lambda%s: %s", f" ({name})" if name else "",
-                 [round(float(v), 3) for v in lam_k])
+                 [round(float(v), 3) for v in lam_k] if np.ndim(lam_k) == 1 else
+                 [[round(float(v), 3) for v in row] for row in lam_k])  # per token [T, L]
   print(os.path.join(out_dir, f"{names[0]}/weights.json" if names[0] else "weights.json"))
 
 
@@ -91,7 +92,8 @@ def _write_edit(out, sub, spec, lam, original, edited, history):
   out.write_image(sub + "pair.png", images.grid([[o, e] for o, e in zip(original, edited)],
                                                 ["original", "edited"], rows))
   if plots.available():
-    out.write_bytes(sub + "lambda.png", plots.lambda_plot(spec.init_lambda(), lam))
+    learned = lam if np.ndim(lam) == 1 else np.mean(lam, axis=1)  # per token: the step's mean
+    out.write_bytes(sub + "lambda.png", plots.lambda_plot(spec.init_lambda(), learned))
   else:
     logging.warning("matplotlib is not installed: plots are skipped (pip install matplotlib).")
 
