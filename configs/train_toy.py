@@ -1,4 +1,4 @@
-r"""Train the toy world from scratch (VAE, judge, toy CLIP, UNet).
+r"""Train the toy world from scratch (VAE, judge, perceptual VGG, toy CLIP, UNet).
 
   python -m launch.train_toy --config=configs/train_toy.py --workdir=workdir/toy
   python -m launch.train_toy --config=configs/train_toy.py:smoke --workdir=workdir/toy_smoke
@@ -20,11 +20,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.seed = 0  # every random number of the run (data, init, batches, noise) derives from it
   c.dataset_size = 24000  # rendered training scenes (stream 0 of the renderer)
   c.vae = _stage(900, 16, 2e-3)  # AutoencoderKL: steps, batch, Adam lr (cosine to 10%)
-  c.judge_stage = _stage(1000, 64, 2e-3)  # judge classifier
-  c.clip = _stage(2500, 64, 1e-3)  # toy CLIP, contrastive over the 120 captions
-  c.diffusion = _stage(12000, 32, 1e-3)  # UNet, epsilon prediction (text encoder frozen)
+  c.judge_stage = _stage(1500, 64, 2e-3)  # judge: factor classifier + geometry regression
+  c.perceptual = _stage(800, 64, 2e-3)  # VGG16-shaped scene classifier (the content loss's)
+  c.clip = _stage(2500, 64, 1e-3)  # toy CLIP, contrastive over the 300 (partial) captions
+  c.diffusion = _stage(14000, 32, 1e-3)  # UNet, epsilon prediction (text encoder frozen)
   c.kl_weight = 1e-5  # weight of the VAE's KL term (SD's VAE is near-deterministic too)
   c.uncond_prob = 0.1  # captions replaced by "" (classifier-free guidance training)
+  c.omit_prob = 0.5  # each content word left out of a training caption with this probability
   c.checkpoint_every = 200  # steps between checkpoints of each stage (resume after a kill)
   c.log_every = 50  # steps between progress lines (loss, steps/s, ETA)
   c.sizes = ml_collections.ConfigDict(dict(
@@ -39,7 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   ))
   if arg == "smoke":
     c.dataset_size = 256
-    for name in ("vae", "judge_stage", "clip", "diffusion"):
+    for name in ("vae", "judge_stage", "perceptual", "clip", "diffusion"):
       c[name].steps = 4
     c.checkpoint_every = 2
     c.log_every = 2

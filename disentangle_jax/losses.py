@@ -164,13 +164,17 @@ def directional_clip_loss(img_feat_orig: jax.Array, img_feat_edit: jax.Array,
   return 1.0 - cosine_similarity(d_img, jnp.broadcast_to(d_txt, d_img.shape))
 
 
+def vgg_input(images: jax.Array, input_size: int = VGG_INPUT_SIZE) -> jax.Array:
+  """What VGG16 reads: images [B, H, W, 3] in [0, 1] resized bilinearly to
+  [B, input_size, input_size, 3] and ImageNet-normalised."""
+  return _normalize(bilinear_resize(images, input_size), IMAGENET_MEAN, IMAGENET_STD)
+
+
 def vgg_features(vgg_apply_fn: VggApplyFn, params, images: jax.Array,
                  input_size: int = VGG_INPUT_SIZE) -> list[jax.Array]:
-  """VGG16 activations of images [B, H, W, 3] in [0, 1] after ImageNet normalisation and a
-  bilinear resize to [input_size, input_size]; a list of 4 arrays [B, h, w, c]."""
+  """VGG16 activations of ``vgg_input(images, input_size)``; a list of 4 arrays [B, h, w, c]."""
   _check_images("images", images)
-  x = _normalize(bilinear_resize(images, input_size), IMAGENET_MEAN, IMAGENET_STD)
-  return list(vgg_apply_fn(params, x))
+  return list(vgg_apply_fn(params, vgg_input(images, input_size)))
 
 
 def vgg_perceptual_loss(vgg_apply_fn: VggApplyFn, params, a: jax.Array, b: jax.Array,

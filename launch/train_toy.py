@@ -41,13 +41,14 @@ def train_config(cfg):
   from disentangle_jax.toy import judge, train, world  # noqa: PLC0415
   sizes = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.sizes.items()}
   stages = {n: train.StageConfig(**cfg[n].to_dict())
-            for n in ("vae", "judge_stage", "clip", "diffusion")}
+            for n in ("vae", "judge_stage", "perceptual", "clip", "diffusion")}
   for name, s in stages.items():
     if s.steps < 1 or s.batch < 2 or s.lr <= 0:
       raise ValueError(f"{name}: steps >= 1, batch >= 2 and lr > 0 are needed; got {s}.")
   return train.TrainConfig(
       seed=cfg.seed, dataset_size=cfg.dataset_size, sizes=world.Sizes(**sizes),
       judge=judge.JudgeConfig(), kl_weight=cfg.kl_weight, uncond_prob=cfg.uncond_prob,
+      omit_prob=cfg.omit_prob,
       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, **stages)
 
 

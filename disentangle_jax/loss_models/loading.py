@@ -8,7 +8,7 @@ import numpy as np
 
 from disentangle_jax import library_logs, losses
 from disentangle_jax.loss_models import clip, vgg
-from disentangle_jax.loss_models.config import (TINY_VGG_INPUT_SIZE, VGG16_WIDTHS, LossModelConfig,
+from disentangle_jax.loss_models.config import (TINY_VGG_INPUT_SIZE, LossModelConfig,
                                                 LossModels)
 
 
@@ -39,8 +39,8 @@ def load_loss_models(cfg: LossModelConfig = LossModelConfig(), tokenizer=None) -
         "use the tokenizer that belongs to this CLIP.")
 
   if cfg.vgg_path is not None:
-    widths = VGG16_WIDTHS
-    vgg_params = vgg.load_vgg_params(cfg.vgg_path, allow_pickle=cfg.allow_pickle, widths=widths)
+    vgg_params = vgg.load_vgg_params(cfg.vgg_path, allow_pickle=cfg.allow_pickle)
+    widths = vgg.params_widths(vgg_params)  # VGG16's, or a narrower VGG16-shaped network's
     vgg_size = cfg.vgg_input_size or losses.VGG_INPUT_SIZE
   else:
     widths = tuple(cfg.tiny_vgg_widths)

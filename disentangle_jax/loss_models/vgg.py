@@ -136,6 +136,30 @@ def vgg_params_from_state_dict(state: Mapping[str, np.ndarray],
   return params
 
 
+def _block_last_convs() -> list[int]:
+  """torchvision feature indices of each block's last conv (0-based: 2, 7, 14, 21)."""
+  ends = np.cumsum(VGG16_BLOCK_DEPTHS) - 1
+  layout = vgg_conv_layout()
+  return [layout[e][0] for e in ends]
+
+
+def state_dict_widths(state: Mapping[str, np.ndarray]) -> tuple[int, ...]:
+  """The 4 block widths of a torchvision-layout VGG16 state dict (the out channels of each
+  block's last conv); VGG16_WIDTHS when those keys are missing (the shape check names them).
+  Narrower VGG16-shaped networks (the toy world's) load through the same reader."""
+  if not any(k.startswith("features.") for k in state) and "0.weight" in state:
+    state = {f"features.{k}": v for k, v in state.items()}
+  keys = [f"features.{i}.weight" for i in _block_last_convs()]
+  if not all(k in state and np.ndim(state[k]) == 4 for k in keys):
+    return VGG16_WIDTHS
+  return tuple(int(np.shape(state[k])[0]) for k in keys)
+
+
+def params_widths(params: Params) -> tuple[int, ...]:
+  """The 4 block widths of VGG16Features parameters (inverse of ``vgg_conv_layout``)."""
+  return tuple(int(params[f"features_{i}"]["bias"].shape[0]) for i in _block_last_convs())
+
+
 def _read_pickle_state_dict(path: str) -> dict[str, np.ndarray]:
   torch = convert.import_torch(f"reading the pickled VGG16 checkpoint {path}",
                                "or convert it once to .safetensors and drop allow_pickle.")
@@ -148,8 +172,12 @@ def _read_pickle_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def load_vgg_params(path: str, *, allow_pickle: bool = False,
-                    widths: Sequence[int] = VGG16_WIDTHS) -> Params:
-  """Loads torchvision VGG16 weights from a local .safetensors (or, opted in, .pth) file."""
+                    widths: Sequence[int] | None = None) -> Params:
+  """Loads torchvision VGG16 weights from a local .safetensors (or, opted in, .pth) file.
+
+  widths: the expected block widths; None reads them from the file (``state_dict_widths``:
+  VGG16's own, or a narrower VGG16-shaped network such as the toy world's).
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"VGG16 weights file {path} does not exist: give a local .safetensors file with "
@@ -169,4 +197,4 @@ def load_vgg_params(path: str, *, allow_pickle: bool = False,
   else:
     raise ValueError(
         f"{path}: unknown VGG16 weights format; use .safetensors (or .pth with allow_pickle).")
-  return vgg_params_from_state_dict(state, widths, source=path)
+  return vgg_params_from_state_dict(state, widths or state_dict_widths(state), source=path)

@@ -23,7 +23,7 @@ import numpy as np
 from transformers.models.clip import modeling_flax_clip
 
 from disentangle_jax import models, plots
-from disentangle_jax.toy import evaluate, scenes, train, world
+from disentangle_jax.toy import evaluate, perceptual, scenes, train, world
 from disentangle_jax.toy import judge as judge_lib
 
 CONFIG_FILE, WORLD_DIR = "train_config.json", "world"
@@ -41,11 +41,15 @@ def stage_fingerprint(cfg: train.TrainConfig, name: str) -> str:
   retrains the diffusion stage alone)."""
   c = dataclasses.asdict(cfg)
   deps = {k: c[k] for k in ("seed", "dataset_size", "kl_weight", "vae")}
+  if name in ("clip", "diffusion"):  # trained on partial captions
+    deps["omit_prob"] = cfg.omit_prob
   deps["sizes"] = {k: v for k, v in c["sizes"].items()
                    if k.startswith(("vae_",) + _STAGE_SIZES.get(name, ()))}
   deps["stage"] = dataclasses.asdict(cfg.stage(name))
   if name == "judge":
     deps["judge"] = c["judge"]
+  if name == "perceptual":
+    deps["perceptual_net"] = c["perceptual_net"]
   if name == "diffusion":  # its text encoder is the trained CLIP's text tower
     deps["uncond_prob"] = cfg.uncond_prob
     deps["clip"] = stage_fingerprint(cfg, "clip")
@@ -120,31 +124,42 @@ def build(cfg: train.TrainConfig, workdir: str, log: Callable, provenance: dict)
   log(f"latent scale {scale:.4f}; reconstruction MSE "
       f"{np.mean((recon / 255.0 - data.images / 255.0) ** 2):.5f}")
 
-  judge_batches = train.mixed_batches(data.images, recon, data.factors, cfg, "judge")
+  judge_batches = train.mixed_batches(data.images, recon, data, cfg, "judge")
   judge_p = stage("judge", functools.partial(train.judge_loss, cfg.judge), params["judge"],
-                  lambda k: dict(zip(("images", "factors"), judge_batches(k))))
+                  lambda k: dict(zip(("images", "factors", "geometry"), judge_batches(k))))
+
+  log(f"rendering {cfg.dataset_size} scenes of the perceptual network's own stream")
+  own = train.make_data(cfg, perceptual.DATA_STREAM, perceptual.SEED_OFFSET)
+  own_recon = train.decode_all(sd.vae, vae_p, train.encode_all(sd.vae, vae_p, own.images))
+  perceptual_batches = train.mixed_batches(own.images, own_recon, own._replace(
+      factors=scenes.scene_index(own.factors)), cfg, "perceptual")  # "factors": class labels
+  perceptual_p = stage("perceptual", functools.partial(train.perceptual_loss, cfg.perceptual_net),
+                       params["perceptual"],
+                       lambda k: dict(zip(("images", "labels"), perceptual_batches(k)[:2])))
 
   all_ids = world.caption_ids(tok, scenes.all_captions())
-  clip_batches = train.mixed_batches(data.images, recon, data.factors, cfg, "clip")
+  clip_batches = train.mixed_batches(data.images, recon, data, cfg, "clip")
 
   def clip_batch(k):
-    imgs, factors = clip_batches(k)
+    imgs, factors, _ = clip_batches(k)
+    captions = train.batch_captions(cfg, "clip", k, factors)
     return {"pixels": train.clip_pixels(imgs), "all_ids": all_ids,
-            "labels": scenes.caption_index(factors)}
+            "labels": scenes.caption_index(captions),
+            "positives": scenes.consistent(captions, factors).astype(np.float32)}
   clip_p = stage("clip", functools.partial(train.clip_loss, clip_module), params["clip"],
                  clip_batch)
 
   text_p = clip_text_params(clip_p)
   emb_table = np.asarray(models.encode_prompts(
       sd._replace(params={"text_encoder": text_p}),
-      scenes.all_captions() + [""]))  # [121, tokens, width]: the frozen text encoder's output
-  labels = scenes.caption_index(data.factors)
+      scenes.all_captions() + [""]))  # [301, tokens, width]: the frozen text encoder's output
   scaled = (latents * scale).astype(np.float32)
 
   def diffusion_batch(k):
     rng = np.random.default_rng([cfg.seed, train.STAGES.index("diffusion"), k])
     idx = rng.integers(0, len(scaled), cfg.diffusion.batch)
-    rows = np.where(rng.random(len(idx)) < cfg.uncond_prob, len(emb_table) - 1, labels[idx])
+    labels = scenes.caption_index(train.batch_captions(cfg, "diffusion", k, data.factors[idx]))
+    rows = np.where(rng.random(len(idx)) < cfg.uncond_prob, len(emb_table) - 1, labels)
     return {"latents": scaled[idx], "emb": emb_table[rows]}
   unet_p = stage("diffusion", functools.partial(train.diffusion_loss, sd.unet,
                                                 train.schedule_alphas()),
@@ -164,6 +179,7 @@ def build(cfg: train.TrainConfig, workdir: str, log: Callable, provenance: dict)
   models.save(final_sd, tmp / world.SD_DIR)
   world.save_clip(tmp / world.CLIP_DIR, clip_config, clip_p)
   judge_lib.save(tmp / world.JUDGE_DIR, cfg.judge, judge_p)
+  perceptual.save(tmp / world.VGG_DIR, perceptual_p)
   loaded = world.load(str(tmp))
   made["quality"] = evaluate.quality(loaded, cfg.seed + 1, log=log)
   (tmp / world.MADE_FILE).write_text(json.dumps(made, indent=2) + "\n")

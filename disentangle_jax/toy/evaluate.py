@@ -1,15 +1,23 @@
 """Quality of a trained toy world, measured on fresh renders and fresh samples.
 
   judge accuracy        per factor, on renders from a stream training never used
-  toy CLIP zero-shot    argmax over the 120 captions; content (shape, colour, position all
-                        right) and attribute accuracy
+  judge geometry        mean error of the regressed centre (px), size (relative) and tint
+  perceptual accuracy   the world's VGG16-shaped network, scene class (120-way)
+  toy CLIP zero-shot    argmax over the 120 fully named captions; content (shape, colour,
+                        position all right) and attribute accuracy
   diffusion floors      samples from c0 prompts: judge finds the prompted content; samples from
                         c1 prompts: judge finds the prompted attribute
+  partial captions      samples from captions that leave content words out: the named factors
+                        are kept, the unnamed ones spread over their values (the lowest
+                        frequency of any value, as a fraction of its share under the data)
+  entanglement          samples of "a photo of a shape" and "..., <attribute>" from the same
+                        noise: how often a seed-decided factor changes
 
 Shapes: N items, S image size. Images NHWC float in [0, 1].
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
@@ -18,8 +26,9 @@ import numpy as np
 
 from disentangle_jax import loss_models as loss_models_lib
 from disentangle_jax import losses, models, noise, pipeline, sampler, schedule
+from disentangle_jax.loss_models import vgg
 from disentangle_jax.toy import judge as judge_lib
-from disentangle_jax.toy import scenes
+from disentangle_jax.toy import perceptual, scenes, world
 
 EVAL_STREAM = 7  # render stream of evaluation scenes (training uses stream 0)
 NUM_STEPS = 50  # sampling steps of the floors (the paper's)
@@ -27,20 +36,33 @@ GUIDANCE = 7.5  # classifier-free guidance of the floors (the paper's)
 
 
 def fresh_renders(seed: int, n: int):
-  """(images [n, S, S, 3] in [0, 1], factors [n, 4]) never seen in training."""
-  images, factors = scenes.dataset(seed, n, stream=EVAL_STREAM)
-  return images.astype(np.float32) / 255.0, factors
+  """(images [n, S, S, 3] in [0, 1], factors [n, 4], geometry [n, G]) never seen in training."""
+  images, factors, geometry = scenes.dataset(seed, n, stream=EVAL_STREAM)
+  return images.astype(np.float32) / 255.0, factors, geometry
 
 
-def judge_predict(w, images) -> np.ndarray:
+def judge_predict(w, images) -> tuple[np.ndarray, np.ndarray]:
+  """The judge's (factors [N, 4], geometry [N, G]) of images [N, S, S, 3] in [0, 1]."""
   fn = jax.jit(lambda p, x: judge_lib.predict(w.judge_config, p, x))
-  return np.asarray(fn(w.judge_params, jnp.asarray(images)))
+  factors, geometry = fn(w.judge_params, jnp.asarray(images))
+  return np.asarray(factors), np.asarray(geometry)
+
+
+def perceptual_accuracy(w, images, factors) -> float:
+  """Scene-class accuracy of the world's VGG16-shaped network (its own training task)."""
+  lm = w.loss_models
+  vgg_params = lm.params["vgg"]
+  cfg = perceptual.PerceptualConfig(vgg.params_widths(vgg_params), lm.vgg_input_size)
+  head = perceptual.load_head(os.path.join(w.root, world.VGG_DIR, world.VGG_FILE))
+  fn = jax.jit(lambda p, x: perceptual.predict(cfg, p, x))
+  pred = np.asarray(fn({"features": vgg_params, "classifier": head}, jnp.asarray(images)))
+  return float(np.mean(pred == scenes.scene_index(factors)))
 
 
 def clip_predict(w, images) -> np.ndarray:
   """Zero-shot factors [N, 4]: the factors of the best-matching caption among all 120."""
   lm = w.loss_models
-  txt = loss_models_lib.encode_texts(lm, scenes.all_captions())
+  txt = loss_models_lib.encode_texts(lm, [scenes.caption(f) for f in scenes.all_factors()])
   img = jax.jit(lambda p, x: losses.clip_image_features(lm.clip_image_apply, p, x, "standard",
                                                         lm.clip_image_size))(
                                                             lm.params["clip"], jnp.asarray(images))
@@ -55,17 +77,31 @@ def content_attribute_accuracy(pred: np.ndarray, factors: np.ndarray) -> dict[st
           "attribute": float(np.mean(pred[:, c] == factors[:, c]))}
 
 
+_RENDER_FNS: dict = {}
+
+
+def render_fn(unet, vae, scaling_factor: float):
+  """The jitted DDIM render of a world's modules, kept per module configuration (the modules
+  hold lists, so they cannot be hashed; their repr is the key), so that the quality checks
+  compile it once per batch shape, not once per call."""
+  key = (repr(unet), repr(vae), scaling_factor)
+  if key not in _RENDER_FNS:
+    _RENDER_FNS[key] = pipeline.make_render_fn(models.make_eps_fn(unet),
+                                               models.make_decode_fn(vae, scaling_factor),
+                                               sampler.SamplerConfig("ddim"))
+  return _RENDER_FNS[key]
+
+
 def sample(w, factors: np.ndarray, seeds, num_steps: int = NUM_STEPS,
            guidance: float = GUIDANCE) -> np.ndarray:
-  """Text-to-image samples [N, S, S, 3] of the captions of factor rows [N, 4] (DDIM, eta 0)."""
+  """Text-to-image samples [N, S, S, 3] of the captions of (caption) factor rows [N, 4]
+  (OMITTED content is left out of the caption; DDIM, eta 0)."""
   sd = w.sd
   emb = models.encode_prompts(sd, [scenes.caption(f) for f in factors] + [""])
   tables = schedule.step_tables(sd.schedule, num_steps)
   run = noise.draw(jax.random.key(0), np.asarray(seeds), (sd.latent_size, sd.latent_size,
                                                           sd.latent_channels), tables.sigma)
-  render = pipeline.make_render_fn(models.make_eps_fn(sd.unet),
-                                   models.make_decode_fn(sd.vae, sd.scaling_factor),
-                                   sampler.SamplerConfig("ddim"))
+  render = render_fn(sd.unet, sd.vae, sd.scaling_factor)
   prompts = pipeline.PromptPair(emb[:-1], emb[:-1], emb[-1])
   return np.asarray(render(sd.params, run.x_T, run.noise, jnp.zeros((num_steps, len(factors))), prompts,
                            guidance, tables))
@@ -81,17 +117,58 @@ def diffusion_floors(w, seed: int, n: int, num_steps: int = NUM_STEPS) -> dict[s
   seeds = np.arange(n) + 1000 * seed
   p0 = judge_predict(w, sample(w, c0, seeds, num_steps))
   p1 = judge_predict(w, sample(w, c1, seeds, num_steps))
-  a0, a1 = content_attribute_accuracy(p0, c0), content_attribute_accuracy(p1, c1)
+  a0, a1 = content_attribute_accuracy(p0[0], c0), content_attribute_accuracy(p1[0], c1)
   return {"c0_content": a0["content"], "c0_no_attribute": a0["attribute"],
           "c1_attribute": a1["attribute"], "c1_content": a1["content"]}
+
+
+def partial_caption_floors(w, seed: int, n: int, num_steps: int = NUM_STEPS) -> dict[str, float]:
+  """Samples of partial captions without attribute (each content word left out with
+  probability 1/2): how often the named factors are right ("named_kept"), and per content
+  factor, the lowest frequency of any of its values among the samples that left it unnamed,
+  as a fraction of its share (1 / number of values): "spread_<factor>" (1 = perfectly even)."""
+  rng = np.random.default_rng([seed, 13])
+  caps = scenes.sample_captions(rng, scenes.sample_factors(rng, n) * [1, 1, 1, 0], 0.5)
+  pred = judge_predict(w, sample(w, caps, np.arange(n) + 1000 * seed, num_steps))[0]
+  named = caps[:, :scenes.CONTENT_FACTORS] != scenes.OMITTED
+  right = pred[:, :scenes.CONTENT_FACTORS] == caps[:, :scenes.CONTENT_FACTORS]
+  out = {"named_kept": float(np.sum(right & named) / max(1, np.sum(named)))}
+  for k, name in enumerate(scenes.FACTORS[:scenes.CONTENT_FACTORS]):
+    values = pred[~named[:, k], k]
+    counts = np.bincount(values, minlength=scenes.FACTOR_SIZES[k]) / max(1, len(values))
+    out[f"spread_{name}"] = float(counts.min() * scenes.FACTOR_SIZES[k])
+  return out
+
+
+def entanglement(w, seed: int, n: int, num_steps: int = NUM_STEPS) -> dict[str, float]:
+  """Per attribute: the fraction of seeds whose pure-c1 sample ("a photo of a shape,
+  <attribute>") differs from the pure-c0 sample ("a photo of a shape") of the same noise in at
+  least one content factor (the judge's reading)."""
+  seeds = np.arange(n) + 1000 * seed
+  open_c0 = np.full((n, 4), scenes.OMITTED, np.int32)
+  open_c0[:, 3] = 0
+  p0 = judge_predict(w, sample(w, open_c0, seeds, num_steps))[0]
+  out = {}
+  for a, name in enumerate(scenes.ATTRIBUTES[1:], start=1):
+    c1 = open_c0.copy()
+    c1[:, 3] = a
+    p1 = judge_predict(w, sample(w, c1, seeds, num_steps))[0]
+    changed = np.any(p1[:, :scenes.CONTENT_FACTORS] != p0[:, :scenes.CONTENT_FACTORS], axis=1)
+    out[name] = float(np.mean(changed))
+  return out
 
 
 def quality(w, seed: int, n_renders: int = 1000, n_samples: int = 64,
             log: Callable = print) -> dict:
   """All quality numbers of a world (what made.json records and the benchmark prints)."""
-  images, factors = fresh_renders(seed, n_renders)
-  out = {"judge_accuracy": judge_lib.accuracy(judge_predict(w, images), factors),
+  images, factors, geometry = fresh_renders(seed, n_renders)
+  pred, geo = judge_predict(w, images)
+  out = {"judge_accuracy": judge_lib.accuracy(pred, factors),
+         "judge_geometry_error": judge_lib.geometry_error(geo, geometry),
+         "perceptual_accuracy": perceptual_accuracy(w, images, factors),
          "clip_zero_shot": content_attribute_accuracy(clip_predict(w, images), factors),
-         "diffusion": diffusion_floors(w, seed, n_samples)}
+         "diffusion": diffusion_floors(w, seed, n_samples),
+         "partial_captions": partial_caption_floors(w, seed, n_samples),
+         "entanglement": entanglement(w, seed, n_samples)}
   log(f"quality: {out}")
   return out

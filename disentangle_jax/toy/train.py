@@ -1,4 +1,4 @@
-"""Training the toy world from scratch: VAE, judge, toy CLIP, then the UNet (CLIP text tower).
+"""Training the toy world from scratch: VAE, judge, perceptual VGG, toy CLIP, then the UNet.
 
 Every stage is a loop of one jitted, top-level step (params and optimiser state are
 arguments) over batches drawn from a fixed rendered dataset; batch k of a stage is a pure
@@ -9,10 +9,15 @@ stage is restored, not retrained.
 Stages (in order; later ones use earlier ones):
   vae        AutoencoderKL on renders: MSE + kl_weight * KL; then the latent scale is set
              to 1 / std(latents) (SD's scaling_factor)
-  judge      CNN factor classifier on renders and their VAE reconstructions
-  clip       FlaxCLIPModel, contrastive over the 120 captions (image -> caption cross-entropy
-             and caption -> image over the batch)
-  diffusion  UNet, epsilon prediction on the SD v1 schedule, captions dropped to "" with
+  judge      CNN factor classifier + geometry regression on renders and their VAE
+             reconstructions
+  perceptual VGG16-shaped scene classifier on its own render stream and seed (the content
+             loss's network; toy/perceptual.py)
+  clip       FlaxCLIPModel, contrastive over the 300 captions: each image is paired with a
+             caption that names each content word with probability 1 - omit_prob (image ->
+             caption cross-entropy, and caption -> every consistent image of the batch)
+  diffusion  UNet, epsilon prediction on the SD v1 schedule, on the same kind of partial
+             captions (so unnamed content comes from the noise), captions dropped to "" with
              probability uncond_prob (classifier-free guidance). The text encoder is the toy
              CLIP's text tower, frozen, as SD v1's is CLIP ViT-L/14's: its contrastive training
              separates every caption (a text encoder trained with the UNet from scratch kept
@@ -32,9 +37,9 @@ import optax
 
 from disentangle_jax import checkpoint, losses, models, noise, schedule
 from disentangle_jax.toy import judge as judge_lib
-from disentangle_jax.toy import scenes, world
+from disentangle_jax.toy import perceptual, scenes, world
 
-STAGES = ("vae", "judge", "clip", "diffusion")
+STAGES = ("vae", "judge", "perceptual", "clip", "diffusion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +55,15 @@ class TrainConfig:
   dataset_size: int = 24000
   sizes: world.Sizes = world.Sizes()
   judge: judge_lib.JudgeConfig = judge_lib.JudgeConfig()
+  perceptual_net: perceptual.PerceptualConfig = perceptual.PerceptualConfig()
   vae: StageConfig = StageConfig(900, 16, 2e-3)
-  judge_stage: StageConfig = StageConfig(1000, 64, 2e-3)
+  judge_stage: StageConfig = StageConfig(1500, 64, 2e-3)
+  perceptual: StageConfig = StageConfig(800, 64, 2e-3)
   clip: StageConfig = StageConfig(2500, 64, 1e-3)
-  diffusion: StageConfig = StageConfig(12000, 32, 1e-3)
+  diffusion: StageConfig = StageConfig(14000, 32, 1e-3)
   kl_weight: float = 1e-5
   uncond_prob: float = 0.1
+  omit_prob: float = scenes.OMIT_PROB
   checkpoint_every: int = 200
   log_every: int = 50
 
@@ -66,10 +74,19 @@ class TrainConfig:
 class Data(NamedTuple):
   images: np.ndarray  # uint8 [N, S, S, 3]
   factors: np.ndarray  # int32 [N, 4]
+  geometry: np.ndarray  # float32 [N, G] (scenes.GEOMETRY)
 
 
-def make_data(cfg: TrainConfig) -> Data:
-  return Data(*scenes.dataset(cfg.seed, cfg.dataset_size, stream=0))
+def make_data(cfg: TrainConfig, stream: int = 0, seed_offset: int = 0) -> Data:
+  """The rendered training scenes of a stream (0: every stage but the perceptual network's)."""
+  return Data(*scenes.dataset(cfg.seed + seed_offset, cfg.dataset_size, stream=stream))
+
+
+def batch_captions(cfg: TrainConfig, stage: str, step: int, factors: np.ndarray) -> np.ndarray:
+  """Caption factors [B, 4] of a batch's scenes (scenes.sample_captions), deterministic in
+  (seed, stage, step) like the batch itself."""
+  rng = np.random.default_rng([cfg.seed, STAGES.index(stage), step, 1])
+  return scenes.sample_captions(rng, factors, cfg.omit_prob)
 
 
 def batch_indices(cfg: TrainConfig, stage: str, step: int, n: int) -> np.ndarray:
@@ -101,7 +118,12 @@ def vae_loss(vae, kl_weight: float, params, batch, key):
 
 def judge_loss(config, params, batch, key):
   del key
-  return judge_lib.loss(config, params, batch["images"], batch["factors"])
+  return judge_lib.loss(config, params, batch["images"], batch["factors"], batch["geometry"])
+
+
+def perceptual_loss(config, params, batch, key):
+  del key
+  return perceptual.loss(config, params, batch["images"], batch["labels"])
 
 
 def _clip_apply(module, params, pixels, ids):
@@ -112,13 +134,15 @@ def _clip_apply(module, params, pixels, ids):
 
 
 def clip_loss(module, params, batch, key):
-  """Cross-entropy of each image against all captions, and of each caption against the batch."""
+  """Cross-entropy of each image against all captions (target: its sampled caption), and of
+  each sampled caption against the batch's images (every image it describes is a positive:
+  batch["positives"] [B captions, B images], 1 where consistent)."""
   del key
   img, txt, scale = _clip_apply(module, params, batch["pixels"], batch["all_ids"])
   logits = scale * img @ txt.T  # [B, K]
   labels = batch["labels"]
   i2t = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
-  same = (labels[:, None] == labels[None, :]).astype(logits.dtype)  # positives per caption
+  same = batch["positives"].astype(logits.dtype)
   col = jax.nn.log_softmax(jnp.take(logits, labels, axis=1).T, axis=1)  # [B captions, B images]
   t2i = -jnp.mean(jnp.sum(same * col, axis=1) / jnp.sum(same, axis=1))
   return (i2t + t2i) / 2
@@ -199,15 +223,16 @@ def vae_batches(data: Data, cfg: TrainConfig):
   return make
 
 
-def mixed_batches(images_a, images_b, factors, cfg: TrainConfig, stage: str):
-  """Half renders, half VAE reconstructions (so the networks see decoded images too)."""
-  n = len(factors)
+def mixed_batches(images_a, images_b, data: Data, cfg: TrainConfig, stage: str):
+  """Half renders, half VAE reconstructions (so the networks see decoded images too):
+  make(step) -> (images [B, S, S, 3] in [0, 1], factors [B, 4], geometry [B, G])."""
+  n = len(data.factors)
 
   def make(step):
     idx = batch_indices(cfg, stage, step, n)
     half = len(idx) // 2
     imgs = np.concatenate([to_unit(images_a[idx[:half]]), to_unit(images_b[idx[half:]])])
-    return imgs, factors[idx]
+    return imgs, data.factors[idx], data.geometry[idx]
   return make
 
 
@@ -243,6 +268,7 @@ def init_params(cfg: TrainConfig, sd: models.StableDiffusion, clip_module) -> di
   size = cfg.judge.image_size
   ids = jnp.zeros((1, world.MAX_TOKENS), jnp.int32)
   shapes = {
+      "perceptual": jax.eval_shape(lambda: perceptual.init(cfg.perceptual_net, 0)),
       "vae": jax.eval_shape(sd.vae.init_weights, jax.random.key(0)),
       "unet": jax.eval_shape(sd.unet.init_weights, jax.random.key(0)),
       "clip": jax.eval_shape(clip_module.init, jax.random.key(0), ids,

@@ -11,6 +11,7 @@ Folder of a trained world (``WEIGHTS_DIR`` ships one):
   sd/      diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
   clip/    Hugging Face CLIP layout (config.json, flax_model.msgpack, tokenizer files)
   judge/   the judge classifier (config.json, judge.msgpack)
+  vgg/     the perceptual network, VGG16-shaped, torchvision layout (vgg.safetensors)
   made.json  how the weights were made (command, seed, commit, time, final losses)
 """
 from __future__ import annotations
@@ -28,13 +29,14 @@ import numpy as np
 import transformers
 
 from disentangle_jax import models, schedule
-from disentangle_jax.toy import scenes
+from disentangle_jax.toy import perceptual, scenes
 
 # The shipped weights, and the command that rebuilds them.
 WEIGHTS_DIR = str(pathlib.Path(__file__).resolve().parent / "weights")
 REBUILD = ("python -m launch.train_toy --config=configs/train_toy.py --workdir=WORKDIR, then "
            "copy WORKDIR/world to disentangle_jax/toy/weights")
-SD_DIR, CLIP_DIR, JUDGE_DIR, MADE_FILE = "sd", "clip", "judge", "made.json"
+SD_DIR, CLIP_DIR, JUDGE_DIR, VGG_DIR, MADE_FILE = "sd", "clip", "judge", "vgg", "made.json"
+VGG_FILE = perceptual.FILE
 
 MAX_TOKENS = 16  # context length of both text towers (the longest caption has 15 with bos/eos)
 LATENT_CHANNELS = 4
@@ -178,6 +180,7 @@ def missing_files(root: str) -> list[str]:
   need += [os.path.join(CLIP_DIR, p) for p in ("config.json", "flax_model.msgpack",
                                                "vocab.json", "merges.txt")]
   need += [os.path.join(JUDGE_DIR, p) for p in ("config.json", "judge.msgpack")]
+  need += [os.path.join(VGG_DIR, VGG_FILE)]
   return [p for p in need if not os.path.isfile(os.path.join(root, p))]
 
 
@@ -201,7 +204,7 @@ def caption_ids(tok, captions) -> np.ndarray:
 
 
 class ToyWorld(NamedTuple):
-  """A loaded world: the SD model, the loss networks (toy CLIP + VGG), the judge."""
+  """A loaded world: the SD model, the loss networks (toy CLIP + the world's VGG), the judge."""
 
   sd: models.StableDiffusion
   loss_models: Any
@@ -222,12 +225,20 @@ def load(root: str = WEIGHTS_DIR) -> ToyWorld:
   hint = f"rebuild the toy world with {REBUILD}."
   try:
     sd = models.load(models.ModelConfig(path=os.path.join(root, SD_DIR)))
-    lm = loss_models.load_loss_models(
-        loss_models.LossModelConfig(clip_path=os.path.join(root, CLIP_DIR)), sd.tokenizer)
+    lm = loss_models.load_loss_models(loss_model_config(root), sd.tokenizer)
   except (ValueError, OSError) as e:
     raise ValueError(f"toy world {root}: {e} To {hint}") from None
   judge_config, judge_params = judge.load(os.path.join(root, JUDGE_DIR), hint)
   return ToyWorld(sd, lm, judge_config, judge_params, root)
+
+
+def loss_model_config(root: str = WEIGHTS_DIR):
+  """The world's loss networks: its CLIP and its trained VGG16-shaped network (read at the
+  world's image size)."""
+  from disentangle_jax import loss_models  # noqa: PLC0415
+  return loss_models.LossModelConfig(clip_path=os.path.join(root, CLIP_DIR),
+                                     vgg_path=os.path.join(root, VGG_DIR, VGG_FILE),
+                                     vgg_input_size=scenes.IMAGE_SIZE)
 
 
 def _world_root(path) -> str | None:
