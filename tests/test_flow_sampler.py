@@ -1,0 +1,234 @@
+"""The flow-matching schedule and Euler sampler against diffusers' FlowMatchEulerDiscreteScheduler
+and a manual loop of it with the PyTorch transformers (per-step mixing), and d(loss)/d(lambda)
+against central finite differences in float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from disentangle_jax import errors, flow_sampler, flow_schedule, mixing
+from disentangle_jax.models import flux, mmdit
+from tests import flow_tiny
+
+# The released scheduler_config.json of SD 3.5 (medium / large) and Flux.1-dev.
+SD35_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                  "shift": 3.0}
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                  "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                  "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def _diffusers_scheduler(config):
+  return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+@pytest.mark.parametrize("num_steps", [1, 4, 28, 50])
+@pytest.mark.parametrize("pixels", [(256, 256), (512, 768), (1024, 1024)])
+def test_sd3_tables_equal_diffusers(num_steps, pixels):
+  """StableDiffusion3Pipeline: set_timesteps(T) with the static shift (sigmas and timesteps bit
+  for bit; the resolution does not enter)."""
+  del pixels
+  sched = _diffusers_scheduler(SD35_SCHEDULER)
+  sched.set_timesteps(num_steps)
+  tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig.from_diffusers_config(
+      SD35_SCHEDULER), num_steps, "sd3")
+  np.testing.assert_array_equal(tables.timesteps, sched.timesteps.numpy())
+  np.testing.assert_array_equal(tables.sigma, sched.sigmas[:-1].numpy())
+  np.testing.assert_array_equal(tables.sigma_next, sched.sigmas[1:].numpy())
+
+
+@pytest.mark.parametrize("num_steps", [1, 4, 28, 50])
+@pytest.mark.parametrize("pixels", [(256, 256), (512, 768), (1024, 1024), (1360, 768)])
+def test_flux_tables_equal_diffusers(num_steps, pixels):
+  """FluxPipeline: sigmas linspace(1, 1/T, T) and mu from the packed image token count."""
+  seq_len = flow_schedule.image_seq_len(pixels[0] // 8, pixels[1] // 8)
+  mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
+  cfg = flow_schedule.FlowScheduleConfig.from_diffusers_config(FLUX_SCHEDULER)
+  assert flow_schedule.calculate_shift(seq_len, cfg) == mu
+  sched = _diffusers_scheduler(FLUX_SCHEDULER)
+  sched.set_timesteps(num_steps, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+  tables = flow_schedule.tables(cfg, num_steps, "flux", seq_len=seq_len)
+  np.testing.assert_array_equal(tables.timesteps, sched.timesteps.numpy())
+  np.testing.assert_array_equal(tables.sigma, sched.sigmas[:-1].numpy())
+  np.testing.assert_array_equal(tables.sigma_next, sched.sigmas[1:].numpy())
+
+
+def test_dynamic_shift_without_passed_sigmas_equals_diffusers():
+  """An SD3-style pipeline on a dynamically shifting scheduler (mu given, no sigmas)."""
+  sched = _diffusers_scheduler(FLUX_SCHEDULER)
+  sched.set_timesteps(7, mu=0.8)
+  tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig.from_diffusers_config(
+      FLUX_SCHEDULER), 7, "sd3", mu=0.8)
+  np.testing.assert_array_equal(tables.sigma, sched.sigmas[:-1].numpy())
+  np.testing.assert_array_equal(tables.timesteps, sched.timesteps.numpy())
+
+
+def test_schedule_refuses_what_it_does_not_run():
+  with pytest.raises(errors.UserError, match="use_karras_sigmas"):
+    flow_schedule.FlowScheduleConfig.from_diffusers_config({"use_karras_sigmas": True})
+  with pytest.raises(errors.UserError, match="seq_len"):
+    flow_schedule.tables(flow_schedule.FlowScheduleConfig(use_dynamic_shifting=True), 4, "flux")
+  with pytest.raises(errors.UserError, match="sampler.remat"):
+    flow_sampler.FlowSamplerConfig(remat="everything")
+
+
+def _prompts(seed, pooled_width=10):
+  """(c0, c1, negative) as {"tokens": [L, 12], "pooled": [1, P]} numpy float32."""
+  rng = np.random.default_rng(seed)
+  make = lambda: {"tokens": rng.normal(size=(flow_tiny.TEXT_LEN, 12)).astype(np.float32),  # pylint: disable=g-long-lambda
+                  "pooled": rng.normal(size=(1, pooled_width)).astype(np.float32)}
+  return make(), make(), make()
+
+
+def _mix_torch(lam, c0, c1):
+  """The convex mix of mixing.py in torch float32, batch of B = 1."""
+  return {k: torch.from_numpy(lam * c1[k] + (1 - lam) * c0[k])[None] for k in c0}
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+  model = flow_tiny.torch_sd3()
+  cfg, params = flow_tiny.saved_and_converted(model, str(tmp_path_factory.mktemp("sd3")))
+  return model, cfg, params
+
+
+@pytest.fixture(scope="module")
+def flux_model(tmp_path_factory):
+  model = flow_tiny.torch_flux()
+  cfg, params = flow_tiny.saved_and_converted(model, str(tmp_path_factory.mktemp("flux")))
+  return model, cfg, params
+
+
+def _rel(a, b):
+  return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def test_sd3_cfg_mixing_matches_manual_diffusers_loop(sd3):
+  """SD3 with a negative prompt, CFG 4.5, random per-step lambda on tokens and pooled: every
+  step's latents equal a loop of diffusers' scheduler and SD3Transformer2DModel."""
+  model, cfg, params = sd3
+  num_steps, guidance = 3, 4.5
+  lam = np.random.default_rng(0).uniform(-0.2, 1.2, num_steps).astype(np.float32)
+  c0, c1, neg = _prompts(1)
+  x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+  sched = _diffusers_scheduler(SD35_SCHEDULER)
+  sched.set_timesteps(num_steps)
+  latents, expected = x_T, []
+  with torch.no_grad():
+    for i, t in enumerate(sched.timesteps):
+      mixed = _mix_torch(lam[i], c0, c1)
+      v = model(torch.cat([latents] * 2), torch.cat([torch.from_numpy(neg["tokens"])[None],
+                                                     mixed["tokens"]]),
+                torch.cat([torch.from_numpy(neg["pooled"]), mixed["pooled"][:, 0]]),
+                t.expand(2)).sample
+      v_u, v_c = v.chunk(2)
+      latents = sched.step(v_u + guidance * (v_c - v_u), t, latents).prev_sample
+      expected.append(latents.numpy())
+
+  tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig.from_diffusers_config(
+      SD35_SCHEDULER), num_steps, "sd3")
+  fn = flow_sampler.sd3_velocity_fn(mmdit.MMDiT(cfg))
+
+  @jax.jit
+  def run(params, lam):
+    cond = mixing.mix(lam, c0, c1)
+    return flow_sampler.sample(fn, params, jnp.asarray(flow_tiny.nchw_to_nhwc(x_T)), cond, neg,
+                               guidance, tables, trajectory=True)
+
+  got = run(params, lam)
+  for i in range(num_steps):
+    assert _rel(flow_tiny.nhwc_to_nchw(got[i]), expected[i]) < 1e-4, i
+  run(params, lam[::-1].copy())  # another lambda: the same program
+  assert run._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_flux_guidance_embedding_mixing_matches_manual_diffusers_loop(flux_model):
+  """Flux.1-dev style: distilled guidance 3.5 as a model input (no CFG), dynamic shift from the
+  token count, packed latents; random per-step lambda on the T5 tokens and the pooled CLIP
+  vector (FluxPipeline's callback cannot swap the pooled vector: hence the manual loop)."""
+  model, cfg, params = flux_model
+  num_steps, h, w = 3, 8, 4
+  lam = np.random.default_rng(1).uniform(-0.2, 1.2, num_steps).astype(np.float32)
+  c0, c1, _ = _prompts(2)
+  x_T = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(6))
+  seq_len = flow_schedule.image_seq_len(h, w)
+  sched = _diffusers_scheduler(FLUX_SCHEDULER)
+  sched.set_timesteps(num_steps, sigmas=np.linspace(1.0, 1 / num_steps, num_steps),
+                      mu=calculate_shift(seq_len, 256, 4096, 0.5, 1.15))
+  txt_ids, img_ids = flow_tiny.flux_ids(h, w)
+  latents, expected = flow_tiny.torch_pack(x_T), []
+  with torch.no_grad():
+    for i, t in enumerate(sched.timesteps):
+      mixed = _mix_torch(lam[i], c0, c1)
+      v = model(latents, mixed["tokens"], mixed["pooled"][:, 0], t.expand(1) / 1000, img_ids,
+                txt_ids, torch.full([1], 3.5)).sample
+      latents = sched.step(v, t, latents).prev_sample
+      expected.append(flow_tiny.torch_unpack(latents, h, w).numpy())
+
+  tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig.from_diffusers_config(
+      FLUX_SCHEDULER), num_steps, "flux", seq_len=seq_len)
+  fn = flow_sampler.flux_velocity_fn(flux.Flux(cfg))
+  got = jax.jit(lambda p, lam: flow_sampler.sample(
+      fn, p, jnp.asarray(flow_tiny.nchw_to_nhwc(x_T)), mixing.mix(lam, c0, c1), None, 1.0,
+      tables, flow_sampler.FlowSamplerConfig(cfg=False), embedded_guidance=3.5,
+      trajectory=True))(params, lam)
+  for i in range(num_steps):
+    assert _rel(flow_tiny.nhwc_to_nchw(got[i]), expected[i]) < 1e-4, i
+
+
+def _float64(tree):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _check_gradient(loss, lam):
+  """jax.grad of loss at lam against central differences, every component, 1e-5 relative."""
+  value_and_grad = jax.jit(jax.value_and_grad(loss))  # one program for both (test time)
+  grad = np.asarray(value_and_grad(lam)[1])
+  f = lambda lam: value_and_grad(lam)[0]  # pylint: disable=unnecessary-lambda-assignment
+  eps = 1e-5
+  fd = np.array([(f(lam + eps * e) - f(lam - eps * e)) / (2 * eps) for e in np.eye(len(lam))])
+  np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-5 * np.abs(fd).max())
+  assert np.abs(grad).min() > 0  # every step's weight reaches the loss
+
+
+def test_sd3_lambda_gradient_equals_finite_differences(sd3):
+  """d(loss)/d(lambda) through the CFG Euler scan with step remat, float64."""
+  _, cfg, params = sd3
+  with jax.enable_x64(True):
+    params64 = _float64(params)
+    c0, c1, neg = (_float64(c) for c in _prompts(3))
+    x_T = np.random.default_rng(4).normal(size=(1, 4, 4, 4))
+    tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig(shift=3.0), 2, "sd3")
+    fn = flow_sampler.sd3_velocity_fn(mmdit.MMDiT(cfg, dtype=jnp.float64))
+    target = np.random.default_rng(5).normal(size=x_T.shape)
+
+    def loss(lam):
+      x0 = flow_sampler.sample(fn, params64, jnp.asarray(x_T), mixing.mix(lam, c0, c1), neg,
+                               4.5, tables, flow_sampler.FlowSamplerConfig(remat="full"))
+      return jnp.sum((x0 - target) ** 2)
+
+    _check_gradient(loss, np.array([0.3, 0.8]))
+
+
+def test_flux_lambda_gradient_equals_finite_differences(flux_model):
+  """The same through Flux with its guidance embedding (no CFG), float64."""
+  _, cfg, params = flux_model
+  with jax.enable_x64(True):
+    params64 = _float64(params)
+    c0, c1, _ = (_float64(c) for c in _prompts(4))
+    x_T = np.random.default_rng(6).normal(size=(1, 4, 4, 4))
+    tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig(**{
+        k: v for k, v in FLUX_SCHEDULER.items() if k != "_class_name"}), 2, "flux", seq_len=4)
+    fn = flow_sampler.flux_velocity_fn(flux.Flux(cfg, dtype=jnp.float64))
+    target = np.random.default_rng(7).normal(size=x_T.shape)
+
+    def loss(lam):
+      x0 = flow_sampler.sample(fn, params64, jnp.asarray(x_T), mixing.mix(lam, c0, c1), None,
+                               1.0, tables, flow_sampler.FlowSamplerConfig(cfg=False),
+                               embedded_guidance=3.5)
+      return jnp.sum((x0 - target) ** 2)
+
+    _check_gradient(loss, np.array([0.3, 0.8]))
