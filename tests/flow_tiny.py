@@ -34,14 +34,16 @@ def _perturbed(model, seed: int):
   return model.eval()
 
 
-def torch_sd3(seed: int = 0):
+def torch_sd3(seed: int = 0, **changes):
+  """SD3Transformer2DModel(SD3_CONFIG with ``changes``), perturbed."""
   torch.manual_seed(seed)
-  return _perturbed(SD3Transformer2DModel(**SD3_CONFIG), seed)
+  return _perturbed(SD3Transformer2DModel(**{**SD3_CONFIG, **changes}), seed)
 
 
-def torch_flux(seed: int = 0):
+def torch_flux(seed: int = 0, **changes):
+  """FluxTransformer2DModel(FLUX_CONFIG with ``changes``), perturbed."""
   torch.manual_seed(seed)
-  return _perturbed(FluxTransformer2DModel(**FLUX_CONFIG), seed)
+  return _perturbed(FluxTransformer2DModel(**{**FLUX_CONFIG, **changes}), seed)
 
 
 def saved_and_converted(model, folder: str, **save_kwargs):

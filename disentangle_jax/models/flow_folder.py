@@ -1,0 +1,173 @@
+"""Flow-matching folders in diffusers layout (SD 3.x, Flux.1): detection, checks, and loading
+of the transformer and the scheduler.
+
+The family is detected from model_index.json's ``_class_name`` (``StableDiffusion3Pipeline`` ->
+"sd3", ``FluxPipeline`` -> "flux"); every other pipeline class, a missing component (T5, a
+CLIP encoder, the VAE, ...), a component of an unexpected class, an unknown transformer option,
+a scheduler option the flow sampler does not run, and a VAE outside the 16-channel latent space
+are refused with one message naming the file and the field.
+
+``load`` returns the transformer (config + weights converted from safetensors in numpy, no
+torch: dit_convert.py) and the scheduler config. The VAE's latent constants are read from its
+config (latents = (z - shift_factor) * scaling_factor); its weights and the text encoders are
+checked by class here but NOT loaded: running them (transformers' Flax CLIP / T5 classes, the
+16-channel VAE) is the programs' wiring, not done yet.
+
+Shapes of what ``FlowModel`` builds: as flow_sampler.py (H W C latent, NHWC).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from disentangle_jax import errors
+from disentangle_jax import flow_sampler
+from disentangle_jax import flow_schedule
+from disentangle_jax.models import dit_convert
+from disentangle_jax.models import flux as flux_lib
+from disentangle_jax.models import mmdit
+
+PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+# The components each family needs, with the class each must have.
+_COMPONENTS = {
+    "sd3": {"transformer": "SD3Transformer2DModel",
+            "scheduler": "FlowMatchEulerDiscreteScheduler", "vae": "AutoencoderKL",
+            "text_encoder": "CLIPTextModelWithProjection",
+            "text_encoder_2": "CLIPTextModelWithProjection", "text_encoder_3": "T5EncoderModel"},
+    "flux": {"transformer": "FluxTransformer2DModel",
+             "scheduler": "FlowMatchEulerDiscreteScheduler", "vae": "AutoencoderKL",
+             "text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"},
+}
+# Optional components that must be absent ([null, null]) because nothing here runs them.
+_ABSENT = {"image_encoder": "IP-Adapter image encoders are not supported",
+           "feature_extractor": "IP-Adapter image encoders are not supported",
+           "controlnet": "ControlNets are not supported"}
+# Pipelines of these families' repositories that are refused by name (with the reason).
+_REFUSED_PIPELINES = {
+    "StableDiffusion3Img2ImgPipeline": "image-to-image pipelines are not supported",
+    "StableDiffusion3InpaintPipeline": "inpainting pipelines are not supported",
+    "StableDiffusion3ControlNetPipeline": "ControlNets are not supported",
+    "FluxImg2ImgPipeline": "image-to-image pipelines are not supported",
+    "FluxInpaintPipeline": "inpainting pipelines are not supported",
+    "FluxFillPipeline": "Flux.1 Fill (inpainting) is not supported",
+    "FluxControlPipeline": "Flux.1 Canny/Depth control models are not supported",
+    "FluxKontextPipeline": "Flux.1 Kontext (image editing) is not supported",
+    "FluxPriorReduxPipeline": "Flux.1 Redux is not supported",
+}
+LATENT_CHANNELS = 16  # the SD3 / Flux VAE latent space
+
+
+def _refuse(source: str, field: str, value, why: str):
+  raise errors.UserError(f"{source}: {field}={value!r}: {why}. Supported: "
+                         f"{' and '.join(PIPELINES)} folders in diffusers layout.")
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise errors.UserError(f"{path} does not exist: is the folder a complete diffusers "
+                           "pipeline folder?")
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise errors.UserError(f"{path} is not valid JSON ({e}).") from e
+
+
+def _class_of(entry):
+  """The class named by a model_index.json entry ([library, class]), None if [null, null]."""
+  if isinstance(entry, (list, tuple)) and len(entry) == 2:
+    return entry[1]
+  return None
+
+
+def detect(model_index: Mapping, source: str) -> str:
+  """The family ("sd3" | "flux") of a folder from its model_index.json; refuses the rest."""
+  index = f"{source}/model_index.json"
+  pipeline = model_index.get("_class_name")
+  if pipeline in _REFUSED_PIPELINES:
+    _refuse(index, "_class_name", pipeline, _REFUSED_PIPELINES[pipeline])
+  if pipeline not in PIPELINES:
+    _refuse(index, "_class_name", pipeline, "not a flow-matching pipeline this library runs")
+  family = PIPELINES[pipeline]
+  for name, cls in _COMPONENTS[family].items():
+    found = _class_of(model_index.get(name))
+    if found is None:
+      _refuse(index, name, model_index.get(name), f"{pipeline} needs its {cls} here (a folder "
+              "without it, e.g. SD3 without its T5 text_encoder_3, is not supported)")
+    if found != cls:
+      _refuse(index, name, found, f"expected {cls}")
+  for name, why in _ABSENT.items():
+    if _class_of(model_index.get(name)) is not None:
+      _refuse(index, name, _class_of(model_index.get(name)), why)
+  return family
+
+
+def check_vae_config(cfg: Mapping, source: str) -> tuple[float, float]:
+  """(scaling_factor, shift_factor) of the 16-channel VAE; refuses other latent spaces."""
+  if cfg.get("latent_channels") != LATENT_CHANNELS:
+    _refuse(source, "latent_channels", cfg.get("latent_channels"),
+            f"SD 3.x and Flux.1 VAEs have {LATENT_CHANNELS} latent channels")
+  for name in ("scaling_factor", "shift_factor"):
+    if not isinstance(cfg.get(name), (int, float)):
+      _refuse(source, name, cfg.get(name), "the latent normalisation (z - shift_factor) * "
+              "scaling_factor needs both numbers")
+  return float(cfg["scaling_factor"]), float(cfg["shift_factor"])
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowModel:
+  """A loaded SD 3.x / Flux.1 folder: the transformer and the scheduler (module docstring).
+
+  ``params`` is the transformer's weight tree (numpy; pass it to jitted code as an argument).
+  """
+
+  family: str  # "sd3" | "flux"
+  source: str
+  transformer_config: Any  # mmdit.MMDiTConfig | flux.FluxConfig
+  params: Any = dataclasses.field(repr=False, compare=False)
+  schedule: flow_schedule.FlowScheduleConfig = flow_schedule.FlowScheduleConfig()
+  vae_scaling_factor: float = 1.0
+  vae_shift_factor: float = 0.0
+
+  def velocity_fn(self, remat: bool = False, attention: str = "dot_product",
+                  dtype=np.float32) -> flow_sampler.VelocityFn:
+    """The sampler's velocity function of this transformer with the given run options."""
+    if self.family == "sd3":
+      return flow_sampler.sd3_velocity_fn(
+          mmdit.MMDiT(self.transformer_config, remat, attention, dtype))
+    return flow_sampler.flux_velocity_fn(
+        flux_lib.Flux(self.transformer_config, remat, attention, dtype))
+
+  def tables(self, num_steps: int, height: int, width: int) -> flow_schedule.FlowTables:
+    """The family's pipeline's tables for latents of height x width (mu for dynamic shift from
+    the image token count: SD3's patches or Flux's packed 2 x 2 patches)."""
+    patch = (self.transformer_config.patch_size if self.family == "sd3" else 2)
+    return flow_schedule.tables(self.schedule, num_steps, self.family,
+                                seq_len=flow_schedule.image_seq_len(height, width, patch))
+
+
+def load(folder: str, dtype=np.float32) -> FlowModel:
+  """Reads a StableDiffusion3Pipeline / FluxPipeline folder (module docstring)."""
+  folder = os.fspath(folder)
+  family = detect(_read_json(os.path.join(folder, "model_index.json")), folder)
+  scaling, shift = check_vae_config(
+      _read_json(os.path.join(folder, "vae", "config.json")), f"{folder}/vae/config.json")
+  schedule = flow_schedule.FlowScheduleConfig.from_diffusers_config(
+      _read_json(os.path.join(folder, "scheduler", "scheduler_config.json")))
+  transformer = os.path.join(folder, "transformer")
+  try:
+    config, params = dit_convert.load_transformer(transformer, dtype)
+  except errors.UserError:
+    raise
+  except ValueError as e:  # the config / converter checks name the field; one user error line
+    raise errors.UserError(f"{transformer}: {e}") from e
+  channels = (config.in_channels if family == "sd3" else config.in_channels // 4)
+  if channels != LATENT_CHANNELS:
+    _refuse(f"{transformer}/config.json", "in_channels", config.in_channels,
+            f"the transformer does not take the VAE's {LATENT_CHANNELS} latent channels")
+  return FlowModel(family, folder, config, params, schedule, scaling, shift)
