@@ -39,7 +39,7 @@ setuptools.setup(
     description=__doc__,
     packages=setuptools.find_packages(include=["disentangle_jax", "disentangle_jax.*"]),
     # The trained toy world (weights, configs, tokenizer) ships inside the package.
-    package_data={"disentangle_jax.toy": ["weights/*", "weights/*/*", "weights/*/*/*"]},
+    package_data={"disentangle_jax.toy": ["weights/*", "weights/*/*", "weights/*/*/*", "inputs/*"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

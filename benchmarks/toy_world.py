@@ -1,26 +1,33 @@
-r"""The paper's results in the toy world: hard switches, pure c1 and learned lambda, judged.
+r"""The paper's questions in the entangled toy world: does pure c1 change what the seed decided,
+and does a learned lambda keep it better than the best hard switch?
 
   DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error python benchmarks/toy_world.py \
-      [--seeds 32] [--num_steps 50] [--t_stars 10,20,30] [--iterations 10] [--batch_seeds 8]
+      [--seeds 64] [--num_steps 50] [--t_stars 5,10,20,30] [--iterations 10] [--batch_seeds 8]
 
-For every attribute (a fixed c0 prompt and c1 = c0 + the attribute, as the release's presets)
-and every seed, the same x_T and noise are rendered under each method:
+For every attribute (c0 = "a photo of a shape", which leaves shape, colour and position to the
+seed; c1 = c0 + the attribute, configs/toy.py's open presets) and every seed, the same x_T and
+noise are rendered under each method:
 
   c1          lambda = 1 at every step (pure target prompt)
-  switch T*   lambda = 0 for the first T* steps, 1 after
-  learned     lambda learned on that seed alone (Adam, 10 iterations, the paper's objective
-              with the toy CLIP and the VGG of the configs)
-  batch       one lambda learned on the first --batch_seeds seeds together, applied to all
-  transfer    the lambda learned on the first seed alone, applied to every seed
+  T*k         lambda = 0 for the first k of 50 steps, 1 after (the paper's hard switch)
+  learned     lambda learned on that seed alone (Adam, the paper's objective with the toy CLIP
+              and the world's perceptual VGG), from the preset's hard switch
+  batch       one lambda learned on the first --batch_seeds seeds together, scored on the others
+  transfer    the lambda learned on seed 0 alone, scored on seeds 1.. (held out)
 
-and scored against the pure-c0 image of the seed: the judge's attribute success, content
-preservation (shape, colour, position unchanged) and both ("combined"), directional CLIP
-(toy CLIP) and the VGG content distance; means with 95% intervals. Writes the table
-(toy_world.md) and a figure per attribute (rows seeds, columns methods) into --out.
+and scored by the judge against the pure-c0 image of the seed: attribute success, content
+preserved (shape, colour, position unchanged), combined (both), the centre's shift in pixels,
+the relative size change, combined_strict (combined and the geometry kept within 1.5 px and
+10%), plus directional CLIP (toy CLIP) and the VGG content distance; means with 95% intervals.
+A second table answers, per attribute: how often pure c1 changes a seed-decided factor
+(entanglement), which hard switch scores best on combined, and the paired difference
+learned - best switch with its 95% interval. Writes toy_world.md and a figure per attribute
+(rows seeds, columns methods) into --out.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -40,11 +47,8 @@ from disentangle_jax.toy import evaluate, judge, scenes, world  # noqa: E402
 
 from configs import toy as toy_configs  # noqa: E402
 
-# attribute name in the renderer: configs/toy.py preset (c0, attribute text, seed, T*, late).
-PRESETS = {"smiling": toy_configs.PRESETS["smiling"], "wooden": toy_configs.PRESETS["wooden"],
-           "snow": toy_configs.PRESETS["snow"], "night": toy_configs.PRESETS["night"]}
-METRICS = ("attribute_success", "content_preserved", "combined", "directional_clip",
-           "content_distance")
+METRICS = ("attribute_success", "content_preserved", "combined", "position_error_px",
+           "size_error", "combined_strict", "directional_clip", "content_distance")
 
 
 def render_columns(w, c0, c1, seeds, lams: dict, num_steps: int) -> dict:
@@ -54,9 +58,7 @@ def render_columns(w, c0, c1, seeds, lams: dict, num_steps: int) -> dict:
   tables = schedule.step_tables(sd.schedule, num_steps)
   run = noise.draw(jax.random.key(0), np.asarray(seeds),
                    (sd.latent_size, sd.latent_size, sd.latent_channels), tables.sigma)
-  render = pipeline.make_render_fn(models.make_eps_fn(sd.unet),
-                                   models.make_decode_fn(sd.vae, sd.scaling_factor),
-                                   sampler.SamplerConfig("ddim"))
+  render = evaluate.render_fn(sd.unet, sd.vae, sd.scaling_factor)
   prompts = pipeline.PromptPair(emb[0], emb[1], emb[2])
   out = {}
   for name, lam in lams.items():
@@ -67,7 +69,7 @@ def render_columns(w, c0, c1, seeds, lams: dict, num_steps: int) -> dict:
   return out
 
 
-def learn(w, c0, text, seeds, args, t_init: int, together: bool) -> np.ndarray:
+def learn(w, lm, c0, text, seeds, args, t_init: int, together: bool) -> np.ndarray:
   """Learned lambda [S, T] (one per seed) or [T] (one for all seeds), from a switch at t_init."""
   common = dict(prompt=c0, attribute=text, t_star=t_init,
                 sampling=sampling.SamplingConfig(num_steps=args.num_steps,
@@ -79,16 +81,14 @@ def learn(w, c0, text, seeds, args, t_init: int, together: bool) -> np.ndarray:
   else:
     spec = disentangle.EditSet(tuple(disentangle.EditSpec(seeds=(s,), **common) for s in seeds))
   sd = w.sd
-  prep = disentangle.prepare(sd, w.loss_models, spec, (sd.latent_size, sd.latent_size,
-                                                       sd.latent_channels),
+  prep = disentangle.prepare(sd, lm, spec, (sd.latent_size, sd.latent_size, sd.latent_channels),
                              parallel.make_mesh())
   lam, _, _ = disentangle.optimise(prep, spec, log=lambda m: None)
   return lam
 
 
-def score(w, attribute: int, c0, c1, columns: dict) -> dict:
+def score(w, lm, attribute: int, c0, c1, columns: dict) -> dict:
   """{method: {metric: [S] values}} against columns["original"]."""
-  lm = w.loss_models
   text = loss_models.encode_texts(lm, [c0, c1])
   nets = metrics.from_loss_models(lm, "standard")
   original = columns["original"]
@@ -106,58 +106,105 @@ def score(w, attribute: int, c0, c1, columns: dict) -> dict:
   return out
 
 
+def held_out(method: str, batch_seeds: int) -> slice:
+  """The seeds a method is scored on: transfer and batch never on the seeds they learned on."""
+  return {"transfer": slice(1, None), "batch": slice(batch_seeds, None)}.get(method, slice(None))
+
+
+def answer(name: str, scores: dict, t_stars, batch_seeds: int) -> list[str]:
+  """The paper's questions for one attribute: entanglement of pure c1, the best hard switch on
+  combined, and learned - best switch (paired over seeds, 95% interval)."""
+  changed = stats.interval(1 - scores["c1"]["content_preserved"])
+  switches = {f"T*{t}": float(np.mean(scores[f"T*{t}"]["combined"])) for t in t_stars}
+  best = max(switches, key=switches.get)
+  row = [name, _fmt(changed), f"{best} ({switches[best]:.3f})"]
+  if "learned" in scores:
+    diff = stats.interval(scores["learned"]["combined"] - scores[best]["combined"])
+    strict = stats.interval(scores["learned"]["combined_strict"]
+                            - scores[best]["combined_strict"])
+    row += [_fmt(stats.interval(scores["learned"]["combined"])), _fmt(diff), _fmt(strict),
+            _verdict(diff)]
+  return row
+
+
+def _verdict(iv: dict) -> str:
+  if iv["ci95_low"] > 0:
+    return "learned better"
+  if iv["ci95_high"] < 0:
+    return "best switch better"
+  return "no clear difference"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--weights", default=world.WEIGHTS_DIR)
-  parser.add_argument("--seeds", type=int, default=32)
+  parser.add_argument("--seeds", type=int, default=64)
   parser.add_argument("--num_steps", type=int, default=50)
-  parser.add_argument("--t_stars", default="10,20,30")
+  parser.add_argument("--t_stars", default="5,10,20,30")
   parser.add_argument("--t_init", type=int, default=0,
                       help="hard-switch init of learning; 0 = the preset's T* (configs/toy.py)")
   parser.add_argument("--iterations", type=int, default=10)
   parser.add_argument("--batch_seeds", type=int, default=8)
-  parser.add_argument("--attributes", default=",".join(PRESETS))
+  parser.add_argument("--attributes", default=",".join(toy_configs.OPEN_PRESETS))
   parser.add_argument("--no_learn", action="store_true", help="switches and c1 only")
+  parser.add_argument("--random_vgg", action="store_true",
+                      help="learn with the random tiny VGG instead of the world's trained one")
   parser.add_argument("--figure_seeds", type=int, default=6)
   parser.add_argument("--out", default="benchmarks/toy_world")
   args = parser.parse_args()
   machine = harness.machine_report()
   print(machine)
   w = world.load(args.weights)
+  lm = w.loss_models
+  if args.random_vgg:
+    lm = _random_vgg(args.weights, w)
   seeds = list(range(args.seeds))
   t_stars = [int(t) for t in args.t_stars.split(",")]
   os.makedirs(args.out, exist_ok=True)
-  table = []
+  table, answers = [], []
   for name in args.attributes.split(","):
     t0 = time.time()
-    attribute = scenes.ATTRIBUTES.index(name)
-    c0, text, _, t_star, _ = PRESETS[name]
+    c0, text, _, t_star, _ = toy_configs.PRESETS[name]
     c1 = c0 + text
-    assert scenes.parse_caption(c1)[3] == attribute, (c1, name)
+    attribute = evaluate.attribute_index(c1)
     t_init = args.t_init or round(t_star * args.num_steps / 50)
     lams = {"original": np.zeros(args.num_steps), "c1": np.ones(args.num_steps)}
-    lams.update({f"T*{t}": mixing.hard_switch(args.num_steps, t) for t in t_stars})
+    lams.update({f"T*{t}": mixing.hard_switch(args.num_steps, round(t * args.num_steps / 50))
+                 for t in t_stars})
     if not args.no_learn:
-      per_seed = learn(w, c0, text, seeds, args, t_init, together=False)  # [S, T]
+      per_seed = learn(w, lm, c0, text, seeds, args, t_init, together=False)  # [S, T]
       lams["learned"] = per_seed.T
-      lams["batch"] = learn(w, c0, text, seeds[:args.batch_seeds], args, t_init, together=True)
+      lams["batch"] = learn(w, lm, c0, text, seeds[:args.batch_seeds], args, t_init,
+                            together=True)
       lams["transfer"] = per_seed[0]
     columns = render_columns(w, c0, c1, seeds, lams, args.num_steps)
-    scores = score(w, attribute, c0, c1, columns)
+    scores = score(w, lm, attribute, c0, c1, columns)
     for method, ms in scores.items():
-      sel = slice(1, None) if method == "transfer" else slice(None)  # transfer: other seeds
+      sel = held_out(method, args.batch_seeds)
       table.append([name, method] + [_fmt(stats.interval(ms[k][sel])) for k in METRICS])
       print(" | ".join(table[-1]), flush=True)
+    answers.append(answer(name, scores, t_stars, args.batch_seeds))
+    print(" | ".join(answers[-1]), flush=True)
     rows = [[images.to_uint8(columns[m][i]) for m in columns] for i in range(args.figure_seeds)]
     images.grid(rows, list(columns), [str(s) for s in seeds[:args.figure_seeds]]).save(
         os.path.join(args.out, f"{name}.png"))
     print(f"{name}: {c0!r} -> {c1!r} ({time.time() - t0:.0f}s)", flush=True)
-  headers = ["attribute", "method"] + list(METRICS)
-  md = harness.markdown_table(headers, table)
+  md = harness.markdown_table(["attribute", "method"] + list(METRICS), table)
+  headers = ["attribute", "pure c1 changes content", "best switch (combined)"]
+  if not args.no_learn:
+    headers += ["learned combined", "learned - best switch", "same, strict", "reading"]
+  md_answers = harness.markdown_table(headers, answers)
   print(md)
+  print(md_answers)
   with open(os.path.join(args.out, "toy_world.md"), "w") as f:
     recorded = dict(vars(args), weights=os.path.relpath(args.weights, harness.REPO_ROOT))
-    f.write(f"{machine}\n\n{recorded}\n\n{md}\n")
+    f.write(f"{machine}\n\n{recorded}\n\n{md}\n\n{md_answers}\n")
+
+
+def _random_vgg(root: str, w):
+  """The world's loss networks with the random tiny VGG instead of its trained one."""
+  cfg = dataclasses.replace(world.loss_model_config(root), vgg_path=None, vgg_input_size=None)
+  return loss_models.load_loss_models(cfg, w.sd.tokenizer)
 
 
 def _fmt(iv: dict) -> str:

@@ -1,5 +1,6 @@
 r"""Edit a real image (METHOD.md section 5): invert it, then apply or learn the mixing weights.
 
+  python -m launch.edit --config=configs/edit.py:toy --workdir=workdir/edit_toy
   python -m launch.edit --config=configs/edit.py --workdir=workdir/edit
   python -m launch.edit --config=configs/edit.py:snow,sd --config.image=church.jpg \
       --config.model.path=PATH/sd-v1-5 --config.loss_models.clip_path=PATH/clip-vit-base-patch32 \
@@ -8,7 +9,10 @@ r"""Edit a real image (METHOD.md section 5): invert it, then apply or learn the 
       --config.weights=workdir/snow/weights.json --config.model.path=PATH/sd-v1-5 \
       --workdir=workdir/church_snow_transfer
 
-The argument after ":" is a preset (PRESETS: the release's real-image example), optionally
+The argument after ":" is "toy" (the shipped toy world editing one of its input images,
+disentangle_jax/toy/inputs/*.png: "a photo of a red circle on the left" -> ", covered by snow";
+choose another with image, prompt and attribute) or a preset (PRESETS: the release's
+real-image example), optionally
 followed by ",sd" for Stable Diffusion v1.x settings (512 px), ",sd2" (SD 2.x base, 512 px),
 ",sd21" (SD 2.1, 768 px, v-prediction) or ",sdxl" (SDXL base, 1024 px); without it the built-in
 tiny model is used. ``image`` empty = a synthetic picture drawn in code (real_images.synthetic), for
@@ -16,19 +20,25 @@ the demo and the tests. ``weights`` set = apply that exported lambda (its prompt
 empty = learn lambda on this image (same losses and checkpoints as launch.disentangle).
 The sampler is DDIM with eta = 0 (the inversion's residuals replace the random noise).
 """
+import os
+
 import ml_collections
 
 from configs import common
 from configs import disentangle
+from configs import toy
 
 # name: (c0, attribute appended to make c1, seed, T*, lambda_late) -- METHOD.md section 7:
 # every preset of configs/disentangle.py; "snow" is the release's real-image example.
 PRESETS = dict(disentangle.PRESETS,
-               snow=("A photo of church exterior", ", covered by snow", 42, 10, 1.1))
+               snow=("A photo of church exterior", ", covered by snow", 42, 10, 1.1),
+               toy=("a photo of a red circle on the left", ", covered by snow", 42, 10, 1.0))
+TOY_INPUTS = os.path.join(os.path.dirname(toy.TOY_WEIGHTS), "inputs")  # rendered toy scenes
 
 
 def get_config(arg: str = "snow") -> ml_collections.ConfigDict:
-  name, size = common.parse_preset_arg(arg, PRESETS, "configs/edit.py")
+  name, size = common.parse_preset_arg(arg, PRESETS, "configs/edit.py",
+                                       sizes=() if arg.startswith("toy") else tuple(common.SIZES))
   prompt, attribute, seed, t_star, late = PRESETS[name]
   c = ml_collections.ConfigDict()
   c.preset = name
@@ -49,4 +59,7 @@ def get_config(arg: str = "snow") -> ml_collections.ConfigDict:
   common.add_learning(c, t_star, late)  # t_star, lambda_late, remat, faithful, loss, optimizer
   if size:
     c.image_size = common.SIZES[size]
+  if name == "toy":
+    toy.world_fields(c)
+    c.image = os.path.join(TOY_INPUTS, "red_circle_left.png")
   return c

@@ -8,7 +8,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from disentangle_jax import metrics
 
 # Two-sided 95% normal quantile, for the interval mean +- Z_95 * std / sqrt(n).
 Z_95 = 1.959963984540054
@@ -31,7 +30,7 @@ def summarise(rows: Sequence[dict], spec) -> list[dict[str, Any]]:
     mine = [r for r in rows if r["source"] == src.label]
     for group in ["all"] + [a.name for a in spec.attributes]:
       sel = mine if group == "all" else [r for r in mine if r["attribute"] == group]
-      for name in metrics.METRIC_NAMES:
+      for name in spec.metric_names:
         out.append({"source": src.label, "attribute": group, "metric": name,
                     **interval([r[name] for r in sel])})
   return out

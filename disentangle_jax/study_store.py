@@ -10,7 +10,6 @@ with the same rows, each exactly once, as an uninterrupted one. The manifest
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -19,7 +18,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from disentangle_jax import errors, images, metrics, noise, parallel, run_identity, study, workdir
+from disentangle_jax import errors, images, noise, parallel, run_identity, study, workdir
 
 ROWS_DIR = "rows"
 SAMPLES_DIR = "samples"
@@ -42,7 +41,7 @@ def check_manifest(out_dir: str, spec: study.StudySpec, identity: dict | None = 
   models (and their files' contents), image size, dtype. The spec's own fields are part of it.
   """
   path = os.path.join(out_dir, ROWS_DIR, MANIFEST)
-  current = run_identity.flatten({"spec": dataclasses.asdict(spec)}) | dict(identity or {})
+  current = run_identity.flatten({"spec": spec.record()}) | dict(identity or {})
   fix = (f"use a new --workdir (or delete {os.path.join(out_dir, ROWS_DIR)!r} to start the "
          "study over)")
   if os.path.isfile(path):
@@ -60,7 +59,7 @@ def check_manifest(out_dir: str, spec: study.StudySpec, identity: dict | None = 
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   workdir.write_atomic(path, json.dumps({"fingerprint": spec.fingerprint(),
-                                         "spec": dataclasses.asdict(spec),
+                                         "spec": spec.record(),
                                          "identity": current}, indent=2))
 
 
@@ -73,7 +72,7 @@ def read_chunk(path: str, spec: study.StudySpec, index: int) -> list[dict[str, A
     with open(path) as f:
       rows = [json.loads(line) for line in f if line.strip()]
     keys = [(r["source"], r["attribute"], r["seed"]) for r in rows]
-    values_ok = all(isinstance(r[m], float) for r in rows for m in metrics.METRIC_NAMES)
+    values_ok = all(isinstance(r[m], float) for r in rows for m in spec.metric_names)
   except (OSError, ValueError, KeyError, TypeError):
     return None
   expected = [(src.label, spec.attributes[a].name, seed) for a, seed in spec.chunk(index)
@@ -90,21 +89,25 @@ def chunk_rows(spec: study.StudySpec, units: Sequence[tuple[int, int]],
       row = {"source": src.label, "attribute": spec.attributes[a].name, "seed": seed}
       if spec.images:
         row["image"] = os.path.basename(spec.images[seed])
-      row.update({name: float(values[name][j, k]) for name in metrics.METRIC_NAMES})
+      row.update({name: float(values[name][j, k]) for name in spec.metric_names})
       rows.append(row)
   return rows
 
 
 def run(evaluate: Callable, inputs: study.StudyInputs, spec: study.StudySpec, latent_shape, mesh,
         out_dir: str, log: Callable[[str], None] = print, write: bool = True,
-        unit_inputs: Callable | None = None) -> int:
+        unit_inputs: Callable | None = None, score_fn: Callable | None = None) -> int:
   """Processes every chunk without a rows file; returns the number of chunks computed.
 
   ``write``: whether this process writes files (process 0 of a multi-host run); every process
   must still call ``evaluate`` on every chunk, since the computation is global.
   ``unit_inputs(units) -> RunNoise``: x_T and noise of (attribute, seed) units; default: drawn
   from the seeds (noise.draw); real images: ``image_inputs``.
+  ``score_fn(images [U, 1 + K, h, w, 3] in [0, 1], attr [U]) -> {name: [U, K]}``: the host-side
+  ``spec.scores`` of a chunk's real units (column 0 of images is the original).
   """
+  if tuple(spec.scores) and score_fn is None:
+    raise ValueError(f"the study has scores {spec.scores} but no score_fn computes them.")
   size = parallel.padded_size(spec.batch_size, mesh)
   labels = ["c0"] + [s.label for s in spec.sources]
   sigma = parallel.to_host(inputs.tables.sigma)
@@ -142,7 +145,10 @@ def run(evaluate: Callable, inputs: study.StudyInputs, spec: study.StudySpec, la
     keep = parallel.mask(len(units), size) > 0  # padding is computed, never reported
     values = {k: parallel.to_host(v)[keep] for k, v in values.items()}
     samples = [j for j, (_, seed) in enumerate(units) if seed in grid_seeds]
-    pixels = images.to_uint8(parallel.to_host(rendered)) if samples else None
+    host = parallel.to_host(rendered) if samples or spec.scores else None
+    if spec.scores:
+      values.update(score_fn(host[keep], np.asarray([a for a, _ in units])))
+    pixels = images.to_uint8(host) if samples else None
     if write:
       for j in samples:
         a, seed = units[j]

@@ -30,11 +30,17 @@ def test_render_is_deterministic_and_factors_show():
 
 def test_captions_round_trip_and_are_single_tokens():
   caps = scenes.all_captions()
-  assert len(set(caps)) == 120
+  assert len(set(caps)) == 300  # each content word named or left out, x 5 attributes
   assert caps[scenes.caption_index(np.array([[2, 1, 0, 3]]))[0]] == (
       "a photo of a green triangle on the left, covered by snow")
-  for i in (0, 57, 119):
-    np.testing.assert_array_equal(scenes.parse_caption(caps[i]), scenes.all_factors()[i])
+  o = scenes.OMITTED
+  assert caps[scenes.caption_index(np.array([[o, 0, o, 0]]))[0]] == "a photo of a red shape"
+  assert caps[scenes.caption_index(np.array([[o, o, 1, 4]]))[0]] == (
+      "a photo of a shape on the right, at night")
+  for i in (0, 57, 119, 299):
+    np.testing.assert_array_equal(scenes.parse_caption(caps[i]), scenes.all_caption_factors()[i])
+  full = scenes.all_factors()
+  np.testing.assert_array_equal(scenes.scene_index(full), np.arange(120))
   with pytest.raises(ValueError, match="not a toy-world caption"):
     scenes.parse_caption("a photo of a purple circle")
   tok = world.tokenizer()
@@ -42,6 +48,38 @@ def test_captions_round_trip_and_are_single_tokens():
     assert len(tok.tokenize(cap)) == len(cap.replace(",", " ,").split()) <= world.MAX_TOKENS - 2
   with pytest.raises(ValueError, match="factor colour"):
     scenes.render(np.array([[0, 9, 0, 0]]), [0])
+
+
+def test_world_is_entangled_by_its_data():
+  """Attributes move the unnamed factors (scenes.ATTRIBUTE_BIAS); captions leave words out."""
+  rng = np.random.default_rng(0)
+  f = scenes.sample_factors(rng, 20000)
+  for name, (k, value, p) in scenes.ATTRIBUTE_BIAS.items():
+    sel = f[:, 3] == scenes.ATTRIBUTES.index(name)
+    assert abs(np.mean(f[sel, k] == value) - p) < 0.03, name
+  none = f[f[:, 3] == 0]
+  for k, n in enumerate(scenes.FACTOR_SIZES[:3]):  # no attribute: every value equally likely
+    assert np.abs(np.bincount(none[:, k], minlength=n) / len(none) - 1 / n).max() < 0.03
+  caps = scenes.sample_captions(rng, f[:2000])
+  omitted = caps[:, :3] == scenes.OMITTED
+  assert abs(omitted.mean() - scenes.OMIT_PROB) < 0.03
+  np.testing.assert_array_equal(caps[:, 3], f[:2000, 3])  # the attribute is always named
+  assert scenes.consistent(caps, f[:2000]).diagonal().all()
+  other = f[:2000].copy()
+  other[:, 1] = (other[:, 1] + 1) % 4
+  np.testing.assert_array_equal(scenes.consistent(caps, other).diagonal(), omitted[:, 1])
+
+
+def test_judge_scores_categories_and_geometry():
+  f0 = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+  g0 = np.array([[10, 16, 7, 0, 0, 0]] * 3, np.float32)
+  f1 = np.array([[0, 0, 0, 3], [0, 0, 0, 3], [1, 0, 1, 3]])
+  g1 = g0 + np.array([[1, 0, 0.3, 0, 0, 0], [3, 4, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], np.float32)
+  s = judge_lib.score_edits((f0, g0), (f1, g1), attribute=3)
+  np.testing.assert_array_equal(s["combined"], [1, 1, 0])
+  np.testing.assert_allclose(s["position_error_px"], [1, 5, 0])
+  np.testing.assert_allclose(s["size_error"], [0.3 / 7, 0, 0], rtol=1e-6)
+  np.testing.assert_array_equal(s["combined_strict"], [1, 0, 0])
 
 
 class _Killed(Exception):
@@ -62,7 +100,8 @@ def test_stage_resumes_exactly_and_refuses_other_config(tmp_path):
     if k == kill_at:
       raise _Killed()
     idx = train.batch_indices(cfg, "judge", k, len(data.factors))
-    return {"images": train.to_unit(data.images[idx]), "factors": data.factors[idx]}
+    return {"images": train.to_unit(data.images[idx]), "factors": data.factors[idx],
+            "geometry": data.geometry[idx]}
 
   full, hist, _ = train.run_stage("judge", cfg, loss, params, batches, str(tmp_path / "a"), "x",
                                print)
@@ -116,7 +155,7 @@ def test_fresh_weights_are_deterministic_and_fit_every_network():
   clip_module = modeling_flax_clip.FlaxCLIPModule(
       world.clip_config(cfg.sizes, tok, cfg.judge.image_size))
   params = train.init_params(cfg, sd, clip_module)
-  assert set(params) == {"vae", "unet", "clip", "judge"}  # SD's text encoder is CLIP's
+  assert set(params) == {"vae", "unet", "clip", "judge", "perceptual"}  # SD's text encoder: CLIP's
   text = jax.eval_shape(lambda k: sd.text_encoder.init_weights(k, (1, world.MAX_TOKENS)),
                         jax.random.key(0))
   assert (jax.tree.map(lambda a: a.shape, build.clip_text_params(params["clip"]))
@@ -151,11 +190,18 @@ def shipped():
 
 
 @needs_weights
-def test_judge_and_clip_floors_on_fresh_renders(shipped):
-  images, factors = evaluate.fresh_renders(seed=123, n=300)
-  acc = judge_lib.accuracy(evaluate.judge_predict(shipped, images), factors)
+def test_judge_perceptual_and_clip_floors_on_fresh_renders(shipped):
+  images, factors, geometry = evaluate.fresh_renders(seed=123, n=300)
+  pred, geo = evaluate.judge_predict(shipped, images)
+  acc = judge_lib.accuracy(pred, factors)
   print("judge accuracy", acc)
   assert min(acc.values()) >= 0.95, acc
+  err = judge_lib.geometry_error(geo, geometry)
+  print("judge geometry error", err)
+  assert err["x_px"] <= 1.5 and err["y_px"] <= 1.5 and err["size_rel"] <= 0.1, err
+  perceptual = evaluate.perceptual_accuracy(shipped, images, factors)
+  print("perceptual network accuracy", perceptual)
+  assert perceptual >= 0.9
   zs = evaluate.content_attribute_accuracy(evaluate.clip_predict(shipped, images), factors)
   print("toy CLIP zero-shot", zs)
   assert min(zs.values()) >= 0.90, zs
@@ -166,7 +212,9 @@ def test_judge_and_clip_floors_on_fresh_renders(shipped):
 FLOORS = """
 import json
 from disentangle_jax.toy import evaluate, world
-rates = evaluate.diffusion_floors(world.load(world.WEIGHTS_DIR), seed=5, n=16)
+w = world.load(world.WEIGHTS_DIR)
+rates = evaluate.diffusion_floors(w, seed=5, n=16)
+rates.update(evaluate.partial_caption_floors(w, seed=5, n=32))
 print("RESULT" + json.dumps(rates))
 """
 
@@ -178,6 +226,10 @@ def test_diffusion_floors(cli):
                                                XLA_FLAGS="--xla_backend_optimization_level=1"))
   print("diffusion floors", rates)
   assert rates["c0_content"] >= 0.8 and rates["c1_attribute"] >= 0.8, rates
+  # partial captions: the named factors kept, the unnamed ones spread (no value below half
+  # its share)
+  assert rates["named_kept"] >= 0.8, rates
+  assert min(rates[f"spread_{k}"] for k in ("shape", "colour", "position")) >= 0.5, rates
 
 
 @needs_weights

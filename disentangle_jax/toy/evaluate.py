@@ -18,7 +18,7 @@ Shapes: N items, S image size. Images NHWC float in [0, 1].
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -172,3 +172,37 @@ def quality(w, seed: int, n_renders: int = 1000, n_samples: int = 64,
          "entanglement": entanglement(w, seed, n_samples)}
   log(f"quality: {out}")
   return out
+
+
+# The judge's scores of an edit (judge.score_edits), as the study's host-side scores.
+STUDY_SCORES = ("attribute_success", "content_preserved", "combined", "position_error_px",
+                "size_error", "geometry_kept", "combined_strict")
+
+
+def attribute_index(target_prompt: str) -> int:
+  """The toy-world attribute a c1 prompt names; ValueError names the prompt if it is no caption."""
+  return int(scenes.parse_caption(target_prompt)[3])
+
+
+def study_score_fn(judge_config, judge_params, attributes: Sequence[int]) -> Callable:
+  """The study's ``score_fn`` (study_store.run) of a toy world: the judge reads every image
+  of a chunk and scores each source's image against column 0 (the pure-c0 image).
+
+  attributes: the toy attribute index of each study attribute (``attribute_index``).
+  """
+  predict = jax.jit(lambda p, x: judge_lib.predict(judge_config, p, x))
+  attributes = np.asarray(attributes)
+
+  def score(images: np.ndarray, attr: np.ndarray) -> dict[str, np.ndarray]:
+    u, cols = images.shape[:2]
+    factors, geometry = (np.asarray(a).reshape((u, cols) + a.shape[1:]) for a in predict(
+        judge_params, jnp.asarray(images.reshape((u * cols,) + images.shape[2:]))))
+    out = {name: np.zeros((u, cols - 1)) for name in STUDY_SCORES}
+    for j in range(u):
+      orig = (np.repeat(factors[j, :1], cols - 1, 0), np.repeat(geometry[j, :1], cols - 1, 0))
+      scores = judge_lib.score_edits(orig, (factors[j, 1:], geometry[j, 1:]),
+                                     int(attributes[attr[j]]))
+      for name in STUDY_SCORES:
+        out[name][j] = scores[name]
+    return out
+  return score

@@ -241,7 +241,7 @@ def loss_model_config(root: str = WEIGHTS_DIR):
                                      vgg_input_size=scenes.IMAGE_SIZE)
 
 
-def _world_root(path) -> str | None:
+def world_root(path) -> str | None:
   """The world folder that ``path`` (a model.path or clip_path) is part of, if any."""
   if not path:
     return None
@@ -255,7 +255,7 @@ def _world_root(path) -> str | None:
 def rebuild_hint(path):
   """Around loading ``path``: if it belongs to a toy world, a missing file is reported up
   front and any loading error names how to rebuild the world (one message, same type)."""
-  root = _world_root(path)
+  root = world_root(path)
   if root is None:
     yield
     return
