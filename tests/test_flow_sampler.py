@@ -1,16 +1,17 @@
-"""The flow-matching schedule and Euler sampler against diffusers' FlowMatchEulerDiscreteScheduler
-and a manual loop of it with the PyTorch transformers (per-step mixing), and d(loss)/d(lambda)
-against central finite differences in float64."""
+"""The flow-matching schedule and Euler sampler against diffusers' FlowMatchEulerDiscreteScheduler,
+StableDiffusion3Pipeline (per-step mixing through its step callback, VAE decode) and a manual
+loop of the scheduler and FluxTransformer2DModel (FluxPipeline cannot swap the pooled vector per
+step), and d(loss)/d(lambda) against central finite differences in float64."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from disentangle_jax import errors, flow_sampler, flow_schedule, mixing
-from disentangle_jax.models import flux, mmdit
+from disentangle_jax.models import dit_convert, flow_vae, flux, mmdit
 from tests import flow_tiny
 
 # The released scheduler_config.json of SD 3.5 (medium / large) and Flux.1-dev.
@@ -106,42 +107,76 @@ def _rel(a, b):
   return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def test_sd3_cfg_mixing_matches_manual_diffusers_loop(sd3):
-  """SD3 with a negative prompt, CFG 4.5, random per-step lambda on tokens and pooled: every
-  step's latents equal a loop of diffusers' scheduler and SD3Transformer2DModel."""
+def _torch_vae(folder):
+  """A tiny AutoencoderKL of the SD3 / Flux kind (no quant convs, a shift factor), saved."""
+  torch.manual_seed(7)
+  vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                      latent_channels=4, norm_num_groups=4, sample_size=16,
+                      use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                      shift_factor=0.0609).eval()
+  vae.save_pretrained(folder, safe_serialization=True)
+  return vae
+
+
+def test_sd3_pipeline_with_per_step_mixing(sd3, tmp_path):
+  """StableDiffusion3Pipeline itself as the oracle: a negative prompt, CFG 4.5, random per-step
+  lambda on tokens and pooled vector (swapped by its step callback), then the VAE decode: every
+  step's latents and the decoded image equal ours (one jitted sample + decode)."""
   model, cfg, params = sd3
   num_steps, guidance = 3, 4.5
   lam = np.random.default_rng(0).uniform(-0.2, 1.2, num_steps).astype(np.float32)
   c0, c1, neg = _prompts(1)
   x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-  sched = _diffusers_scheduler(SD35_SCHEDULER)
-  sched.set_timesteps(num_steps)
-  latents, expected = x_T, []
-  with torch.no_grad():
-    for i, t in enumerate(sched.timesteps):
-      mixed = _mix_torch(lam[i], c0, c1)
-      v = model(torch.cat([latents] * 2), torch.cat([torch.from_numpy(neg["tokens"])[None],
-                                                     mixed["tokens"]]),
-                torch.cat([torch.from_numpy(neg["pooled"]), mixed["pooled"][:, 0]]),
-                t.expand(2)).sample
-      v_u, v_c = v.chunk(2)
-      latents = sched.step(v_u + guidance * (v_c - v_u), t, latents).prev_sample
-      expected.append(latents.numpy())
+  tvae = _torch_vae(str(tmp_path / "vae"))
+  pipe = StableDiffusion3Pipeline(
+      transformer=model, scheduler=_diffusers_scheduler(SD35_SCHEDULER), vae=tvae,
+      text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+      text_encoder_3=None, tokenizer_3=None)
+  pipe.set_progress_bar_config(disable=True)
+  negative = {k: torch.from_numpy(v)[None] for k, v in neg.items()}
+  steps = []
 
+  def next_step_embeddings(pipe, i, t, kwargs):  # the callback sets step i + 1's conditioning
+    del pipe, t
+    steps.append(kwargs["latents"].numpy())
+    if i + 1 == num_steps:
+      return {}
+    mixed = _mix_torch(lam[i + 1], c0, c1)
+    return {"prompt_embeds": torch.cat([negative["tokens"], mixed["tokens"]]),
+            "pooled_prompt_embeds": torch.cat([negative["pooled"][:, 0],
+                                               mixed["pooled"][:, 0]])}
+
+  first = _mix_torch(lam[0], c0, c1)
+  with torch.no_grad():
+    image = pipe(prompt_embeds=first["tokens"], pooled_prompt_embeds=first["pooled"][:, 0],
+                 negative_prompt_embeds=negative["tokens"],
+                 negative_pooled_prompt_embeds=negative["pooled"][:, 0], latents=x_T,
+                 height=16, width=16, num_inference_steps=num_steps, guidance_scale=guidance,
+                 output_type="np", callback_on_step_end=next_step_embeddings,
+                 callback_on_step_end_tensor_inputs=["latents"]).images
+
+  vae_cfg = dit_convert.read_config(str(tmp_path / "vae"))
+  vae = flow_vae.build_vae(vae_cfg)
+  vae_params = flow_vae.vae_params(dit_convert.read_state_dict(str(tmp_path / "vae")), vae,
+                                   vae_cfg)
+  decode = flow_vae.make_decode_fn(vae, vae_cfg["scaling_factor"], vae_cfg["shift_factor"])
   tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig.from_diffusers_config(
       SD35_SCHEDULER), num_steps, "sd3")
   fn = flow_sampler.sd3_velocity_fn(mmdit.MMDiT(cfg))
 
   @jax.jit
-  def run(params, lam):
-    cond = mixing.mix(lam, c0, c1)
-    return flow_sampler.sample(fn, params, jnp.asarray(flow_tiny.nchw_to_nhwc(x_T)), cond, neg,
-                               guidance, tables, trajectory=True)
+  def run(params, vae_params, lam):
+    xs = flow_sampler.sample(fn, params, jnp.asarray(flow_tiny.nchw_to_nhwc(x_T)),
+                             mixing.mix(lam, c0, c1), neg, guidance, tables, trajectory=True)
+    return xs, decode(vae_params, xs[-1])
 
-  got = run(params, lam)
+  got, got_image = run(params, vae_params, lam)
   for i in range(num_steps):
-    assert _rel(flow_tiny.nhwc_to_nchw(got[i]), expected[i]) < 1e-4, i
-  run(params, lam[::-1].copy())  # another lambda: the same program
+    assert _rel(flow_tiny.nhwc_to_nchw(got[i]), steps[i]) < 1e-4, i
+  assert got_image.shape == image.shape == (1, 16, 16, 3)
+  assert _rel(got_image, image) < 1e-4
+  run(params, vae_params, lam[::-1].copy())  # another lambda: the same program
   assert run._cache_size() == 1  # pylint: disable=protected-access
 
 
