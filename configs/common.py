@@ -93,16 +93,19 @@ SIZES = {
 }
 
 
-def parse_preset_arg(arg: str, presets: dict, program: str) -> tuple[str, str]:
+def parse_preset_arg(arg: str, presets: dict, program: str,
+                     sizes=tuple(SIZES)) -> tuple[str, str]:
   """"<preset>[,sd|,sd2|,sd21|,sdxl]" (the part after ":" in --config) -> (preset name, "" or
-  the size key of SIZES)."""
+  the size key of SIZES). ``sizes``: the suffixes this config knows (() for a config of one
+  fixed model, which refuses every suffix instead of ignoring it)."""
   name, _, size = arg.partition(",")
   if name not in presets:
     raise errors.UserError(f"{program} has no preset {name!r}; presets: "
                      f"{', '.join(sorted(presets))}.")
-  if size and size not in SIZES:
-    raise errors.UserError(f"{program}: unknown size {size!r} after the preset; use one of "
-                           f"{', '.join(',' + s for s in SIZES)}.")
+  if size and size not in sizes:
+    known = (f"use one of {', '.join(',' + s for s in sizes)}" if sizes else
+             f"its model is fixed: write {program}:{name}")
+    raise errors.UserError(f"{program}: unknown suffix {size!r} after the preset; {known}.")
   return name, size
 
 

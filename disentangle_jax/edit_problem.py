@@ -28,7 +28,7 @@ def encode_edits(model, loss_models, edits: Sequence, negative_prompt: str = "")
   target_prompt) and the shared unconditional ``negative_prompt`` through the SD text encoder,
   c0 and c1 through CLIP's, in one call each."""
   texts = [t for e in edits for t in (e.prompt, e.target_prompt)]
-  emb, uncond = models.encode_with_negative(model, texts, negative_prompt)
+  emb, uncond = models.encode_with_negative(model, texts, negative_prompt, pairs=True)
   feats = loss_models_lib.encode_texts(loss_models, texts)
   prompts = pipeline.PromptPair(mixing.select(emb, slice(0, None, 2)),
                                 mixing.select(emb, slice(1, None, 2)), uncond)

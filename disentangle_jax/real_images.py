@@ -1,7 +1,7 @@
 """Reading a user's image file safely, fitting it to the model, and a synthetic test image.
 
 ``load`` refuses, with a message naming the file and the fix: a missing file, a file PIL cannot
-identify, an image smaller than MIN_IMAGE_SIDE or larger than MAX_IMAGE_SIDE px on a side (the
+identify, a float image holding NaN or inf, an image smaller than MIN_IMAGE_SIDE or larger than MAX_IMAGE_SIDE px on a side (the
 size is read from the header, BEFORE any pixel is decoded, which also stops decompression
 bombs) and a truncated file (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False, so a cut
 file raises instead of being padded with grey). ``fit`` then resizes the shorter side and
@@ -52,6 +52,7 @@ def load(path: str) -> LoadedImage:
       with Image.open(path) as im:
         _check_size(path, im.size)  # from the header; no pixel is decoded yet
         im.load()
+        _check_finite(path, im)
         mode = im.mode
         rgb = _to_rgb(im, notes)
     except Image.UnidentifiedImageError:
@@ -76,6 +77,14 @@ def _check_size(path: str, size: tuple[int, int]) -> None:
   if max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
     raise ValueError(f"image {path!r} is {w}x{h} px, larger than the maximum of "
                      f"{MAX_IMAGE_SIDE} px per side: downscale it first (it was not decoded).")
+
+
+def _check_finite(path: str, im: Image.Image) -> None:
+  """A float image (a 32-bit TIFF, mode F) holding NaN or inf would otherwise become a flat
+  black picture without a word."""
+  if im.mode == "F" and not np.all(np.isfinite(np.asarray(im))):
+    raise ValueError(f"image {path!r} holds non-finite pixel values (NaN or inf): re-export it "
+                     "with finite values (or as an 8-bit PNG).")
 
 
 def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:

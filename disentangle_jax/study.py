@@ -182,7 +182,8 @@ def prepare(model, loss_models, spec: StudySpec, mesh) -> StudyInputs:
   from disentangle_jax import loss_models as loss_models_lib  # noqa: PLC0415
   from disentangle_jax import models  # noqa: PLC0415
   texts = [p for a in spec.attributes for p in (a.prompt, a.target_prompt)]
-  emb, uncond = models.encode_with_negative(model, texts, spec.sampling.negative_prompt)
+  emb, uncond = models.encode_with_negative(model, texts, spec.sampling.negative_prompt,
+                                            pairs=True)
   feats = loss_models_lib.encode_texts(loss_models, texts)
   lam = np.stack([mixing.constant(spec.sampling.num_steps, 0.0)] +
                  [np.asarray(s.lam, np.float32) for s in spec.sources], axis=1)

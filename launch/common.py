@@ -251,7 +251,8 @@ def load_model(model_cfg):
 def encode_pair(model, prompt: str, target: str, negative_prompt: str = ""):
   from disentangle_jax import models, pipeline  # noqa: PLC0415
   from disentangle_jax import mixing  # noqa: PLC0415
-  emb, uncond = models.encode_with_negative(model, [prompt, target], negative_prompt)
+  emb, uncond = models.encode_with_negative(model, [prompt, target], negative_prompt,
+                                            pairs=True)  # refuses equal tokens
   c0, c1 = (mixing.select(emb, i) for i in range(2))
   return pipeline.PromptPair(c0=c0, c1=c1, uncond=uncond)
 

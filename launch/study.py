@@ -74,6 +74,9 @@ def _run(cfg, out_dir, write):
     loaded = [real_images.load(p) for p in paths]  # every file checked before any compute
     spec = study_spec(cfg, paths)
     model = common.load_model(cfg.model)
+    # Pairs that encode to the same tokens, refused before the manifest is written
+    # (study.prepare's encoding would refuse them too, after it).
+    models.check_pairs(model, [p for a in spec.attributes for p in (a.prompt, a.target_prompt)])
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
     if write:  # the first write: everything above is validated

@@ -17,12 +17,12 @@ functions that take the weights as an argument, so jitted code never captures we
 Weights come from local files only; nothing is ever downloaded. ``path=None`` builds the tiny
 random model with the same structure.
 """
-from disentangle_jax.models.apply import (make_decode_fn, make_encode_fn, make_eps_fn,
+from disentangle_jax.models.apply import (decoder, make_decode_fn, make_encode_fn, make_eps_fn,
                                           make_hidden_fn, make_text_fn, predictor, run_options)
 from disentangle_jax.models.build import (build_text_encoder, build_unet, build_vae,
                                           shape_trees, to_device, vae_scale_factor)
-from disentangle_jax.models.bundle import (StableDiffusion, encode_prompts, encode_with_negative,
-                                           tokenize)
+from disentangle_jax.models.bundle import (StableDiffusion, check_pairs, encode_prompts,
+                                           encode_with_negative, tokenize, unknown_words)
 from disentangle_jax.models.config import ATTENTIONS, CONVS, DTYPES, ModelConfig, compute_dtype
 from disentangle_jax.models.family import FAMILIES, Family
 from disentangle_jax.models.folder import save
@@ -32,9 +32,10 @@ from disentangle_jax.models.tiny import (build_tiny, tiny_folder_configs, tiny_t
 
 __all__ = [
     "ATTENTIONS", "CONVS", "DTYPES", "FAMILIES", "Family", "ModelConfig", "StableDiffusion",
-    "build_text_encoder", "build_tiny", "build_unet", "build_vae", "compute_dtype",
-    "encode_prompts", "encode_with_negative", "load", "make_decode_fn", "make_encode_fn",
-    "make_eps_fn", "make_hidden_fn", "make_text_fn", "predictor", "run_options", "save",
-    "shape_trees", "tiny_folder_configs", "tiny_text_config", "tiny_unet_config",
-    "tiny_vae_config", "to_device", "tokenize", "vae_scale_factor", "write_tiny_tokenizer",
+    "build_text_encoder", "build_tiny", "build_unet", "build_vae", "check_pairs",
+    "compute_dtype", "decoder", "encode_prompts", "encode_with_negative", "load",
+    "make_decode_fn", "make_encode_fn", "make_eps_fn", "make_hidden_fn", "make_text_fn",
+    "predictor", "run_options", "save", "shape_trees", "tiny_folder_configs", "tiny_text_config",
+    "tiny_unet_config", "tiny_vae_config", "to_device", "tokenize", "unknown_words",
+    "vae_scale_factor", "write_tiny_tokenizer",
 ]

@@ -99,6 +99,13 @@ def predictor(model) -> Callable:
                      model.vae_scale_factor)
 
 
+def decoder(model) -> Callable:
+  """The VAE decoder of a loaded ``StableDiffusion`` (its latent scale, its run options):
+  decode(params["vae"], latents [B, H, W, C]) -> images [B, h, w, 3] in [0, 1]
+  (``make_decode_fn``). With ``predictor``, what ``pipeline.render`` takes."""
+  return make_decode_fn(model.vae, model.scaling_factor, model.config)
+
+
 def make_decode_fn(vae, scaling_factor: float, config: ModelConfig = ModelConfig()) -> Callable:
   """Wraps the VAE decoder as decode(params, latents [B,H,W,C]) -> images [B,8H,8W,3] in [0, 1].
 

@@ -7,6 +7,7 @@ package treats it as an opaque pytree (mixing.mix, mixing.select).
 from __future__ import annotations
 
 import logging
+import re
 import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import mixing
+from disentangle_jax import errors, mixing
 from disentangle_jax import schedule as schedule_lib
 from disentangle_jax.models import apply
 from disentangle_jax.models import family as family_lib
@@ -91,8 +92,12 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
     if dropped > 0:
       logger.warning("Prompt %r is longer than the text encoder's %d tokens: its last %d "
                      "token(s) are dropped. Shorten the prompt.", p, max_length, dropped)
-  ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
-                  return_tensors="np").input_ids
+  return _ids(tokenizer, prompts)
+
+
+def _ids(tokenizer, prompts: Sequence[str]) -> np.ndarray:
+  ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                  truncation=True, return_tensors="np").input_ids
   return ids.astype(np.int32)
 
 
@@ -119,13 +124,64 @@ def encode_prompts(model: StableDiffusion, prompts: Sequence[str]):
   return {"tokens": jnp.concatenate(hidden, axis=-1), "pooled": pooled[:, None, :]}
 
 
-def encode_with_negative(model: StableDiffusion, prompts: Sequence[str], negative_prompt: str):
+def check_pairs(model: StableDiffusion, prompts: Sequence[str]) -> None:
+  """Refuses (errors.UserError, one line naming both prompts and the cause) a pair (c0, c1) =
+  (prompts[2k], prompts[2k + 1]) whose token ids are equal in every text encoder: mixing two
+  equal embeddings changes nothing, so every edit, grid column and metric would be void.
+
+  The cause named: words the tokenizer has no token for (``unknown_words``), when they fill
+  the text encoder's tokens before the prompts differ; else the token limit; else a difference
+  the tokenizer drops (case, spacing). Tokenizing only: nothing is computed.
+  """
+  tokenizers = [getattr(model, name) for name in model.family.tokenizers]
+  for c0, c1 in zip(prompts[0::2], prompts[1::2]):
+    if all(np.array_equal(*_ids(tok, [c0, c1])) for tok in tokenizers):
+      raise errors.UserError(
+          f"c0 {c0!r} and c1 {c1!r} encode to the same tokens, so mixing them changes nothing: "
+          f"{_same_tokens_cause(tokenizers[0], c0, c1)}")
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+  """The words of ``text`` the tokenizer's vocabulary does not hold: broken into pieces of
+  which at least half are single letters (a word-level vocabulary such as the toy world's
+  spells an unknown word letter by letter; a real CLIP vocabulary splits rare words into a few
+  syllables, which does not count)."""
+  out = []
+  for word in re.findall(r"[^\W\d_]+", text.lower()):
+    pieces = [p.replace("</w>", "") for p in tokenizer.tokenize(word)]
+    if len(pieces) > 1 and 2 * sum(len(p) == 1 for p in pieces) >= len(pieces) and (
+        word not in out):
+      out.append(word)
+  return out
+
+
+def _same_tokens_cause(tokenizer, c0: str, c1: str) -> str:
+  limit = tokenizer.model_max_length - 2  # start and end tokens
+  longest = max(len(tokenizer.tokenize(p)) for p in (c0, c1))
+  unknown = unknown_words(tokenizer, f"{c0} {c1}")
+  if longest > limit and unknown:
+    return (f"the words {', '.join(repr(w) for w in unknown)} are unknown to this model's "
+            f"tokenizer (spelled letter by letter), which fills its {limit} prompt tokens "
+            "before the prompts differ. Use words the model knows.")
+  if longest > limit:
+    return (f"the text encoder reads {limit} prompt tokens and the prompts differ only after "
+            f"them (the longer one has {longest}). Shorten the prompts.")
+  return ("they differ only in what the tokenizer drops (letter case, spacing, accents). Make "
+          "c1 differ from c0 in words.")
+
+
+def encode_with_negative(model: StableDiffusion, prompts: Sequence[str], negative_prompt: str,
+                         pairs: bool = False):
   """(conditioning of ``prompts`` [N, ...], the CFG unconditional one [...]) in one encoder call.
 
   The unconditional conditioning is ``negative_prompt``'s; "" is encoded like any prompt,
   except for a family whose pipeline conditions on zeros then (SDXL's
-  force_zeros_for_empty_prompt).
+  force_zeros_for_empty_prompt). ``pairs=True``: ``prompts`` are (c0, c1) pairs in turn, and a
+  pair that encodes to the same tokens is refused before anything is computed
+  (``check_pairs``); every program encodes its prompts here.
   """
+  if pairs:
+    check_pairs(model, prompts)
   emb = encode_prompts(model, list(prompts) + [negative_prompt])
   uncond = mixing.select(emb, -1)
   if negative_prompt == "" and model.family.zero_empty_negative:
