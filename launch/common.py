@@ -4,7 +4,10 @@ objects.
 Every program is started with ``common.run(main)``: a bad flag, config field, preset or value,
 a user error (errors.UserError) or an OS error (missing file, full disk) anywhere in the run,
 and Ctrl-C each end in exactly one ``error: ...`` line (launch/failures.py) instead of a
-traceback.
+traceback. Every program also speaks the same way: ``--help`` prints its docstring and its own
+flags (exit 0), ``--show_config`` prints the config and exits (no --workdir needed), an
+unexpected positional argument is one ``error:`` line, and a workdir another program wrote is
+refused (claim_workdir records the writer in ``<workdir>/.program``).
 """
 import contextlib
 import logging as std_logging
@@ -39,16 +42,25 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
     "init_timeout", 300, "Seconds to wait for the coordinator and every process to join.")
 _SHOW_CONFIG = flags.DEFINE_bool(
     "show_config", False, "Print every config field with its value and comment, then exit.")
+_DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id", "init_timeout")
+# The flags defined below (by define_flags) belong to the program that calls it, so that its
+# --help lists them (absl attributes a flag to the module whose code defines it).
+flags.disclaim_key_flags()
+
+PROGRAM_FILE = ".program"  # in a workdir: the program that wrote it (claim_workdir)
+_HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+
 
 def run(main) -> None:
-  """``app.run(main)`` with one-line errors (see the module docstring) and --show_config.
-  Every program requires --workdir."""
-  flags.mark_flags_as_required(["workdir"])
+  """``app.run(main)`` with one-line errors (see the module docstring), --help and
+  --show_config; every program but --help and --show_config needs --workdir."""
   app.run(failures.guarded(main), flags_parser=_parse_flags)
 
 
-def define_flags(config_file: str):
+def define_flags(config_file: str, multi_process: bool = False):
   """(--config, --workdir): the flags every program takes; ``config_file`` is the default.
+  Call it at the top of the program's module: its --help lists these flags, the common ones
+  and, with ``multi_process``, --coordinator, --num_processes, --process_id, --init_timeout.
 
   ml_collections reads --config.<field> overrides from sys.argv while the flag is defined (at
   import), so a bad override is reported here, as one line."""
@@ -59,24 +71,32 @@ def define_flags(config_file: str):
         "--config.<field>=v; --show_config lists every field.")
   except Exception as e:  # noqa: BLE001 -- absl/ml_collections raise many kinds
     failures.fail(failures.flag_error(e, sys.argv))
-  return config, flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+  workdir = flags.DEFINE_string("workdir", None, "Output directory (created if missing); "
+                                "needed by every run but --help and --show_config.")
+  for name in ("show_config", "compilation_cache") + (_DISTRIBUTED_FLAGS if multi_process
+                                                      else ()):
+    flags.declare_key_flag(name)
+  return config, workdir
 
 
 def single_process_main(program: str, config, workdir, run_fn):
   """The ``main`` of a program that runs in one process: the parsed config, process
   settings, the claimed workdir, then ``run_fn(cfg, out_dir)``."""
   def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # _parse_flags refused positional arguments
     cfg = config.value
     setup_process()
     require_single_process(program)
-    with claim_workdir(workdir.value) as out_dir:
+    with claim_workdir(workdir.value, program) as out_dir:
       run_fn(cfg, out_dir)
   return main
 
 
 def _parse_flags(argv):
+  options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  if any(a in _HELP for a in options):
+    print(program_help())
+    sys.exit(0)
   try:
     args = flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 -- absl/ml_collections raise many kinds
@@ -84,7 +104,21 @@ def _parse_flags(argv):
   if _SHOW_CONFIG.value:
     print(describe_config(flags.FLAGS["config"]))
     sys.exit(0)
+  if len(args) > 1:
+    failures.fail(f"unexpected argument(s) {' '.join(args[1:])!r}: every setting is a flag "
+                  "(--name=value, --config.<field>=value); --help lists the flags.")
+  if "workdir" in flags.FLAGS and not flags.FLAGS.workdir:
+    failures.fail("--workdir is required: pass --workdir=DIR (created if missing).")
   return args
+
+
+def program_help() -> str:
+  """--help: the program's docstring and its own flags (absl's key flags of __main__)."""
+  main_module = sys.modules.get("__main__")
+  doc = (getattr(main_module, "__doc__", None) or "").strip()
+  own = flags.FLAGS.main_module_help().strip().split("\n")[1:]  # less the module's file name
+  return (f"{doc}\n\nFlags:\n" + "\n".join(own) + "\n\n--show_config lists every config "
+          "field; --helpfull lists every flag of every library.")
 
 
 def require_single_process(program: str) -> None:
@@ -96,16 +130,76 @@ def require_single_process(program: str) -> None:
         "the DISENTANGLE_* environment variables).")
 
 
-def claim_workdir(path: str, lock: bool = True):
-  """The workdir, created if needed and locked for this run (workdir.claim)."""
+@contextlib.contextmanager
+def claim_workdir(path: str, program: str, lock: bool = True):
+  """The workdir, created if needed and locked for this run (workdir.claim), refused when
+  another program wrote it (its outputs, checkpoints and resume rules are not this program's).
+
+  The writer is recorded in <workdir>/.program when the run claims the workdir; a run that
+  fails before writing any file takes a record it made away again, so a refused run leaves the
+  workdir as it found it."""
   from disentangle_jax import workdir  # noqa: PLC0415
-  return workdir.claim(path, lock=lock, log=logging.info)
+  with workdir.claim(path, lock=lock, log=logging.info) as out_dir:
+    marker = os.path.join(out_dir, PROGRAM_FILE)
+    try:
+      with open(marker) as f:
+        writer = f.read().strip()
+    except FileNotFoundError:
+      writer = None
+    if writer is not None and writer != program:
+      raise errors.UserError(
+          f"workdir {path!r} was written by {writer}, not {program}: choose another --workdir "
+          f"for {program}.")
+    if not lock or writer is not None:
+      yield out_dir
+      return
+    before = _files(out_dir)
+    workdir.write_atomic(marker, program + "\n")
+    try:
+      yield out_dir
+    except BaseException:
+      if _files(out_dir) == before:
+        with contextlib.suppress(OSError):
+          os.remove(marker)
+      raise
+
+
+def _files(folder: str) -> set[str]:
+  """Every file below ``folder`` but the lock and the program record (relative paths)."""
+  from disentangle_jax import workdir  # noqa: PLC0415
+  return {os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder)
+          for n in names} - {workdir.LOCK_FILE, PROGRAM_FILE}
 
 
 def identity(cfg, **extra) -> dict:
-  """The run identity of this program's config (run_identity.of_config)."""
+  """The run identity of this program's config (run_identity.of_config; paths portable)."""
   from disentangle_jax import run_identity  # noqa: PLC0415
-  return run_identity.of_config(cfg.to_dict(), extra)
+  return portable(run_identity.of_config(cfg.to_dict(), extra))
+
+
+# The checkout this program runs from. Results name paths inside it relative to it, so that no
+# file a program writes names a folder of this machine (configs/toy.py's model paths are
+# absolute: the toy world is found from any working directory).
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable(value):
+  """``value`` (a JSON-like tree) with every path inside this checkout written relative to it
+  ("<checkout>/disentangle_jax/toy/weights/sd" -> "disentangle_jax/toy/weights/sd"); paths the
+  user gave relative, or outside the checkout, stay as given."""
+  if isinstance(value, str):
+    return value.replace(REPOSITORY + os.sep, "") if value != REPOSITORY else "."
+  if isinstance(value, dict):
+    return {k: portable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [portable(v) for v in value]
+  return value
+
+
+def config_json(cfg) -> str:
+  """config.json: every field of the run's config, paths portable."""
+  import json  # noqa: PLC0415
+  return json.dumps(portable(json.loads(cfg.to_json_best_effort())), indent=2) + "\n"
 
 
 def scaled_steps(steps_at_50: int, num_steps: int) -> int:
@@ -321,8 +415,8 @@ def edit_set(cfg):
 def learned_weights(spec, model, cfg, lam, history):
   """The exported weights file of a finished disentangle run."""
   from disentangle_jax import weights_file  # noqa: PLC0415
-  return weights_file.learned(spec, model.schedule, lam, history,
-                              model=cfg.model.path or f"tiny:{cfg.model.tiny_seed}",
+  name = portable(cfg.model.path) or f"tiny:{cfg.model.tiny_seed}"  # as given, or relative
+  return weights_file.learned(spec, model.schedule, lam, history, model=name,
                               optimizer=cfg.optimizer.to_dict())
 
 

@@ -75,7 +75,7 @@ def _run(cfg, out_dir):
       total = [dict(h, l_dir=float(np.sum(h["l_dir"])), l_perc=float(np.sum(h["l_perc"])))
                for h in history]
       out.write_bytes("losses.png", plots.loss_plot(total, spec.shared.loss.beta))
-    out.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
+    out.write_text("config.json", common.config_json(cfg))
   for name, lam_k in zip(names, lam):
     logging.info("learned lambda%s: %s", f" ({name})" if name else "",
                  [round(float(v), 3) for v in lam_k] if np.ndim(lam_k) == 1 else

@@ -88,7 +88,7 @@ def _run(cfg, out_dir):
           inv.z0, out.z_rec, pixels[None], out.reconstruction, out.vae_roundtrip),
       "inversion": dataclasses.asdict(inv_cfg) | {"seed": cfg.seed, "rng_seed": cfg.rng_seed,
                                                   "encode_sample": cfg.encode_sample},
-      "input": {"path": cfg.image or None, "notes": notes,
+      "input": {"path": common.portable(cfg.image) or None, "notes": notes,
                 "size": list(loaded.pixels.shape[1::-1]) if loaded else [size, size]},
       "lambda": [float(v) for v in use],
   }
@@ -104,10 +104,11 @@ def _run(cfg, out_dir):
     staged.write_image("edited.png", images.Image.fromarray(edited))
     staged.write_image("pair.png", images.grid([[inp, edited]], ["input", "edited"]))
     staged.write_json("metrics.json", metrics)
-    staged.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
+    staged.write_text("config.json", common.config_json(cfg))
     if spec is not None:
       w = common.learned_weights(spec, model, cfg, lam, history)
-      w = dataclasses.replace(w, extra=w.extra | {"image": cfg.image or "synthetic",
+      w = dataclasses.replace(w, extra=w.extra | {"image": common.portable(cfg.image) or
+                                                  "synthetic",
                                                   "inversion": metrics["inversion"]})
       staged.write_json("weights.json", w.to_json())
   print(os.path.join(out_dir, "edited.png"))

@@ -27,13 +27,18 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
 def flag_error(e: Exception, argv) -> str:
   """One readable sentence for a flag-parsing failure."""
   if isinstance(e, (KeyError, AttributeError)):  # an unknown --config.<field>
-    key = str(e.args[0]).split("\n")[0].strip("'\"") if e.args else "?"
-    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-             and a.split("=")[0].split(".")[-1] == key]
-    hint = re.search(r'Did you mean "([^"]+)"', str(e.args[0]) if e.args else "")
-    return (f"{given[0] if given else '--config.' + key}: the config has no field {key!r}"
-            f"{'; did you mean ' + repr(hint.group(1)) if hint else ''}. --show_config lists "
-            "every field.")
+    # ml_collections wraps KeyError("'field'\nDid you mean \"x\" instead of ...?") in an
+    # AttributeError (nested fields) or raises it as is (top-level sections).
+    inner = e.args[0] if e.args else "?"
+    text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+    key = str(text).split("\n")[0].strip("'\"")
+    names = [a.split("=")[0].lstrip("-") for a in argv[1:] if a.startswith(("--config.",
+                                                                            "-config."))]
+    given = [n for n in names if key in n.split(".")[1:]]
+    hint = re.search(r'Did you mean "([^"]+)"', str(text))
+    return (f"--{given[0] if given else 'config.' + key}: no such field; "
+            + (f"did you mean {hint.group(1)!r}?" if hint else
+               "--show_config lists every field."))
   cause, own = e, None
   while cause is not None:  # the config file's own error (e.g. an unknown preset), if any:
     if isinstance(cause, errors.UserError):  # the innermost one (ml_collections re-raises it

@@ -16,12 +16,11 @@ pod): --coordinator, --num_processes, --process_id (see launch/tpu_pod.sh and th
 import json
 import os
 
-from absl import app
 from absl import logging
 
 from launch import common
 
-_CONFIG, _WORKDIR = common.define_flags("configs/study.py")
+_CONFIG, _WORKDIR = common.define_flags("configs/study.py", multi_process=True)
 
 
 def study_spec(cfg, image_paths=()):
@@ -53,15 +52,14 @@ def study_spec(cfg, image_paths=()):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv  # common.run refused positional arguments
   import jax  # noqa: PLC0415
 
   cfg = _CONFIG.value
   common.setup_process()
   common.setup_distributed()
   write = jax.process_index() == 0  # every process computes; process 0 writes (and locks)
-  with common.claim_workdir(_WORKDIR.value, lock=write) as out_dir:
+  with common.claim_workdir(_WORKDIR.value, "launch.study", lock=write) as out_dir:
     _run(cfg, out_dir, write)
 
 
@@ -108,7 +106,7 @@ def _run(cfg, out_dir, write):
   labels = ["c0"] + [s.label for s in spec.sources]
   grid_seeds = spec.seeds[:spec.grid_seeds]
   with workdir.staged(out_dir) as out:
-    out.write_text("rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    out.write_text("rows.jsonl", "".join(json.dumps(common.portable(r)) + "\n" for r in rows))
     out.write_text("summary.csv", stats.summary_csv(summary))
     for src in spec.sources:
       out.write_text(f"summary/{study.file_label(src.label)}.csv",
@@ -124,7 +122,7 @@ def _run(cfg, out_dir, write):
     else:
       logging.warning("matplotlib is not installed: study.png is skipped (pip install "
                       "matplotlib).")
-    out.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
+    out.write_text("config.json", common.config_json(cfg))
   for rec in summary:
     if rec["attribute"] == "all":
       logging.info("%-12s %-18s %.4f +- %.4f", rec["source"], rec["metric"], rec["mean"],

@@ -53,7 +53,7 @@ def _run(cfg, out_dir):
                         images.Image.fromarray(pixels[s, k]))
     out.write_image("grid.png", images.grid(pixels, labels, [str(s) for s in spec.seeds]))
     out.write_json("lambdas.json", {label: lam.tolist() for label, lam in spec.columns()})
-    out.write_text("config.json", cfg.to_json_best_effort(indent=2) + "\n")
+    out.write_text("config.json", common.config_json(cfg))
   logging.info("wrote %s", os.path.join(out_dir, "grid.png"))
   print(os.path.join(out_dir, "grid.png"))
 

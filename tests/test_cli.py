@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import DISENTANGLE, ROOT, refused as _refused, snapshot as _snapshot
-from tests.conftest import lines_until as _lines_until, write_weights
+from tests.conftest import error_lines, lines_until as _lines_until, write_weights
 
 pytestmark = pytest.mark.slow  # subprocesses (conftest.cli: one compilation cache per session)
 
@@ -195,3 +196,71 @@ def test_disentangle_unknown_attribute_is_refused(tmp_path, cli):
   out = cli.run("disentangle", tmp_path / "wd", "--config.attributes=smile,frowning")
   assert out.returncode == 2 and "['frowning'] are not presets" in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
+
+
+PROGRAMS = ("disentangle", "switch", "edit", "study")  # every program but train_toy (its own)
+
+
+def _start(cli, module, *argv):
+  """``python -m launch.<module> *argv`` exactly as given (no --workdir added), forked."""
+  return cli.server.start(f"launch.{module}", list(argv), ROOT)
+
+
+def test_every_program_speaks_the_same_way(tmp_path, cli):
+  """--help, --show_config without --workdir, a misspelled field, a positional argument, no
+  --workdir and a workdir written by another program: one answer from the common entry point
+  (each case on one program; --help on all, as its flags are the program's own). All are
+  answered before any JAX work, so they run side by side."""
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / ".program").write_text("launch.disentangle\n")
+  (other / "weights.json").write_text("{}")
+  cases = [(m, "help", ("--help",)) for m in PROGRAMS] + [
+      ("switch", "show", ("--show_config",)),
+      ("edit", "typo", (f"--workdir={tmp_path / 'typo'}", "--config.gudance=3")),
+      ("study", "positional", (f"--workdir={tmp_path / 'pos'}", "extra")),
+      ("disentangle", "no_workdir", ("--config.guidance=3",)),
+      ("switch", "other", (f"--workdir={other}",))]
+  procs = [_start(cli, m, *argv) for m, _, argv in cases]
+  for (m, kind, _), proc in zip(cases, procs):
+    stdout, stderr = proc.communicate(timeout=300)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if kind == "help":
+      assert out.returncode == 0, (m, stderr[-2000:])
+      for flag in ("--config:", "--workdir:", "show_config:", "--compilation_cache:"):
+        assert flag in stdout, (m, flag, stdout)
+      assert ("--coordinator:" in stdout) == (m == "study"), (m, stdout)
+      assert f"python -m launch.{m}" in stdout and ROOT not in stdout
+    elif kind == "show":
+      assert out.returncode == 0 and "guidance = 7.5" in stdout, (m, stderr[-2000:])
+    elif kind == "typo":
+      _refused(out, "")
+      assert error_lines(stderr) == ["error: --config.gudance: no such field; did you mean "
+                                     "'guidance'?"]
+    elif kind == "positional":
+      _refused(out, "unexpected argument(s) 'extra'")
+    elif kind == "no_workdir":
+      _refused(out, "--workdir is required")
+    else:
+      _refused(out, f"workdir {str(other)!r} was written by launch.disentangle, not "
+               f"launch.{m}")
+  assert not (tmp_path / "typo").exists() and not (tmp_path / "pos").exists()
+  assert sorted(os.listdir(other)) == [".lock", ".program", "weights.json"]
+  assert (other / ".program").read_text() == "launch.disentangle\n"
+
+
+def test_results_name_checkout_paths_relative_to_it():
+  """configs/toy.py gives the toy world's absolute paths; config.json, weights.json and the run
+  identity name them relative to the repository (tests/test_edit_cli.py checks every file of
+  a run)."""
+  from configs import toy  # pylint: disable=import-outside-toplevel
+  from launch import common  # pylint: disable=import-outside-toplevel
+  cfg = toy.get_config("snow")
+  assert cfg.model.path.startswith(ROOT + os.sep)
+  text = common.config_json(cfg)
+  assert ROOT not in text
+  written = json.loads(text)
+  assert written["model"]["path"] == "disentangle_jax/toy/weights/sd"
+  assert written["loss_models"]["clip_path"] == "disentangle_jax/toy/weights/clip"
+  assert common.portable({"a": [ROOT, "rel/x", "/elsewhere/y", f"{ROOT}/p,{ROOT}/q"]}) == {
+      "a": [".", "rel/x", "/elsewhere/y", "p,q"]}

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from disentangle_jax import weights_file
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow  # subprocesses (conftest.cli: one compilation cache per session)
 
@@ -16,35 +17,46 @@ OUTPUTS = ("input.png", "reconstruction.png", "edited.png", "pair.png", "metrics
            "config.json")
 
 
-def _photo(path, size=(80, 48)):
-  """A small non-square RGBA 'photo' (exercises conversion, resize and crop)."""
-  rng = np.random.default_rng(1)
-  Image.fromarray(rng.integers(0, 255, (size[1], size[0], 4), dtype=np.uint8)).save(path)
-  return str(path)
+# A wide RGBA picture inside the checkout (exercises conversion, resize and crop), given by
+# its absolute path: no file of the run may name the checkout's folder.
+CHECKOUT_IMAGE = "benchmarks/toy_world/losses.png"
+
+
+def _files_naming(folder, text: str) -> list[str]:
+  """The files below ``folder`` whose bytes contain ``text``."""
+  return [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names
+          if text.encode() in open(os.path.join(d, n), "rb").read()]
 
 
 def test_learn_on_the_image_then_apply_the_weights(tmp_path, cli):
-  photo = _photo(tmp_path / "photo.png")
+  photo = os.path.join(ROOT, CHECKOUT_IMAGE)
+  width, height = Image.open(photo).size
   learn = cli.run("edit", tmp_path / "learn", *FAST, f"--config.image={photo}",
                "--config.optimizer.iterations=2")
   assert learn.returncode == 0, learn.stderr[-3000:]
   for name in OUTPUTS + ("weights.json",):
     assert (tmp_path / "learn" / name).is_file(), name
-  assert "resized 80x48 -> 107x64 and centre-cropped to 64x64 px" in learn.stderr
+  assert f"resized {width}x{height} -> " in learn.stderr
+  assert "centre-cropped to 64x64 px" in learn.stderr
   assert Image.open(tmp_path / "learn" / "input.png").size == (64, 64)
   metrics = json.loads((tmp_path / "learn" / "metrics.json").read_text())
   assert metrics["mode"] == "optimise" and len(metrics["loss_history"]) == 2
-  assert metrics["input"]["size"] == [80, 48]
+  assert metrics["input"]["size"] == [width, height]
+  assert metrics["input"]["path"] == CHECKOUT_IMAGE  # relative to the repository
   for key in ("latent_rmse", "pixel_psnr_db", "vae_roundtrip_psnr_db"):
     assert np.isfinite(metrics["reconstruction"][key]), key
   learned = weights_file.read(str(tmp_path / "learn" / "weights.json"))
-  assert learned.num_steps == 4 and learned.extra["image"] == photo
+  assert learned.num_steps == 4 and learned.extra["image"] == CHECKOUT_IMAGE
+  # Results carry no machine paths: not config.json, weights.json, metrics.json, the
+  # checkpoints' run identity, nor any other file.
+  assert _files_naming(tmp_path / "learn", ROOT) == []
 
   # The learned weights applied to the same image reproduce the learned edit.
   apply = cli.run("edit", tmp_path / "apply", *FAST, f"--config.image={photo}",
                f"--config.weights={tmp_path / 'learn' / 'weights.json'}")
   assert apply.returncode == 0, apply.stderr[-3000:]
-  assert sorted(os.listdir(tmp_path / "apply")) == sorted(OUTPUTS + (".lock",))  # + the lock
+  assert sorted(os.listdir(tmp_path / "apply")) == sorted(OUTPUTS + (".lock", ".program"))
+  assert (tmp_path / "apply" / ".program").read_text() == "launch.edit\n"  # the writer
   got = json.loads((tmp_path / "apply" / "metrics.json").read_text())
   assert got["mode"] == "apply" and got["lambda"] == metrics["lambda"]
   assert got["reconstruction"]["latent_rmse"] < 1e-3  # residuals at every step: exact
