@@ -1,4 +1,4 @@
-r"""Learn the per-step mixing weights of one attribute edit (METHOD.md sections 2, 4 and 7).
+r"""Learn the per-step mixing weights of one attribute edit (docs/METHOD.md sections 2, 4 and 7).
 
   python -m launch.disentangle --config=configs/disentangle.py:smile --workdir=workdir/smile
   python -m launch.disentangle --config=configs/disentangle.py:snow,sd \
@@ -19,7 +19,7 @@ import ml_collections
 
 from configs import common
 
-# name: (c0, attribute appended to make c1, seed, T*, lambda_late) -- METHOD.md section 7.
+# name: (c0, attribute appended to make c1, seed, T*, lambda_late) -- docs/METHOD.md section 7.
 PRESETS = {
     "smile": ("A photo of person", ", smiling", 42, 20, 1.0),
     "crying": ("A photo of face", ", crying", 42, 20, 1.0),

@@ -1,4 +1,4 @@
-r"""Edit a real image (METHOD.md section 5): invert it, then apply or learn the mixing weights.
+r"""Edit a real image (docs/METHOD.md section 5): invert it, then apply or learn the mixing weights.
 
   python -m launch.edit --config=configs/edit.py:toy --workdir=workdir/edit_toy
   python -m launch.edit --config=configs/edit.py --workdir=workdir/edit
@@ -28,7 +28,7 @@ from configs import common
 from configs import disentangle
 from configs import toy
 
-# name: (c0, attribute appended to make c1, seed, T*, lambda_late) -- METHOD.md section 7:
+# name: (c0, attribute appended to make c1, seed, T*, lambda_late) -- docs/METHOD.md section 7:
 # every preset of configs/disentangle.py; "snow" is the release's real-image example.
 PRESETS = dict(disentangle.PRESETS,
                snow=("A photo of church exterior", ", covered by snow", 42, 10, 1.1),

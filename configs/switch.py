@@ -1,4 +1,4 @@
-"""The finding of METHOD.md section 1: condition the first T* steps on c0, the rest on c1.
+"""The finding of docs/METHOD.md section 1: condition the first T* steps on c0, the rest on c1.
 
   python -m launch.switch --config=configs/switch.py:toy --workdir=workdir/switch_toy
   python -m launch.switch --config=configs/switch.py --workdir=workdir/switch

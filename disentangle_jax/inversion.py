@@ -1,4 +1,4 @@
-"""Real-image inversion: a clean latent z0 -> (x_T, noise) for the ordinary sampler (METHOD.md §5).
+"""Real-image inversion: clean latent z0 -> (x_T, noise) for the sampler (docs/METHOD.md section 5).
 
 The output is a ``noise.RunNoise`` — the same x_T [B,H,W,C] and noise [T,B,H,W,C] that
 ``noise.draw`` produces for text-to-image runs — so editing a real image uses the one sampler

@@ -1,4 +1,4 @@
-"""The two losses of the lambda optimisation (METHOD.md section 4), as pure functions.
+"""The two losses of the lambda optimisation (docs/METHOD.md section 4), as pure functions.
 
     L_dir  = 1 - cos(E_img(original) - E_img(edited), E_txt(text0) - E_txt(text1))
     L_perc = sum over relu1_2, relu2_2, relu3_3, relu4_3 of mean |VGG(a) - VGG(b)|

@@ -1,4 +1,4 @@
-"""Per-step mixing weights (lambda) and the embedding mix of METHOD.md section 2.
+"""Per-step mixing weights (lambda) and the embedding mix of docs/METHOD.md section 2.
 
 lambda[i] weights the TARGET prompt c1 at sampling step i (i = 0 is the noisiest step):
 

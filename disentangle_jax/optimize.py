@@ -1,4 +1,4 @@
-"""Optimising the per-step mixing weights (METHOD.md section 4).
+"""Optimising the per-step mixing weights (docs/METHOD.md section 4).
 
     original = decode(sample(x_T, noise, lambda = 0))      # the pure-c0 reference, computed once
     edited   = decode(sample(x_T, noise, lambda))

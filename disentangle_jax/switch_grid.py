@@ -1,4 +1,4 @@
-"""The finding of METHOD.md section 1 as a library function: a grid of hard switches.
+"""The finding of docs/METHOD.md section 1 as a library function: a grid of hard switches.
 
 For each seed (a row) render [pure c0 | switch to c1 after T* steps, for each T* | pure c1]
 from the same x_T and noise. All columns of a seed are one batch of the compiled sampler.

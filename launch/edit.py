@@ -1,4 +1,4 @@
-r"""Edits a real image (METHOD.md section 5): invert it, then apply or learn lambda.
+r"""Edits a real image (docs/METHOD.md section 5): invert it, then apply or learn lambda.
 
   python -m launch.edit --config=configs/edit.py --workdir=workdir/edit
   python -m launch.edit --config=configs/edit.py:snow,sd --config.image=church.jpg \

@@ -1,4 +1,4 @@
-r"""Renders the hard-switch grid of METHOD.md section 1 (the paper's finding).
+r"""Renders the hard-switch grid of docs/METHOD.md section 1 (the paper's finding).
 
   python -m launch.switch --config=configs/switch.py --workdir=workdir/switch
   python -m launch.switch --config=configs/switch.py:sd --config.model.path=PATH/sd-v1-5 \
