@@ -9,9 +9,11 @@ import os
 
 import numpy as np
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+import transformers
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from disentangle_jax.models import dit_convert
+from disentangle_jax.models import dit_convert, tiny
 
 # Two layers: a dual-attention block (SD 3.5 medium) and the last one, whose text stream stops
 # (context_pre_only); q/k RMS norm as in SD 3.5.
@@ -82,3 +84,51 @@ def torch_unpack(tokens, height: int, width: int):
   b, _, c4 = tokens.shape
   x = tokens.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
   return x.reshape(b, c4 // 4, height, width)
+
+
+def t5_tokenizer():
+  """A tiny T5TokenizerFast built offline (Unigram, "</s>" appended as T5's)."""
+  words = ["a", "photo", "of", "person", "smiling", "lake"]
+  vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+           + [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,"] + [("\u2581", -2.0)])
+  tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  tok.post_processor = processors.TemplateProcessing(
+      single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+  return transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
+                                      unk_token="<unk>", extra_ids=0)
+
+
+def clip_tokenizer(directory):
+  """The project's tiny CLIP tokenizer (models/tiny.py), written to ``directory``."""
+  tiny.write_tiny_tokenizer(directory)
+  return transformers.CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def torch_t5(vocab_size: int, seed: int = 0):
+  """A tiny T5 v1.1 encoder (gated GELU, as SD3's and Flux's T5-XXL), d_model 96."""
+  torch.manual_seed(seed)
+  return transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=vocab_size, d_model=96, d_kv=8, d_ff=40, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+      feed_forward_proj="gated-gelu", is_encoder_decoder=False)).eval()
+
+
+def torch_clip(clip_tok, family: str = "sdxl", index: int = 0, projection: bool = True,
+               seed: int = 0):
+  """A tiny CLIP text encoder (models/tiny.py's configs: SDXL's two widths, or SD1's)."""
+  torch.manual_seed(seed + index)
+  cls = (transformers.CLIPTextModelWithProjection if projection
+         else transformers.CLIPTextModel)
+  return cls(transformers.CLIPTextConfig(**tiny.tiny_text_config(clip_tok, family, index))).eval()
+
+
+def torch_vae(latent_channels: int = 4, seed: int = 7):
+  """A tiny AutoencoderKL of the SD3 / Flux kind (no quant convs, a shift factor)."""
+  torch.manual_seed(seed)
+  return AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                       latent_channels=latent_channels, norm_num_groups=4, sample_size=16,
+                       use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                       shift_factor=0.0609).eval()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from disentangle_jax import errors, flow_sampler, flow_schedule, mixing
@@ -107,18 +107,6 @@ def _rel(a, b):
   return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def _torch_vae(folder):
-  """A tiny AutoencoderKL of the SD3 / Flux kind (no quant convs, a shift factor), saved."""
-  torch.manual_seed(7)
-  vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                      up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                      latent_channels=4, norm_num_groups=4, sample_size=16,
-                      use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
-                      shift_factor=0.0609).eval()
-  vae.save_pretrained(folder, safe_serialization=True)
-  return vae
-
-
 def test_sd3_pipeline_with_per_step_mixing(sd3, tmp_path):
   """StableDiffusion3Pipeline itself as the oracle: a negative prompt, CFG 4.5, random per-step
   lambda on tokens and pooled vector (swapped by its step callback), then the VAE decode: every
@@ -128,7 +116,8 @@ def test_sd3_pipeline_with_per_step_mixing(sd3, tmp_path):
   lam = np.random.default_rng(0).uniform(-0.2, 1.2, num_steps).astype(np.float32)
   c0, c1, neg = _prompts(1)
   x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-  tvae = _torch_vae(str(tmp_path / "vae"))
+  tvae = flow_tiny.torch_vae()
+  tvae.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
   pipe = StableDiffusion3Pipeline(
       transformer=model, scheduler=_diffusers_scheduler(SD35_SCHEDULER), vae=tvae,
       text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,

@@ -7,35 +7,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from disentangle_jax.models import dit_convert, flow_text, tiny
+from disentangle_jax.models import dit_convert, flow_text
+from tests import flow_tiny
 
 PROMPTS = ["a photo of person, smiling", "a lake"]
 T5_LENGTH = 10  # max_sequence_length (256 / 512 in the real pipelines)
-
-
-def _t5_tokenizer():
-  """A tiny T5TokenizerFast built offline (Unigram, "</s>" appended as T5's)."""
-  words = ["a", "photo", "of", "person", "smiling", "lake"]
-  vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
-           + [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,"] + [("\u2581", -2.0)])
-  tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-  tok.pre_tokenizer = pre_tokenizers.Metaspace()
-  tok.decoder = decoders.Metaspace()
-  tok.post_processor = processors.TemplateProcessing(
-      single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-  return transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
-                                      unk_token="<unk>", extra_ids=0)
-
-
-def _t5_config(vocab_size):
-  # T5 v1.1's gated GELU, as SD3's and Flux's T5-XXL encoders.
-  return dict(vocab_size=vocab_size, d_model=96, d_kv=8, d_ff=40, num_layers=2, num_heads=4,
-              relative_attention_num_buckets=8, relative_attention_max_distance=16,
-              feed_forward_proj="gated-gelu", is_encoder_decoder=False)
 
 
 def _saved(model, folder):
@@ -48,21 +26,14 @@ def _saved(model, folder):
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
   root = tmp_path_factory.mktemp("text")
-  tiny.write_tiny_tokenizer(root / "clip_tokenizer")
-  clip_tok = transformers.CLIPTokenizer.from_pretrained(str(root / "clip_tokenizer"),
-                                                        local_files_only=True)
-  t5_tok = _t5_tokenizer()
-  torch.manual_seed(0)
+  clip_tok = flow_tiny.clip_tokenizer(root / "clip_tokenizer")
+  t5_tok = flow_tiny.t5_tokenizer()
   made = {}
-  for name, cfg, cls in (
-      ("clip_l", tiny.tiny_text_config(clip_tok, "sdxl", 0), transformers.CLIPTextModelWithProjection),
-      ("clip_g", tiny.tiny_text_config(clip_tok, "sdxl", 1), transformers.CLIPTextModelWithProjection),
-      ("clip", tiny.tiny_text_config(clip_tok, "sd1"), transformers.CLIPTextModel),
-  ):
-    model = cls(transformers.CLIPTextConfig(**cfg)).eval()
+  for name, model in (("clip_l", flow_tiny.torch_clip(clip_tok, "sdxl", 0)),
+                      ("clip_g", flow_tiny.torch_clip(clip_tok, "sdxl", 1)),
+                      ("clip", flow_tiny.torch_clip(clip_tok, "sd1", projection=False)),
+                      ("t5", flow_tiny.torch_t5(len(t5_tok)))):
     made[name] = (model,) + _saved(model, str(root / name))
-  t5 = transformers.T5EncoderModel(transformers.T5Config(**_t5_config(len(t5_tok)))).eval()
-  made["t5"] = (t5,) + _saved(t5, str(root / "t5"))
   return clip_tok, t5_tok, made
 
 

@@ -66,11 +66,16 @@ def read_safetensors(path: str, dtype=np.float32) -> dict[str, np.ndarray]:
   return out
 
 
-def read_state_dict(path: str, dtype=np.float32) -> dict[str, np.ndarray]:
-  """The state dict of a .safetensors file or a component folder (single or sharded)."""
+def read_state_dict(path: str, dtype=np.float32,
+                    weights_name: str = WEIGHTS_NAME) -> dict[str, np.ndarray]:
+  """The state dict of a .safetensors file or a component folder (single or sharded).
+
+  ``weights_name``: diffusers' ``diffusion_pytorch_model.safetensors`` or transformers'
+  ``model.safetensors`` (the index is ``<weights_name>.index.json``).
+  """
   if os.path.isfile(path):
     return read_safetensors(path, dtype)
-  index = os.path.join(path, INDEX_NAME)
+  index = os.path.join(path, weights_name + ".index.json")
   if os.path.isfile(index):
     with open(index, encoding="utf-8") as f:
       weight_map = json.load(f).get("weight_map")
@@ -86,11 +91,12 @@ def read_state_dict(path: str, dtype=np.float32) -> dict[str, np.ndarray]:
     if missing:
       raise ValueError(f"{index} lists keys that no shard holds, e.g. {missing[:_MAX_LISTED]}.")
     return state
-  single = os.path.join(path, WEIGHTS_NAME)
+  single = os.path.join(path, weights_name)
   if os.path.isfile(single):
     return read_safetensors(single, dtype)
-  raise ValueError(f"{path} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}: save the transformer "
-                   "with safe_serialization (diffusers' default) or convert its .bin files.")
+  raise ValueError(f"{path} holds neither {weights_name} nor {weights_name}.index.json: save "
+                   "the component with safe_serialization (the libraries' default) or convert "
+                   "its .bin files.")
 
 
 def flax_key(torch_key: str, ndim: int) -> tuple[tuple[str, ...], str]:
