@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import edit_problem, errors, mixing, noise, optimize, parallel, run_identity
-from disentangle_jax import sampler
+from disentangle_jax import edit_problem, errors, mixing, noise, optimize, param_sharding
+from disentangle_jax import parallel, run_identity, sampler
 from disentangle_jax.sampling import SamplingConfig
 
 # |lambda_late| bound: lambda weights the target prompt; values far past 1 only extrapolate
@@ -126,7 +126,7 @@ def as_edit_set(spec: EditSpec | EditSet) -> EditSet:
 class Prepared(NamedTuple):
   nets: optimize.Networks
   render: Callable  # jitted (sd_params, problem, lam) -> images, shared by reference and final
-  params: dict  # {"sd": {"unet", "vae"}, "clip", "vgg"}, replicated over the mesh
+  params: dict  # {"sd": {"unet", "vae"}, "clip", "vgg"}, on the mesh (param_sharding)
   problem: optimize.EditProblem  # batch padded to the mesh and sharded
   num_items: int  # real (unpadded) batch size
 
@@ -153,8 +153,10 @@ def prepare(model, loss_models, spec: EditSpec | EditSet, latent_shape, mesh,
   else:
     run = noise.RunNoise(x_T=x_T, noise=run_noise)
     group = np.zeros((x_T.shape[0],), np.int32)
+  # With a model axis, every weight (text encoders too) is split over it before first use.
+  model, loss_models = (param_sharding.place_weights(m, mesh) for m in (model, loss_models))
   nets, params = edit_problem.frozen_networks(model, loss_models)
-  params = parallel.replicate(params, mesh)
+  params = param_sharding.place(params, mesh)
   encoded = edit_problem.encode_edits(model, loss_models, edits.specs, sampling.negative_prompt)
   problem = edit_problem.place(encoded, run, group, sampling.guidance, tables, mesh)
   render = optimize.make_problem_render_fn(nets, edits.shared.sampler_config)

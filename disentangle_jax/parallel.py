@@ -1,11 +1,14 @@
-"""One parallel vocabulary: a device Mesh with a 'seeds' axis, NamedSharding, jax.jit.
+"""One parallel vocabulary: a device Mesh with axes 'seeds' x 'model', NamedSharding, jax.jit.
 
-Batches of seeds (or images) are split over the 'seeds' axis; weights and lambda are
-replicated. jit partitions the same single-device program (GSPMD), so batch-mean losses become
-all-reduces without any per-device code. A batch that does not divide the device count is
-padded (repeating the last item) and masked, never dropped. Several processes (the hosts of a
-pod) join with ``initialize_distributed``; the mesh then spans every process's devices and the
-same program runs unchanged.
+Batches of seeds (or images) are split over the 'seeds' axis. Large weights are split over the
+'model' axis (FSDP-style, ``param_sharding.py``: the rule picks each kernel's largest divisible
+axis), and jit inserts the gathers; lambda, the optimiser state and small leaves are
+replicated. With a model axis of 1 (the default) every weight is replicated: plain data
+parallelism. jit partitions the same single-device program (GSPMD), so batch-mean losses become
+all-reduces without any per-device code. A batch that does not divide the seeds axis is padded
+(repeating the last item) and masked, never dropped. Several processes (the hosts of a pod)
+join with ``initialize_distributed``; the mesh then spans every process's devices (the model
+axis may span processes too) and the same program runs unchanged.
 """
 from __future__ import annotations
 
@@ -19,12 +22,31 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from disentangle_jax import errors
 
 SEEDS = "seeds"
+MODEL = "model"
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: every device of every process)."""
+def make_mesh(devices: Sequence[jax.Device] | None = None, model: int = 1) -> Mesh:
+  """A (seeds, model) mesh over ``devices`` (default: every device of every process).
+
+  ``model`` devices hold the parts of one copy of the weights; the seeds axis gets the rest
+  (len(devices) / model). Neighbouring devices of ``devices`` (the same process first, as
+  ``jax.devices()`` lists them) share a model group, so the weight gathers stay within a host
+  where they can. model = 1 is plain data parallelism.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  return Mesh(np.asarray(devices), (SEEDS,))
+  if isinstance(model, bool) or not isinstance(model, int) or model < 1:
+    raise errors.UserError(f"mesh.model={model!r} must be an integer >= 1 (1 = every device "
+                           "holds the whole model).")
+  if len(devices) % model:
+    raise errors.UserError(
+        f"mesh.model={model} does not divide the {len(devices)} device(s): use a divisor of "
+        f"{len(devices)} (devices per copy of the weights; 1 = no model sharding).")
+  return Mesh(np.asarray(devices).reshape(len(devices) // model, model), (SEEDS, MODEL))
+
+
+def model_size(mesh: Mesh) -> int:
+  """Devices along the model axis (1 for a mesh without one)."""
+  return dict(mesh.shape).get(MODEL, 1)
 
 
 def padded_size(n: int, mesh: Mesh) -> int:
@@ -63,7 +85,21 @@ def _host_if_multiprocess(tree: Any) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(_host_if_multiprocess(tree), replicated(mesh))
+  return place(tree, replicated(mesh))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """``tree`` put on the mesh with ``shardings`` (one NamedSharding, or a tree of them).
+
+  Host values and arrays of this process are copied; a global array (several processes, e.g.
+  computed with model-sharded weights) is resharded by a program, since its other parts live
+  on other hosts."""
+  leaves = jax.tree.leaves(tree)
+  if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+    if isinstance(shardings, NamedSharding):
+      shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+  return jax.device_put(_host_if_multiprocess(tree), shardings)
 
 
 def shard(x, mesh: Mesh, axis: int = 0):

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import inversion, losses, metrics, mixing, noise, parallel, pipeline, sampler
-from disentangle_jax import schedule
+from disentangle_jax import inversion, losses, metrics, mixing, noise, param_sharding, parallel
+from disentangle_jax import pipeline, sampler, schedule
 from disentangle_jax.sampling import SamplingConfig
 
 
@@ -178,9 +178,11 @@ class StudyInputs(NamedTuple):
 
 
 def prepare(model, loss_models, spec: StudySpec, mesh) -> StudyInputs:
-  """Encodes every attribute's prompts once and replicates all shared inputs over ``mesh``."""
+  """Encodes every attribute's prompts once and places all shared inputs on ``mesh``: the
+  weights by param_sharding's rule (split over a model axis), the rest replicated."""
   from disentangle_jax import loss_models as loss_models_lib  # noqa: PLC0415
   from disentangle_jax import models  # noqa: PLC0415
+  model, loss_models = (param_sharding.place_weights(m, mesh) for m in (model, loss_models))
   texts = [p for a in spec.attributes for p in (a.prompt, a.target_prompt)]
   emb, uncond = models.encode_with_negative(model, texts, spec.sampling.negative_prompt,
                                             pairs=True)
@@ -188,13 +190,15 @@ def prepare(model, loss_models, spec: StudySpec, mesh) -> StudyInputs:
   lam = np.stack([mixing.constant(spec.sampling.num_steps, 0.0)] +
                  [np.asarray(s.lam, np.float32) for s in spec.sources], axis=1)
   tables = spec.sampling.tables(model.schedule)
-  return parallel.replicate(StudyInputs(
-      params={"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
-              "clip": loss_models.params["clip"], "vgg": loss_models.params["vgg"]},
+  params = {"sd": {"unet": model.params["unet"], "vae": model.params["vae"]},
+            "clip": loss_models.params["clip"], "vgg": loss_models.params["vgg"]}
+  shared = parallel.replicate(StudyInputs(
+      params=None,
       c0=mixing.select(emb, slice(0, None, 2)), c1=mixing.select(emb, slice(1, None, 2)),
       uncond=uncond, text0=feats[0::2], text1=feats[1::2],
       lam=jnp.asarray(lam), guidance=jnp.asarray(spec.sampling.guidance, jnp.float32),
       tables=schedule.StepTables(*(jnp.asarray(t) for t in tables))), mesh)
+  return shared._replace(params=param_sharding.place(params, mesh))
 
 
 def _repeat_units(a: jax.Array, axis: int, times: int) -> jax.Array:
