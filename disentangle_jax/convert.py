@@ -82,7 +82,8 @@ def _map_one(path: tuple[str, ...], array: np.ndarray,
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], shape_tree, naming: str,
-                  source: str = "checkpoint") -> dict:
+                  source: str = "checkpoint", names: Mapping[str, str] | None = None,
+                  fix: str | None = None) -> dict:
   """Converts a PyTorch state dict to the nested Flax parameter dict described by ``shape_tree``.
 
   Args:
@@ -91,6 +92,9 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], shape_tree, naming: str,
       ``jax.eval_shape(module.init_weights, key)``).
     naming: "diffusers" (UNet, VAE) or "transformers" (CLIP text encoder).
     source: the file name, used in error messages.
+    names: how messages name a ``state_dict`` key (its name in the file, when the caller renamed
+      the keys; default: the key itself).
+    fix: the last sentence of a shape error (default: for weights beside a config.json).
 
   Returns:
     A nested dict of numpy arrays with exactly the paths and shapes of ``shape_tree`` (dtypes as
@@ -120,10 +124,11 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], shape_tree, naming: str,
   params = {}
   for path, (pt_key, value) in flat.items():
     if path in target and tuple(value.shape) != target[path]:
+      shown = (names or {}).get(pt_key, pt_key)
       raise ValueError(
-          f"{source}: weight {pt_key!r} has shape {tuple(value.shape)} but the model built from "
-          f"config.json expects {target[path]} for {'/'.join(path)}: the weights and the "
-          "config.json beside them do not belong together.")
+          f"{source}: weight {shown!r} has shape {tuple(value.shape)} but the model built from "
+          f"its config expects {target[path]} for {'/'.join(path)}: " + (
+              fix or "the weights and the config.json beside them do not belong together."))
     params[path] = value
   return check_tree(traverse_util.unflatten_dict(params), shape_tree, source)
 

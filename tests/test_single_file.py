@@ -157,21 +157,53 @@ def test_split_matches_diffusers_conversion_on_the_tiny_file(ldm_state, files):
 
 
 def test_ckpt_loads_with_allow_pickle(files, ldm_state, pair, tmp_path):
+  """A .ckpt of the original training code: the weights (a bfloat16 one among them) beside
+  Lightning-like callback objects, numpy scalars and an object whose unpickling would call a
+  function. It loads with allow_pickle, and nothing in it is called."""
   ckpt = tmp_path / "tiny-sd.ckpt"
-  torch.save({"global_step": 1, "state_dict": {k: torch.from_numpy(v.copy())
-                                               for k, v in ldm_state.items()}}, ckpt)
+  weights = {k: torch.from_numpy(v.copy()) for k, v in ldm_state.items()}
+  weights["model.diffusion_model.time_embed.0.bias"] = weights[
+      "model.diffusion_model.time_embed.0.bias"].bfloat16()
+  tripwire = tmp_path / "called"
+  torch.save({"global_step": 1, "epoch": np.int64(3), "state_dict": weights,
+              "callbacks": {"ModelCheckpoint": _Callback(), "tripwire": _Tripwire(tripwire)},
+              "hparams": {"lr": np.float32(1e-4)}}, ckpt)
   with pytest.raises(ValueError, match=re.escape(str(ckpt)) + ".*allow_pickle=True"):
     models.load(_config(files, path=str(ckpt)))
   loaded = models.load(_config(files, path=str(ckpt), allow_pickle=True))
-  assert _trees_equal(loaded.params, pair[0].params)
-  # A pickle holding Python objects besides tensors: torch's safe loader refuses it, one line.
-  torch.save({"state_dict": {}, "callbacks": _NotATensor()}, tmp_path / "objects.ckpt")
-  message = _error(_config(files, path=str(tmp_path / "objects.ckpt"), allow_pickle=True))
-  assert "objects.ckpt holds Python objects" in message and "\x1b" not in message
+  assert not tripwire.exists()  # the restricted unpickler called nothing it does not know
+  ours = jax.tree.map(np.asarray, loaded.params)
+  theirs = jax.tree.map(np.asarray, pair[0].params)
+  bias = ("time_embedding", "linear_1", "bias")
+  a, b = ours["unet"], theirs["unet"]
+  for k in bias:
+    a, b = a[k], b[k]
+  np.testing.assert_array_equal(a, torch.from_numpy(b.copy()).bfloat16().float().numpy())
+  ours["unet"]["time_embedding"]["linear_1"]["bias"] = b
+  assert _trees_equal(ours, theirs)
+  # A file that is not a torch.save archive: one line naming it.
+  (tmp_path / "old.ckpt").write_bytes(b"\x80\x02}q\x00.")
+  message = _error(_config(files, path=str(tmp_path / "old.ckpt"), allow_pickle=True))
+  assert "old.ckpt is not a torch.save zip archive" in message
 
 
-class _NotATensor:
-  pass
+class _Callback:  # what a Lightning callback pickles: an object with plain and numpy state
+  def __init__(self):
+    self.best_model_score = np.float64(0.25)
+    self.monitor = "val/loss"
+
+
+def _touch(path):
+  with open(path, "w") as f:
+    f.write("called")
+
+
+class _Tripwire:  # unpickling it would call _touch (any function: os.system alike)
+  def __init__(self, path):
+    self.path = str(path)
+
+  def __reduce__(self):
+    return (_touch, (self.path,))
 
 
 def test_save_writes_a_diffusers_folder(pair, tmp_path):
@@ -253,6 +285,39 @@ def test_error_architecture_needs_config_path(files):
   message = _error(_config(files, config_path=None))
   assert str(files[0]) in message and "--config.model.config_path" in message
   assert "text width 32 with num_attention_heads=12" in message
+
+
+def test_error_other_shapes_without_config_path(torch_sd_dir, files, tmp_path):
+  """Widths that SD v1.x's head counts and norm groups divide (a 48-wide text encoder of 4
+  heads, 32-wide VAE levels) but are not SD v1.x's: without model.config_path the file would
+  run with SD v1.x's 12 text heads. Refused, naming the fields."""
+  tokenizer = torch_sd_dir[1]["tokenizer"]
+  text = models.tiny_text_config(tokenizer) | {"hidden_size": 48, "num_attention_heads": 4}
+  vae = models.tiny_vae_config() | {"block_out_channels": (32,) * 4, "norm_num_groups": 32}
+  torch.manual_seed(0)
+  state = ldm_layout.to_ldm(torch_sd_dir[1]["unet"], diffusers.AutoencoderKL(**vae),
+                            transformers.CLIPTextModel(transformers.CLIPTextConfig(**text)))
+  path = tmp_path / "other.safetensors"
+  safetensors.numpy.save_file(state, path)
+  message = _error(_config(files, path=str(path), config_path=None))
+  assert message.startswith(f"{path} has other shapes than SD v1.x")
+  assert "text_encoder hidden_size=48 (SD v1.x: 768)" in message
+  assert "--config.model.config_path" in message
+
+
+@pytest.mark.parametrize("key", [
+    "first_stage_model.encoder.conv_in.weight",  # read for the architecture (was an IndexError)
+    "model.diffusion_model.input_blocks.0.0.weight",  # read for the family
+    "cond_stage_model.transformer.text_model.encoder.layers.0.layer_norm1.weight",  # converted
+])
+def test_error_tensor_with_wrong_dimensions(files, ldm_state, tmp_path, key):
+  state = dict(ldm_state)
+  state[key] = state[key].reshape(-1) if state[key].ndim > 1 else state[key][None]
+  path = tmp_path / "dims.safetensors"
+  safetensors.numpy.save_file(state, path)
+  message = _error(_config(files, path=str(path)))
+  assert message.startswith(f"{path}:") and repr(key) in message, message
+  assert "config.json beside" not in message  # a single file has none
 
 
 def test_error_single_file_fields_with_a_folder(torch_sd_dir, files):

@@ -76,6 +76,14 @@ FIX_FILE = ("Point --config.model.path at an SD v1.x checkpoint (a single .safet
              "the CompVis layout, or a diffusers-layout folder).")
 
 
+def check_ndim(state, key: str, ndim: int, source: str) -> None:
+  """Raises ValueError naming ``source`` and ``key`` if that tensor has not ``ndim`` dimensions."""
+  found = tuple(state[key].shape)
+  if len(found) != ndim:
+    raise ValueError(f"{source}: the tensor {key!r} has {len(found)} dimension(s) {found}; SD "
+                     f"v1.x's has {ndim}. The file is damaged or of another model. {FIX_FILE}")
+
+
 def has_prefix(state, prefix: str) -> bool:
   """True if any key of ``state`` starts with ``prefix``."""
   return any(k.startswith(prefix) for k in state)
@@ -156,7 +164,8 @@ def _vae_resnet(name: str) -> str:
   return "conv_shortcut" if name == "nin_shortcut" else name
 
 
-def split(state: dict, unet_layers: int, vae_blocks: int, source: str) -> dict[str, dict]:
+def split(state: dict, unet_layers: int, vae_blocks: int, source: str,
+          origins: dict | None = None) -> dict[str, dict]:
   """The LDM state dict -> {"unet", "vae", "text_encoder": diffusers/transformers state dict}.
 
   Args:
@@ -164,6 +173,8 @@ def split(state: dict, unet_layers: int, vae_blocks: int, source: str) -> dict[s
     unet_layers: the UNet's layers per block (``infer_configs``), which fixes the block numbering.
     vae_blocks: the VAE's number of levels (the decoder counts them from the bottom).
     source: the file name for messages.
+    origins: if given, filled with {component: {new name: the key in the file}} (messages
+      about a converted weight then name the file's own key).
 
   Keys that belong to no component (DDPM buffers, EMA copies, the VAE's training loss) are
   dropped; keys of a component with no diffusers name are dropped with one warning (a missing
@@ -177,6 +188,7 @@ def split(state: dict, unet_layers: int, vae_blocks: int, source: str) -> dict[s
       name = _unet_key(key[len(UNET_PREFIX):], unet_layers)
       if name is not None:
         out["unet"][name] = value
+        _origin(origins, "unet", name, key)
         continue
     elif key.startswith(VAE_PREFIX):
       found = _vae_key(key[len(VAE_PREFIX):], vae_blocks)
@@ -184,11 +196,13 @@ def split(state: dict, unet_layers: int, vae_blocks: int, source: str) -> dict[s
         name, conv_attention = found
         # diffusers' conv_attn_to_linear: the VAE attention's 1x1 convs become linear weights.
         out["vae"][name] = value[:, :, 0, 0] if conv_attention and value.ndim == 4 else value
+        _origin(origins, "vae", name, key)
         continue
       if key.startswith(VAE_PREFIX + "loss."):
         continue
     elif key.startswith(TEXT_PREFIX):
       out["text_encoder"][key[len(TEXT_PREFIX):]] = value
+      _origin(origins, "text_encoder", key[len(TEXT_PREFIX):], key)
       continue
     elif key.startswith(_EMA_PREFIX):
       ema += 1
@@ -203,6 +217,11 @@ def split(state: dict, unet_layers: int, vae_blocks: int, source: str) -> dict[s
     logger.warning("%s: %d key(s) belong to no SD v1.x component and are ignored, e.g. %s",
                    source, len(unknown), sorted(unknown)[:8])
   return out
+
+
+def _origin(origins: dict | None, component: str, name: str, key: str) -> None:
+  if origins is not None:
+    origins.setdefault(component, {})[name] = key
 
 
 def _indices(state: dict, pattern: str) -> list[int]:
@@ -225,10 +244,11 @@ def infer_configs(state: dict, base: dict, source: str) -> dict[str, dict]:
   Raises:
     ValueError: naming ``source`` when a needed weight is missing (a damaged or pruned file).
   """
-  def shape(key):
+  def shape(key, ndim):
     if key not in state:
       raise ValueError(f"{source} lacks the weight {key!r}, which every SD v1.x checkpoint "
                        f"has; the file is damaged or of another model. {FIX_FILE}")
+    check_ndim(state, key, ndim, source)
     return state[key].shape
 
   u = UNET_PREFIX
@@ -240,7 +260,7 @@ def infer_configs(state: dict, base: dict, source: str) -> dict[str, dict]:
   channels, down_types = [], []
   for level in range(levels):
     first = 1 + level * (layers + 1)
-    channels.append(int(shape(f"{u}input_blocks.{first}.0.out_layers.3.weight")[0]))
+    channels.append(int(shape(f"{u}input_blocks.{first}.0.out_layers.3.weight", 4)[0]))
     attention = f"{u}input_blocks.{first}.1.proj_in.weight" in state
     down_types.append("CrossAttnDownBlock2D" if attention else "DownBlock2D")
   up_types = []
@@ -249,33 +269,33 @@ def infer_configs(state: dict, base: dict, source: str) -> dict[str, dict]:
     up_types.append("CrossAttnUpBlock2D" if attention else "UpBlock2D")
   unet = dict(base["unet"])
   unet.update(
-      in_channels=int(shape(f"{u}input_blocks.0.0.weight")[1]),
-      out_channels=int(shape(f"{u}out.2.weight")[0]),
+      in_channels=int(shape(f"{u}input_blocks.0.0.weight", 4)[1]),
+      out_channels=int(shape(f"{u}out.2.weight", 4)[0]),
       block_out_channels=channels, layers_per_block=layers, down_block_types=down_types,
       up_block_types=up_types, cross_attention_dim=int(
-          shape(f"{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]))
+          shape(f"{u}middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2)[1]))
 
   v = VAE_PREFIX
   vae_levels = _indices(state, re.escape(v) + r"encoder\.down\.(\d+)\.")
   vae = dict(base["vae"])
   vae.update(
-      in_channels=int(shape(f"{v}encoder.conv_in.weight")[1]),
-      out_channels=int(shape(f"{v}decoder.conv_out.weight")[0]),
-      latent_channels=int(shape(f"{v}decoder.conv_in.weight")[1]),
-      block_out_channels=[int(shape(f"{v}encoder.down.{i}.block.0.conv1.weight")[0])
+      in_channels=int(shape(f"{v}encoder.conv_in.weight", 4)[1]),
+      out_channels=int(shape(f"{v}decoder.conv_out.weight", 4)[0]),
+      latent_channels=int(shape(f"{v}decoder.conv_in.weight", 4)[1]),
+      block_out_channels=[int(shape(f"{v}encoder.down.{i}.block.0.conv1.weight", 4)[0])
                           for i in vae_levels],
       layers_per_block=len(_indices(state, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")),
       down_block_types=["DownEncoderBlock2D"] * len(vae_levels),
       up_block_types=["UpDecoderBlock2D"] * len(vae_levels))
 
   t = TEXT_PREFIX + ("text_model." if has_prefix(state, TEXT_PREFIX + "text_model.") else "")
-  vocab, width = shape(f"{t}embeddings.token_embedding.weight")
+  vocab, width = shape(f"{t}embeddings.token_embedding.weight", 2)
   text = dict(base["text_encoder"])
   text.update(
       vocab_size=int(vocab), hidden_size=int(width),
-      max_position_embeddings=int(shape(f"{t}embeddings.position_embedding.weight")[0]),
+      max_position_embeddings=int(shape(f"{t}embeddings.position_embedding.weight", 2)[0]),
       num_hidden_layers=len(_indices(state, re.escape(t) + r"encoder\.layers\.(\d+)\.")),
-      intermediate_size=int(shape(f"{t}encoder.layers.0.mlp.fc1.weight")[0]))
+      intermediate_size=int(shape(f"{t}encoder.layers.0.mlp.fc1.weight", 2)[0]))
   configs = {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": dict(base["scheduler"])}
   _check_fits(configs, source)
   for name in ("unet", "vae", "text_encoder"):

@@ -7,7 +7,9 @@ under ``cond_stage_model.transformer.*`` (plus DDPM buffers such as ``alphas_cum
 module and ``ldm_keys`` (pure numpy) do four things:
 
   ``read``: the file -> {name: array}. ``.safetensors`` is read without torch; ``.ckpt`` is a
-    pickle and is read (with torch, ``weights_only=True``) only when the caller allows pickle.
+    pickle and is read only when the caller allows pickle, without torch, by a restricted
+    unpickler that never imports or calls the objects the trainer saved beside the weights
+    (``torch_pickle``: Lightning callbacks, numpy scalars, optimizer states stay inert).
   ``detect_family``: refuses by name what is not an SD v1.x text-to-image checkpoint (SD 2.x,
     SDXL base or refiner, inpainting, instruct-pix2pix, upscaler, ControlNet, a diffusers-layout
     component file, a file without VAE or text encoder, unknown).
@@ -34,9 +36,9 @@ Tokenizer: a single file has none; the caller names a folder with vocab.json and
 """
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
-import pickle
 import re
 
 import numpy as np
@@ -45,7 +47,7 @@ import safetensors.numpy
 
 from disentangle_jax import convert
 from disentangle_jax import schedule as schedule_lib
-from disentangle_jax.models import ldm_keys
+from disentangle_jax.models import ldm_keys, torch_pickle
 from disentangle_jax.models.build import (SD_SCALING_FACTOR, build_text_encoder, build_unet,
                                           build_vae, shape_trees, to_device, vae_scale_factor)
 from disentangle_jax.models.bundle import StableDiffusion
@@ -54,6 +56,8 @@ from disentangle_jax.models.folder import load_tokenizer, read_json
 from disentangle_jax.models.ldm_keys import FIX_FILE, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 SUFFIXES = (".safetensors", ".ckpt")
+
+logger = logging.getLogger(__name__)
 
 
 def is_single_file(path) -> bool:
@@ -66,7 +70,7 @@ def read(path: pathlib.Path, allow_pickle: bool) -> dict[str, np.ndarray]:
 
   Args:
     path: a ``.safetensors`` or ``.ckpt`` file.
-    allow_pickle: whether a ``.ckpt`` (pickle) may be read (this needs torch).
+    allow_pickle: whether a ``.ckpt`` (pickle) may be read (no torch needed; nothing in it runs).
 
   Raises:
     FileNotFoundError: ``path`` does not exist. ValueError: another suffix, a ``.ckpt`` without
@@ -80,23 +84,18 @@ def read(path: pathlib.Path, allow_pickle: bool) -> dict[str, np.ndarray]:
                      f"(one of {SUFFIXES}). {FIX_FILE}")
   if suffix == ".ckpt" and not allow_pickle:
     raise ValueError(
-        f"{path} is a PyTorch pickle (.ckpt); it is refused because unpickling can run "
-        "arbitrary code. Convert it to .safetensors, or, if you trust the file, set "
-        "--config.model.allow_pickle=True (reading .ckpt needs torch).")
-  torch = _import_torch(path) if suffix == ".ckpt" else None
+        f"{path} is a PyTorch pickle (.ckpt); it is refused unless you allow it, because a "
+        "pickle can name code to run. Convert it to .safetensors, or set "
+        "--config.model.allow_pickle=True: the file is then read by a restricted unpickler "
+        "that runs none of its code (only its tensors are read).")
   try:
     if suffix == ".safetensors":
       state = safetensors.numpy.load_file(str(path))
     else:
-      state = torch.load(path, map_location="cpu", weights_only=True)
-      while isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoints
-        state = state["state_dict"]
-      state = {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy()
-               for k, v in state.items() if isinstance(v, torch.Tensor)}
-  except pickle.UnpicklingError as e:
-    raise ValueError(f"{path} holds Python objects that torch's safe loader (weights_only=True) "
-                     f"refuses ({_one_line(e)}); convert it to .safetensors with a tool you "
-                     "trust.") from None
+      state = _read_ckpt(path)
+  except torch_pickle.NotATorchZip:
+    raise ValueError(f"{path} is not a torch.save zip archive (a .ckpt of torch < 1.6, or not a "
+                     "checkpoint); convert it to .safetensors with a tool you trust.") from None
   except Exception as e:  # pylint: disable=broad-except  # any reader's error: one message
     raise ValueError(f"{path} could not be read as {suffix[1:]} ({type(e).__name__}: "
                      f"{_one_line(e)}); is the file complete? Download or convert it "
@@ -106,14 +105,22 @@ def read(path: pathlib.Path, allow_pickle: bool) -> dict[str, np.ndarray]:
   return state
 
 
-def _one_line(error: Exception, limit: int = 200) -> str:
-  """The error's text on one line, without terminal colour codes, at most ``limit`` chars."""
-  return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())[:limit]
+def _read_ckpt(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """The weights of a torch.save file: its (nested) "state_dict", else its top-level tensors.
+  The other objects in it (Lightning callbacks, numpy scalars, ...) are never run."""
+  state, unknown = torch_pickle.load(path)
+  while isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoints
+    state = state["state_dict"]
+  if unknown:
+    logger.info("%s: %d Python object(s) besides the weights were skipped, not run: %s", path,
+                len(set(unknown)), ", ".join(sorted(set(unknown))))
+  return torch_pickle.arrays(state)
 
 
-def _import_torch(path: pathlib.Path):
-  return convert.import_torch(f"reading the PyTorch .ckpt file {path}",
-                              "or convert it to .safetensors.")
+def _one_line(error: Exception) -> str:
+  """The error's text on one line, without terminal colour codes (never cut: a cut message
+  could end inside the name of the object or file it is about)."""
+  return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split())
 
 
 
@@ -135,13 +142,15 @@ def detect_family(state: dict, source: str) -> None:
     if "conditioner.embedders.0.model.text_projection" in state:
       refuse("an SDXL refiner checkpoint")
     refuse("an SDXL checkpoint")
-  if ldm_keys.has_prefix(state, "control_model.") or ldm_keys.has_prefix(state, "controlnet_cond_embedding."):
+  if (ldm_keys.has_prefix(state, "control_model.")
+      or ldm_keys.has_prefix(state, "controlnet_cond_embedding.")):
     refuse("a ControlNet checkpoint")
   if conv_in is None:
     if ldm_keys.has_prefix(state, UNET_PREFIX):
       refuse("a checkpoint of another architecture (no UNet conv_in "
              "model.diffusion_model.input_blocks.0.0.weight: SD3, Flux or another transformer?)")
-    if ldm_keys.has_prefix(state, "down_blocks.") or "conv_in.weight" in state or ldm_keys.has_prefix(state, "text_model."):
+    if (ldm_keys.has_prefix(state, "down_blocks.") or "conv_in.weight" in state
+        or ldm_keys.has_prefix(state, "text_model.")):
       refuse("a single component in diffusers/transformers layout (no "
              "model.diffusion_model.* keys); load the diffusers folder it came from instead")
     if ldm_keys.has_prefix(state, "encoder.down.") or ldm_keys.has_prefix(state, "decoder.up."):
@@ -151,7 +160,8 @@ def detect_family(state: dict, source: str) -> None:
     refuse("an SD 2.x checkpoint (OpenCLIP text encoder)")
   if ldm_keys.has_prefix(state, UNET_PREFIX + "label_emb."):
     refuse("a class- or image-conditioned UNet (label_emb: an upscaler or unCLIP checkpoint)")
-  in_channels = conv_in.shape[1] if conv_in.ndim == 4 else None
+  ldm_keys.check_ndim(state, UNET_PREFIX + "input_blocks.0.0.weight", 4, source)
+  in_channels = conv_in.shape[1]
   if in_channels == 9:
     refuse("an inpainting checkpoint (9 UNet input channels)")
   if in_channels == 8:
@@ -162,9 +172,10 @@ def detect_family(state: dict, source: str) -> None:
              if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")]
   if any(v.ndim == 2 for v in proj_in):
     refuse("an SD 2.x checkpoint (linear transformer projections)")
-  to_k = [v for k, v in state.items()
-          if k.startswith(UNET_PREFIX) and k.endswith(".attn2.to_k.weight")]
-  if to_k and to_k[0].shape[1] == 1024:
+  to_k = [k for k in state if k.startswith(UNET_PREFIX) and k.endswith(".attn2.to_k.weight")]
+  for key in to_k:
+    ldm_keys.check_ndim(state, key, 2, source)
+  if to_k and state[to_k[0]].shape[1] == 1024:
     refuse("an SD 2.x checkpoint (1024-wide cross-attention)")
   if not ldm_keys.has_prefix(state, VAE_PREFIX):
     refuse("a checkpoint without VAE weights (no first_stage_model.* keys)")
@@ -172,6 +183,24 @@ def detect_family(state: dict, source: str) -> None:
     refuse("a checkpoint without a CLIP text encoder (no cond_stage_model.transformer.* keys)")
 
 
+
+
+def _check_sd_v1_shapes(configs: dict, source: str) -> None:
+  """Without model.config_path, the fields read from the shapes must be SD v1.x's: the fields
+  shapes cannot reveal (head counts, norm groups, ...) are then SD v1.x's too. A file of other
+  widths would otherwise run with SD v1.x's head counts (a 48-wide text encoder with 12 heads
+  instead of its own 4): refused, naming the fields."""
+  differ = []
+  for name in ("unet", "vae", "text_encoder"):
+    standard = ldm_keys.SD_V1_CONFIGS[name]
+    differ += [f"{name} {key}={value!r} (SD v1.x: {standard.get(key)!r})"
+               for key, value in configs[name].items() if value != standard.get(key)]
+  if differ:
+    raise ValueError(
+        f"{source} has other shapes than SD v1.x ({'; '.join(differ)}), so its head counts, "
+        "norm groups and other fields that shapes do not reveal are unknown: set "
+        "--config.model.config_path to a diffusers-layout folder whose unet/, vae/ and "
+        "text_encoder/ config.json describe this model (its weights are not needed).")
 
 
 def _base_configs(config: ModelConfig) -> dict:
@@ -212,6 +241,8 @@ def load(config: ModelConfig) -> StableDiffusion:
   source = str(path)
   detect_family(state, source)
   cfgs = ldm_keys.infer_configs(state, base, source)
+  if config.config_path is None:
+    _check_sd_v1_shapes(cfgs, source)
   schedule = schedule_lib.ScheduleConfig.from_diffusers_config(cfgs["scheduler"])
   unet = build_unet(cfgs["unet"], config, source)
   vae = build_vae(cfgs["vae"], config)
@@ -225,12 +256,15 @@ def load(config: ModelConfig) -> StableDiffusion:
     raise ValueError(f"model.tokenizer_path={config.tokenizer_path!r} has {len(tokenizer)} "
                      f"tokens but {path} embeds {text_encoder.config.vocab_size}: it is not this "
                      "model's tokenizer.")
+  origins = {}
   parts = ldm_keys.split(state, unet.config.layers_per_block,
-                            len(vae.config.block_out_channels), source)
+                         len(vae.config.block_out_channels), source, origins)
   del state
   trees = shape_trees(unet, vae, text_encoder)
+  fix = (f"the file does not fit the configs of model.config_path={config.config_path!r}."
+         if config.config_path else "the file is damaged or is not SD v1.x.")
   params = {name: to_device(convert.torch_to_flax(parts.pop(name), trees[name], naming,
-                                                   f"{source} ({name})"), dtype)
+                                                   source, origins.get(name), fix), dtype)
             for name, naming in (("unet", "diffusers"), ("vae", "diffusers"),
                                  ("text_encoder", "transformers"))}
   return StableDiffusion(
