@@ -61,7 +61,7 @@ def learned(spec, schedule, lam, history, *, model: str, optimizer: dict) -> Lea
   the model and the optimiser settings for the provenance."""
   s = spec.sampling
   return LearnedWeights(
-      lam=_as_tuple(lam), prompt=spec.prompt, target_prompt=spec.target_prompt,
+      lam=as_tuple(lam), prompt=spec.prompt, target_prompt=spec.target_prompt,
       num_steps=s.num_steps, sampler=s.kind, eta=s.eta, guidance=s.guidance,
       schedule=dataclasses.asdict(schedule), seeds=tuple(int(v) for v in spec.seeds),
       init_lambda=tuple(float(v) for v in spec.init_lambda()), loss_history=tuple(history),
@@ -70,10 +70,10 @@ def learned(spec, schedule, lam, history, *, model: str, optimizer: dict) -> Lea
       lambda_shape=getattr(spec, "lambda_shape", "per_step"))
 
 
-def _as_tuple(lam) -> tuple:
+def as_tuple(lam) -> tuple:
   """lambda [T] -> T floats; [T, L] -> T tuples of L floats."""
   lam = np.asarray(lam)
-  return tuple(float(v) for v in lam) if lam.ndim == 1 else tuple(_as_tuple(r) for r in lam)
+  return tuple(float(v) for v in lam) if lam.ndim == 1 else tuple(as_tuple(r) for r in lam)
 
 
 def write(path: str, weights: LearnedWeights) -> None:
@@ -108,7 +108,7 @@ def read(path: str) -> LearnedWeights:
   if data.get("convention", "target") == "reference":
     lam = mixing.from_reference(lam)
   return LearnedWeights(
-      lam=_as_tuple(lam), prompt=data["prompt"],
+      lam=as_tuple(lam), prompt=data["prompt"],
       target_prompt=data["target_prompt"], num_steps=int(data["num_steps"]),
       sampler=data["sampler"], eta=float(data.get("eta", 0.0)),
       guidance=float(data.get("guidance", 7.5)), schedule=data.get("schedule", {}),

@@ -129,7 +129,8 @@ def test_per_token_gradient_equals_central_differences():
 
 def test_weights_file_round_trip_per_token(tmp_path):
   lam = np.float32([[0.0, 0.1], [1.0, 1.1], [1.2, 0.9]])
-  w = weights_file.LearnedWeights(lam=weights_file._as_tuple(lam), prompt="a", target_prompt="a, b",  # pylint: disable=protected-access
+  w = weights_file.LearnedWeights(lam=weights_file.as_tuple(lam), prompt="a",
+                                  target_prompt="a, b",
                                   num_steps=3, sampler="ddim", eta=0.0, guidance=7.5,
                                   schedule={}, lambda_shape="per_token")
   path = str(tmp_path / "weights.json")
