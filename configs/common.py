@@ -40,9 +40,17 @@ def add_sampling(c: ml_collections.ConfigDict, sampler: bool = True) -> None:
   c.num_steps = 50  # sampling steps T (one weight per step; weights files must match)
   c.guidance = 7.5  # classifier-free guidance scale
   c.negative_prompt = ""  # CFG's unconditional prompt ("" = none, the paper's); never mixed
+  c.mesh = mesh_config()  # the device mesh every sampling program runs on
   if sampler:
     c.sampler = "ddim"  # "ddim" | "plms" (the reference release's; weights files must match)
     c.eta = 0.0  # DDIM stochasticity (the noise is fixed per seed either way)
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """The device mesh, seeds x model (-> parallel.make_mesh, via launch/common.py's ``mesh``)."""
+  return ml_collections.ConfigDict(dict(
+      model=1,  # devices sharing one copy of the weights, each holding 1/model (1 = replicated)
+  ))
 
 
 def add_learning(c: ml_collections.ConfigDict, t_star: int, lambda_late: float) -> None:

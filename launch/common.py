@@ -281,6 +281,14 @@ def setup_distributed() -> None:
                                     _INIT_TIMEOUT.value)
 
 
+def mesh(cfg):
+  """The device mesh of ``cfg.mesh`` (seeds x model, over every process's devices); a model
+  axis that does not divide the device count is one error line naming config.mesh.model."""
+  from disentangle_jax import parallel  # noqa: PLC0415
+  with user_errors():
+    return parallel.make_mesh(model=cfg.mesh.model)
+
+
 def setup_process() -> None:
   """Process-wide settings every entry point applies before any JAX work."""
   quiet_library_logs()
