@@ -24,7 +24,7 @@ _CONFIG, _WORKDIR = common.define_flags("configs/disentangle.py")
 
 
 def _run(cfg, out_dir):
-  from disentangle_jax import checkpoint, disentangle, images, parallel, pipeline  # noqa
+  from disentangle_jax import checkpoint, disentangle, images, pipeline  # noqa: PLC0415
   from disentangle_jax import plots, workdir  # noqa: PLC0415
   with common.user_errors():
     checkpoint.check_save_every(cfg.checkpoint_every)
@@ -38,7 +38,7 @@ def _run(cfg, out_dir):
     identity = common.identity(cfg, latent_shape=list(shape))
     with common.user_errors():
       disentangle.check_resumable(ckpt, spec, identity)  # before any compilation
-    mesh = parallel.make_mesh()
+    mesh = common.mesh(cfg)
     for e in edits:
       logging.info("c0=%r c1=%r seeds=%s", e.prompt, e.target_prompt, e.seeds)
     logging.info("%d edit(s), %d steps, latents %s, %d device(s)", len(edits),

@@ -43,7 +43,7 @@ def _run(cfg, out_dir):
     else:
       spec = common.edit_spec(cfg, seeds=(cfg.seed,))
       prompt, target = spec.prompt, spec.target_prompt
-    from disentangle_jax import disentangle, models, parallel, pipeline, run_identity  # noqa
+    from disentangle_jax import disentangle, models, pipeline, run_identity  # noqa: PLC0415
     from disentangle_jax import metrics as metrics_lib  # noqa: PLC0415
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
@@ -65,7 +65,7 @@ def _run(cfg, out_dir):
                sampling.num_steps, inv_cfg.inject_steps, inv_cfg.pin)
   history = None
   if spec is not None:
-    prep = disentangle.prepare(model, loss_models, spec, shape, parallel.make_mesh(),
+    prep = disentangle.prepare(model, loss_models, spec, shape, common.mesh(cfg),
                                x_T=inv.run.x_T, run_noise=inv.run.noise)
     # One checkpoint folder per (image, inversion): a changed image never resumes another's run.
     key = run_identity.content_key(images.to_uint8(pixels).tobytes(), inv_cfg,

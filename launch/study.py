@@ -64,7 +64,7 @@ def main(argv):
 
 
 def _run(cfg, out_dir, write):
-  from disentangle_jax import images, inversion, metrics, models, parallel, pipeline  # noqa
+  from disentangle_jax import images, inversion, metrics, models, pipeline  # noqa: PLC0415
   from disentangle_jax import plots, real_images, stats, study, study_store, workdir  # noqa
   import numpy as np  # noqa: PLC0415
   with common.user_errors():
@@ -79,7 +79,7 @@ def _run(cfg, out_dir, write):
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
     if write:  # the first write: everything above is validated
       study_store.check_manifest(out_dir, spec, common.identity(cfg, latent_shape=list(shape)))
-  mesh = parallel.make_mesh()
+  mesh = common.mesh(cfg)
   inputs = study.prepare(model, loss_models, spec, mesh)
   evaluate = study.make_evaluate_fn(
       models.predictor(model),

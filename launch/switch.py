@@ -32,7 +32,8 @@ def _run(cfg, out_dir):
         batch_size=cfg.batch_size, learned=learned)
     model = common.load_model(cfg.model)
     shape = pipeline.latent_shape(model, cfg.image_size)
-  from disentangle_jax import models  # noqa: PLC0415
+  from disentangle_jax import models, param_sharding  # noqa: PLC0415
+  model = param_sharding.place_weights(model, common.mesh(cfg))  # split over mesh.model
   prompts = common.encode_pair(model, spec.prompt, spec.target_prompt,
                                spec.sampling.negative_prompt)
   render = pipeline.make_render_fn(
