@@ -36,4 +36,4 @@ class SamplingConfig:
 
   def tables(self, schedule_config: schedule.ScheduleConfig) -> schedule.StepTables:
     """The per-step coefficient tables of these settings under a model's noise schedule."""
-    return schedule.step_tables(schedule_config, self.num_steps, self.eta)
+    return schedule.step_tables(schedule_config, self.num_steps, self.eta, self.kind)

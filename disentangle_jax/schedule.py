@@ -14,6 +14,15 @@ SD 2.x / SDXL scheduler options follow diffusers' DDIMScheduler exactly: ``predi
 Algorithm 1 of 2305.08891; alphas_cumprod[-1] = 0, so it needs v-prediction). In every spacing
 the "previous" level of step i is ``t_i - num_train_timesteps // T``, as in diffusers' step().
 
+PLMS is diffusers' PNDMScheduler (skip_prk_steps), whose step size is always
+``num_train_timesteps // T`` and whose first step combines the UNet outputs at t_0 and t_1 and
+moves from the level of ``t_1 + num_train_timesteps // T`` to t_1. Where t_1 is not
+``t_0 - num_train_timesteps // T`` ("linspace" spacing; "trailing" with T not dividing
+num_train_timesteps) that first step is not a step between two of the run's levels, and PNDM
+has no zero-terminal-SNR option (it ignores ``rescale_betas_zero_snr``): ``step_tables(...,
+sampler="plms")`` refuses both in one line (``check_plms``) rather than run something that only
+resembles PNDM. "leading" spacing (SD's) and "trailing" with T dividing it match PNDM exactly.
+
 Everything here is float64 numpy; the sampler casts the tables to its compute dtype. Tables are
 passed to jitted code as *arguments*, so a change of eta never recompiles.
 """
@@ -148,8 +157,31 @@ def check_num_steps(num_steps: int, cfg: ScheduleConfig) -> None:
         f"num_steps={num_steps} exceeds the {cfg.num_train_timesteps} training timesteps.")
 
 
-def step_tables(cfg: ScheduleConfig, num_steps: int, eta: float = 0.0) -> StepTables:
-  """Coefficient tables for a ``num_steps``-step DDIM/PLMS run (float64 numpy)."""
+def check_plms(cfg: ScheduleConfig, num_steps: int) -> None:
+  """Raises ValueError (one line) where PLMS would not equal diffusers' PNDMScheduler under
+  ``cfg`` at ``num_steps`` steps (the module docstring); returns otherwise."""
+  if cfg.rescale_betas_zero_snr:
+    raise ValueError(
+        "sampler='plms' with a rescale_betas_zero_snr=True schedule: diffusers' PNDMScheduler "
+        "has no zero-terminal-SNR option (it ignores it and samples the schedule the model was "
+        "not trained on), so PLMS is refused here; use sampler='ddim'.")
+  ts = timesteps(cfg, num_steps)
+  ratio = cfg.num_train_timesteps // num_steps
+  if num_steps >= 2 and ts[0] - ratio != ts[1]:
+    raise ValueError(
+        f"sampler='plms' with timestep_spacing={cfg.timestep_spacing!r} at {num_steps} steps: "
+        f"diffusers' PNDMScheduler steps by num_train_timesteps // T = {ratio}, so its first "
+        f"step runs from the level of t={ts[1] + ratio}, not t={ts[0]}, to t={ts[1]}; that is "
+        "not reproduced, so PLMS is refused. Use sampler='ddim', 'leading' spacing, or (for "
+        f"'trailing') a step count that divides {cfg.num_train_timesteps}.")
+
+
+def step_tables(cfg: ScheduleConfig, num_steps: int, eta: float = 0.0,
+                sampler: str = "ddim") -> StepTables:
+  """Coefficient tables for a ``num_steps``-step DDIM/PLMS run (float64 numpy); with
+  ``sampler="plms"`` the combinations PNDM runs differently are refused (``check_plms``)."""
+  if sampler == "plms":
+    check_plms(cfg, num_steps)
   if not np.isfinite(eta) or eta < 0:
     raise ValueError(f"eta={eta!r} must be a finite number >= 0 (0 = deterministic DDIM).")
   ac = alphas_cumprod(cfg)

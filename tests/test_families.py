@@ -329,7 +329,8 @@ def _refusal_folder(tmp_path, index=None, unet=None, scheduler=None, vae=None):
     (dict(index={"_class_name": "StableDiffusion3Pipeline",
                  "transformer": ["diffusers", "SD3Transformer2DModel"]}), "_class_name"),
     (dict(index={"_class_name": "StableDiffusionXLImg2ImgPipeline"}), "_class_name"),
-    (dict(index={"text_encoder": [None, None]}), "projection_class_embeddings_input_dim"),
+    (dict(index={"text_encoder": [None, None]}), "text_encoder"),
+    (dict(index={"requires_aesthetics_score": True}), "requires_aesthetics_score"),
     (dict(scheduler={"prediction_type": "sample"}), "prediction_type"),
     (dict(unet={"class_embed_type": "timestep"}), "class_embed_type"),
     (dict(unet={"resnet_time_scale_shift": "scale_shift"}), "resnet_time_scale_shift"),
@@ -340,3 +341,55 @@ def test_unsupported_folders_are_refused_by_field(tmp_path, change, field):
   with pytest.raises(ValueError, match=field) as info:
     models.load(models.ModelConfig(path=path))
   assert "\n" not in str(info.value)
+
+
+def test_sdxl_base_with_refiner_like_widths_loads_and_the_refiner_is_refused(tmp_path):
+  """An SDXL base layout whose pooled projection width plus time-embedding width equals its
+  cross-attention width (8 + 72 = 80: the refiner's arithmetic, 5 x 8 + 80 = 120) loads as SDXL;
+  the refiner is recognised by what defines it (requires_aesthetics_score, no first text
+  encoder, its pipeline class)."""
+  models.write_tiny_tokenizer(tmp_path / "tok")
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
+  unet = dict(models.tiny_unet_config(family="sdxl"), projection_class_embeddings_input_dim=120)
+  text_2 = dict(models.tiny_text_config(tokenizer, "sdxl", 1), projection_dim=72)
+  assert unet["addition_time_embed_dim"] + text_2["projection_dim"] == unet["cross_attention_dim"]
+  torch.manual_seed(0)
+  modules = {
+      "unet": diffusers.UNet2DConditionModel(**unet),
+      "vae": diffusers.AutoencoderKL(**models.tiny_vae_config(family="sdxl")),
+      "text_encoder": transformers.CLIPTextModel(
+          transformers.CLIPTextConfig(**models.tiny_text_config(tokenizer, "sdxl", 0))),
+      "text_encoder_2": transformers.CLIPTextModelWithProjection(
+          transformers.CLIPTextConfig(**text_2))}
+  base = tmp_path / "base"
+  for name, module in modules.items():
+    module.save_pretrained(base / name, safe_serialization=True)
+  for name in ("tokenizer", "tokenizer_2"):
+    models.write_tiny_tokenizer(base / name)
+  index, scheduler = models.tiny_folder_configs("sdxl")
+  (base / "scheduler").mkdir()
+  (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+  (base / "model_index.json").write_text(json.dumps(index))
+  assert models.load(models.ModelConfig(path=str(base))).family.name == "sdxl"
+  for change, field in (({"requires_aesthetics_score": True}, "requires_aesthetics_score"),
+                        ({"text_encoder": [None, None], "tokenizer": [None, None]},
+                         "text_encoder"),
+                        ({"_class_name": "StableDiffusionXLImg2ImgPipeline"}, "_class_name")):
+    (base / "model_index.json").write_text(json.dumps(dict(index, **change)))
+    with pytest.raises(ValueError, match=f"{field}=.*the SDXL refiner") as info:
+      models.load(models.ModelConfig(path=str(base)))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("index", [
+    {"_class_name": "StableDiffusion3Pipeline",
+     "transformer": ["diffusers", "SD3Transformer2DModel"]},
+    {"_class_name": "MyPipeline"},  # no transformer entry: the folder's transformer/ tells
+])
+def test_folder_with_a_transformer_and_no_unet_gets_the_family_message(tmp_path, index):
+  (tmp_path / "transformer").mkdir()
+  (tmp_path / "transformer" / "config.json").write_text("{}")
+  (tmp_path / "model_index.json").write_text(json.dumps(index))
+  with pytest.raises(ValueError, match="transformer/prior model") as info:
+    models.load(models.ModelConfig(path=str(tmp_path)))
+  assert "unet/config.json" not in str(info.value) and "\n" not in str(info.value)

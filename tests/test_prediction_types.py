@@ -1,5 +1,7 @@
 """SD 2.x / SDXL scheduler options: v-prediction, timestep spacings, steps_offset and zero
 terminal SNR, against diffusers' own DDIMScheduler / PNDMScheduler on an analytic predictor."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +149,42 @@ def test_zero_snr_needs_v_prediction():
     schedule.ScheduleConfig(rescale_betas_zero_snr=True)
   with pytest.raises(errors.UserError, match="prediction_type"):
     sampler.Predictor(analytic.eps_fn, "x0")
+
+
+@pytest.mark.parametrize("spacing,offset,rescale,num_steps,refused", [
+    ("leading", 1, False, 7, None),
+    ("trailing", 0, False, 10, None),  # 10 divides 1000: t_1 = t_0 - 100, as PNDM steps
+    ("trailing", 0, False, 7, "timestep_spacing='trailing' at 7 steps"),
+    ("linspace", 0, False, 10, "timestep_spacing='linspace' at 10 steps"),
+    ("leading", 0, True, 10, "rescale_betas_zero_snr"),
+])
+def test_plms_equals_pndm_per_step_or_is_refused(spacing, offset, rescale, num_steps, refused):
+  """PLMS against diffusers' PNDMScheduler (skip_prk_steps) + the same predictor, step by step
+  (<= 1e-4 relative): equal in every spacing it runs, refused in one line where PNDM's first
+  step is not a step between two of the run's levels, and on a zero-terminal-SNR config (PNDM
+  ignores the option)."""
+  cfg = schedule.ScheduleConfig.from_diffusers_config(_config(spacing, offset, rescale))
+  if refused:
+    with pytest.raises(ValueError, match=re.escape(refused)) as info:
+      schedule.step_tables(cfg, num_steps, sampler="plms")
+    assert "\n" not in str(info.value) and "sampler='ddim'" in str(info.value)
+    return
+  tb = schedule.step_tables(cfg, num_steps, sampler="plms")
+  ref = diffusers.PNDMScheduler.from_config(_config(spacing, offset, rescale,
+                                                    skip_prk_steps=True))
+  ref.set_timesteps(num_steps)
+  x_T, _, cond, un = _inputs(tb)
+  x = torch.from_numpy(x_T)
+  cond_per_call = [cond[0]] + list(cond)
+  steps = []
+  for k, t in enumerate(ref.timesteps):
+    v = torch.from_numpy(_cfg_np(x.numpy(), int(t), cond_per_call[k], un))
+    x = ref.step(v, t, x).prev_sample
+    if k:  # call 0 is the first step's intermediate sample
+      steps.append(x.numpy())
+  traj = sampler.sample(V_FN, PARAMS, jnp.asarray(x_T), jnp.zeros((num_steps, B, H, W, C)),
+                        jnp.asarray(cond), jnp.asarray(un), 7.5, tb,
+                        sampler.SamplerConfig("plms"), trajectory=True)
+  for i, want in enumerate(steps):
+    rel = np.linalg.norm(np.asarray(traj[i]) - want) / np.linalg.norm(want)
+    assert rel <= 1e-4, (i, rel)

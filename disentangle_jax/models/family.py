@@ -107,29 +107,41 @@ def _refuse(source: str, field: str, value, why: str) -> None:
                    "and SDXL base folders in diffusers layout.")
 
 
-def detect(model_index: Mapping, unet_config: Mapping, source: str) -> Family:
-  """The family of a diffusers folder from its model_index.json and unet/config.json.
-
-  Raises ValueError naming the field for anything else (SD3 and other transformer models, the
-  SDXL refiner, upscalers, unknown UNet options).
-  """
+def check_pipeline(model_index: Mapping, source: str, has_unet: bool = True,
+                   has_transformer: bool = False) -> None:
+  """Refuses, from model_index.json and the folder's layout alone (before any UNet config is
+  read), pipelines of other model kinds: the refused pipeline classes, and transformer / prior
+  models (SD3, Flux: a transformer and no UNet)."""
   index = f"{source}/model_index.json"
   pipeline = model_index.get("_class_name")
   if pipeline in _REFUSED_PIPELINES:
     _refuse(index, "_class_name", pipeline, _REFUSED_PIPELINES[pipeline])
-  if "transformer" in model_index or "prior" in model_index:
+  if ("transformer" in model_index or "prior" in model_index
+      or (has_transformer and not has_unet)):
     _refuse(index, "_class_name", pipeline, "a transformer/prior model (e.g. Stable Diffusion 3 "
             "or Flux) has no UNet this library can run")
+
+
+def detect(model_index: Mapping, unet_config: Mapping, source: str) -> Family:
+  """The family of a diffusers folder from its model_index.json and unet/config.json.
+
+  Raises ValueError naming the field for anything else (SD3 and other transformer models, the
+  SDXL refiner, upscalers, unknown UNet options). The SDXL refiner is recognised by what
+  defines it (its pipeline class, ``requires_aesthetics_score``, no first text encoder), never
+  by arithmetic on widths: a base layout whose widths happen to add up like the refiner's loads.
+  """
+  index = f"{source}/model_index.json"
+  check_pipeline(model_index, source)
   check_unet_config(unet_config, f"{source}/unet/config.json")
   if unet_config.get("addition_embed_type") == "text_time":
-    time_dim = unet_config.get("addition_time_embed_dim") or 0
-    if (unet_config.get("projection_class_embeddings_input_dim") ==
-        5 * time_dim + unet_config.get("cross_attention_dim", 0)) or (
-            "text_encoder" in model_index and not _named(model_index["text_encoder"])):
-      _refuse(f"{source}/unet/config.json", "projection_class_embeddings_input_dim",
-              unet_config.get("projection_class_embeddings_input_dim"),
-              "the SDXL refiner (aesthetic-score micro-conditioning, one text encoder) is not "
-              "supported (SDXL base is)")
+    refiner = ("the SDXL refiner (aesthetic-score micro-conditioning) is not supported (SDXL "
+               "base is)")
+    if model_index.get("requires_aesthetics_score"):
+      _refuse(index, "requires_aesthetics_score", model_index["requires_aesthetics_score"],
+              refiner)
+    if not _named(model_index.get("text_encoder")):
+      _refuse(index, "text_encoder", model_index.get("text_encoder"),
+              refiner + "; an SDXL folder without its first text encoder is the refiner")
     for name in ("text_encoder_2", "tokenizer_2"):
       if not _named(model_index.get(name)):
         _refuse(index, name, model_index.get(name), "an SDXL UNet needs both text encoders")

@@ -141,6 +141,9 @@ def load_folder(config: ModelConfig) -> StableDiffusion:
         "vae/, text_encoder/, tokenizer/, scheduler/), or leave it None for the tiny random "
         "model.")
   index = read_json(root / "model_index.json")
+  # Other model kinds are named before unet/config.json is looked for (SD3 / Flux have none).
+  family_lib.check_pipeline(index, str(root), (root / "unet").is_dir(),
+                            (root / "transformer").is_dir())
   unet_cfg = read_json(root / "unet" / "config.json")
   fam = family_lib.detect(index, unet_cfg, str(root))
   if fam.zero_empty_negative:
