@@ -128,6 +128,8 @@ def run(evaluate: Callable, inputs: study.StudyInputs, spec: study.StudySpec, la
   log(f"{spec.num_items} items ({len(spec.sources)} sources x {len(spec.attributes)} attributes "
       f"x {len(spec.seeds)} seeds) in {spec.num_chunks} chunks; {len(todo)} to do, "
       f"{mesh.size} device(s), batch {spec.batch_size} padded to {size}")
+  if todo:
+    log("compiling the study's program (the first chunk includes it) ...")
   # The rate counts from the end of the first computed chunk, so it excludes compilation.
   start, computed, first_done = time.perf_counter(), 0, done_items
   for index in todo:
@@ -167,8 +169,10 @@ def run(evaluate: Callable, inputs: study.StudyInputs, spec: study.StudySpec, la
       start, first_done = now, done_items
     else:
       rate = (done_items - first_done) / (now - start)
-    log(f"chunk {index + 1}/{spec.num_chunks} done: {done_items}/{spec.num_items} items, "
-        f"{rate:.2f} items/s, ETA {(spec.num_items - done_items) / rate:.1f}s")
+    # The first chunk's time is mostly compilation: no ETA from it (it would be far too long).
+    eta = (f"{rate:.2f} items/s, ETA {(spec.num_items - done_items) / rate:.1f}s"
+           if computed > 1 else "compiled; the rate and ETA follow from the next chunk")
+    log(f"chunk {index + 1}/{spec.num_chunks} done: {done_items}/{spec.num_items} items, {eta}")
   return computed
 
 

@@ -43,6 +43,7 @@ def _run(cfg, out_dir):
       logging.info("c0=%r c1=%r seeds=%s", e.prompt, e.target_prompt, e.seeds)
     logging.info("%d edit(s), %d steps, latents %s, %d device(s)", len(edits),
                  spec.shared.sampling.num_steps, shape, mesh.size)
+    logging.info("rendering the originals (lambda = 0; the first render compiles the sampler) ...")
     prep = disentangle.prepare(model, loss_models, spec, shape, mesh)
     iter_dir = os.path.join(out_dir, "iterations")
     os.makedirs(iter_dir, exist_ok=True)
@@ -54,6 +55,7 @@ def _run(cfg, out_dir):
 
     lam, history, prev_lam = disentangle.optimise(prep, spec, ckpt, on_iteration, logging.info,
                                                   identity=identity)
+  logging.info("rendering the final images ...")
   edited = images.to_uint8(disentangle.final_images(prep, spec, lam, prev_lam))
   original = images.to_uint8(prep.problem.reference[:prep.num_items])
 

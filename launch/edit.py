@@ -59,12 +59,15 @@ def _run(cfg, out_dir):
 
   prompts = common.encode_pair(model, prompt, target, sampling.negative_prompt)
   inverter = inversion.make_inverter(model, inv_cfg.pin)
+  logging.info("encoding and inverting the image (%d steps; the first run compiles the "
+               "inversion) ...", sampling.num_steps)
   inv = inversion.invert_images(inverter, model.params, pixels[None], prompts.c0, prompts.uncond,
                                 [cfg.seed], inv_cfg, model.schedule, cfg.encode_sample)
   logging.info("inverted under c0=%r: %d steps, residuals in the first %d, pin=%s", prompt,
                sampling.num_steps, inv_cfg.inject_steps, inv_cfg.pin)
   history = None
   if spec is not None:
+    logging.info("rendering the original (lambda = 0; compiles the sampler) ...")
     prep = disentangle.prepare(model, loss_models, spec, shape, common.mesh(cfg),
                                x_T=inv.run.x_T, run_noise=inv.run.noise)
     # One checkpoint folder per (image, inversion): a changed image never resumes another's run.
@@ -81,6 +84,7 @@ def _run(cfg, out_dir):
   edit = inversion.make_edit_fn(
       models.predictor(model),
       models.make_decode_fn(model.vae, model.scaling_factor, model.config))
+  logging.info("rendering the reconstruction and the edit (compiles the sampler) ...")
   out = edit(model.params, inv.z0, inv.run, use, prompts, sampling.guidance, inv.tables)
   metrics = {
       "mode": "apply" if spec is None else "optimise", "prompt": prompt, "target_prompt": target,

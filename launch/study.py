@@ -80,6 +80,7 @@ def _run(cfg, out_dir, write):
     if write:  # the first write: everything above is validated
       study_store.check_manifest(out_dir, spec, common.identity(cfg, latent_shape=list(shape)))
   mesh = common.mesh(cfg)
+  logging.info("encoding %d attribute(s) ...", len(spec.attributes))
   inputs = study.prepare(model, loss_models, spec, mesh)
   evaluate = study.make_evaluate_fn(
       models.predictor(model),
@@ -93,6 +94,8 @@ def _run(cfg, out_dir, write):
     for path, (_, note) in zip(paths, fitted):
       if note:
         logging.info("%s: %s", path, note)
+    logging.info("inverting %d image(s) under each attribute's c0 (compiles the inversion) ...",
+                 len(loaded))
     unit_inputs = study.image_inputs(
         inversion.make_inverter(model, spec.pin), model.params,
         np.stack([px for px, _ in fitted]), inputs, spec, model.schedule)
@@ -101,6 +104,7 @@ def _run(cfg, out_dir, write):
   if not write:
     return
 
+  logging.info("writing the rows, summaries, grids and plot ...")
   rows = study_store.merge_rows(out_dir, spec)
   summary = stats.summarise(rows, spec)
   labels = ["c0"] + [s.label for s in spec.sources]

@@ -42,6 +42,7 @@ def _run(cfg, out_dir):
       spec.sampling.sampler_config())
   logging.info("c0=%r c1=%r, %d seeds x %d columns, latents %s", spec.prompt,
                spec.target_prompt, len(spec.seeds), len(spec.columns()), shape)
+  logging.info("rendering (the first batch compiles the sampler) ...")
   grid = switch_grid.run(render, model.params, prompts, spec, shape, model.schedule,
                          log=logging.info)
 

@@ -41,6 +41,9 @@ def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cl
   log.append(first.stderr.read())
   assert first.wait(timeout=600) == 0, "".join(log)[-3000:]
   assert "iteration 3/3" in "".join(log) and "ETA" in "".join(log)
+  for phase in ("rendering the originals", "compiling the update step",
+                "rendering the final images"):  # a line before each silent phase
+    assert phase in "".join(log), phase
   expected = json.loads((full / "weights.json").read_text())
   for name in ("original.png", "edited.png", "pair.png", "strip.png", "lambda.png", "losses.png",
                "metrics.jsonl", "config.json"):

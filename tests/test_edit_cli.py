@@ -38,6 +38,9 @@ def test_learn_on_the_image_then_apply_the_weights(tmp_path, cli):
     assert (tmp_path / "learn" / name).is_file(), name
   assert f"resized {width}x{height} -> " in learn.stderr
   assert "centre-cropped to 64x64 px" in learn.stderr
+  for phase in ("encoding and inverting the image", "rendering the original (lambda = 0",
+                "rendering the reconstruction and the edit"):  # a line before each long phase
+    assert phase in learn.stderr, phase
   assert Image.open(tmp_path / "learn" / "input.png").size == (64, 64)
   metrics = json.loads((tmp_path / "learn" / "metrics.json").read_text())
   assert metrics["mode"] == "optimise" and len(metrics["loss_history"]) == 2
