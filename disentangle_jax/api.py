@@ -4,7 +4,7 @@
     renderer(model, prompt, target_prompt, seeds)     the same as a function of lam alone:
                                                       encoded and drawn once, differentiable
     paper_objective(loss_models, prompt, target)      (images, reference) -> (loss, parts),
-                                                      L_dir + beta * L_perc (METHOD.md section 4)
+                                                      L_dir + beta * L_perc (docs/METHOD.md §4)
     save_weights(path, lam, ...) / load_weights(path) the weights file of launch.disentangle
 
 lam is any shape ``mixing.mix`` accepts: [T], [T, B] (one per seed), or
