@@ -26,8 +26,13 @@ class PromptPair(NamedTuple):
 def render_latents(eps_fn: sampler.EpsFn, unet_params, x_T, noise, lam, prompts: PromptPair,
                    guidance, tables: schedule.StepTables,
                    config: sampler.SamplerConfig) -> jax.Array:
-  """Final latents [B, H, W, C] for lambda [T] (shared) or [T, B] (one per batch element)."""
+  """Final latents [B, H, W, C] for lambda [T] (shared) or [T, B] (one per batch element).
+
+  A predictor with a ``sample`` method (models.predictor of SD 3.x / Flux.1: models/
+  flow_bundle.py) runs its own sampler on the same arguments: the flow-matching Euler one."""
   cond = mixing.mix(lam, prompts.c0, prompts.c1)
+  if hasattr(eps_fn, "sample"):
+    return eps_fn.sample(unet_params, x_T, noise, cond, prompts.uncond, guidance, tables, config)
   return sampler.sample(eps_fn, unet_params, x_T, noise, cond, prompts.uncond, guidance, tables,
                         config)
 
@@ -65,7 +70,9 @@ def latent_shape(model, image_size: int) -> tuple[int, int, int]:
   The size must divide by the VAE factor times the UNet's downsampling (64 px for SD v1).
   """
   factor = model.vae_scale_factor
-  multiple = factor * 2 ** (len(model.unet.block_out_channels) - 1)
+  # A transformer's latents are cut in patches (flow_bundle.FlowNet.downsampling).
+  down = getattr(model.unet, "downsampling", None)
+  multiple = factor * (down or 2 ** (len(model.unet.block_out_channels) - 1))
   if image_size == 0:
     size = model.latent_size
   elif not isinstance(image_size, int) or image_size < 0 or image_size % multiple:

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 import transformers
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from disentangle_jax.models import dit_convert, tiny
+from disentangle_jax.models import dit_convert, flow_tiny, tiny
 
 # Two layers: a dual-attention block (SD 3.5 medium) and the last one, whose text stream stops
 # (context_pre_only); q/k RMS norm as in SD 3.5.
@@ -87,17 +86,8 @@ def torch_unpack(tokens, height: int, width: int):
 
 
 def t5_tokenizer():
-  """A tiny T5TokenizerFast built offline (Unigram, "</s>" appended as T5's)."""
-  words = ["a", "photo", "of", "person", "smiling", "lake"]
-  vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
-           + [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,"] + [("\u2581", -2.0)])
-  tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-  tok.pre_tokenizer = pre_tokenizers.Metaspace()
-  tok.decoder = decoders.Metaspace()
-  tok.post_processor = processors.TemplateProcessing(
-      single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-  return transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
-                                      unk_token="<unk>", extra_ids=0)
+  """The library's tiny offline T5TokenizerFast (models/flow_tiny.py)."""
+  return flow_tiny.t5_tokenizer()
 
 
 def clip_tokenizer(directory):

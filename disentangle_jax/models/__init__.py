@@ -13,6 +13,9 @@ functions that take the weights as an argument, so jitted code never captures we
   folder.py       diffusers-layout folders: read, ``save``
   single_file.py  CompVis/LDM single files (``ldm_keys.py``: their key names and configs)
   tiny.py         the tiny random model (tests, smoke runs)
+  flow_bundle.py  SD 3.x / Flux.1 (flow_folder.py's FlowModel) in the same bundle: the flow
+                  sampler as the predictor, the shifted VAE, CLIP + T5 prompts
+  flow_tiny.py    tiny random SD 3.5 / Flux.1 built in code (model.tiny_family sd3 / flux)
 
 Weights come from local files only; nothing is ever downloaded. ``path=None`` builds the tiny
 random model with the same structure.

@@ -94,7 +94,11 @@ def make_eps_fn(unet, config: ModelConfig = ModelConfig(), prediction_type: str 
 
 def predictor(model) -> Callable:
   """The noise predictor of a loaded ``StableDiffusion`` (its prediction type, its family's
-  UNet inputs, its run options): what programs pass to the sampler and the inversion."""
+  UNet inputs, its run options): what programs pass to the sampler and the inversion. For SD 3.x
+  / Flux.1 the flow sampler itself (flow_bundle.FlowPredictor, run by pipeline.render_latents)."""
+  if getattr(model, "flow", None) is not None:
+    from disentangle_jax.models import flow_bundle  # noqa: PLC0415 (flow_bundle imports build)
+    return flow_bundle.predictor(model)
   return make_eps_fn(model.unet, model.config, model.schedule.prediction_type,
                      model.vae_scale_factor)
 

@@ -43,6 +43,9 @@ class StableDiffusion(NamedTuple):
     family: family.Family (SD1, SD2, SDXL): what conditions the UNet (programs never look).
     text_encoder_2, tokenizer_2: SDXL's second text encoder (FlaxCLIPTextModelWithProjection)
       and tokenizer; None otherwise (params then has no "text_encoder_2").
+    flow: SD 3.x / Flux.1 (flow_bundle.py): the flow_folder.FlowModel (without weights) whose
+      encoders, tokenizers and schedule the bundle runs; ``unet`` is then a flow_bundle.FlowNet
+      and params["unet"] the transformer's weights. None for the UNet families.
   """
 
   unet: Any
@@ -59,6 +62,7 @@ class StableDiffusion(NamedTuple):
   family: family_lib.Family = family_lib.SD1
   text_encoder_2: Any = None
   tokenizer_2: Any = None
+  flow: Any = None
 
 
 # Jitted text encoders, one per loaded text encoder object (so encode_prompts compiles once).
@@ -112,6 +116,9 @@ def encode_prompts(model: StableDiffusion, prompts: Sequence[str]):
   """Text conditioning of ``prompts``: [N, L, D] (L = 77 for SD); for SDXL {"tokens": [N, L,
   D1 + D2], "pooled": [N, 1, P]} (family.py). "" gives the CFG unconditional."""
   fam = model.family
+  if model.flow is not None:  # SD 3.x / Flux.1: CLIP(s) + T5 (flow_bundle.py)
+    from disentangle_jax.models import flow_bundle  # noqa: PLC0415 (imports the samplers)
+    return flow_bundle.encode_prompts(model, prompts)
   if not fam.pooled:
     ids = tokenize(model.tokenizer, prompts)
     return _jitted_text_fn(model.text_encoder)(model.params["text_encoder"], ids)

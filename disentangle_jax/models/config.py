@@ -26,7 +26,7 @@ class ModelConfig:
   tiny_seed: int = 0  # seed of the tiny random model's weights
   tiny_latent_size: int = 8  # default latent H = W of the tiny model (images 8x larger)
   torch_numerics: bool = False  # UNet as diffusers' PyTorch computes it (exact GELU, eps 1e-6)
-  tiny_family: str = ""  # family of the tiny model: "" (SD 1.x layout) | "sd2" | "sdxl"
+  tiny_family: str = ""  # family of the tiny model: "" (SD 1.x layout) | sd2 | sdxl | sd3 | flux
   tokenizer_path: str | None = None  # tokenizer folder (vocab.json, merges.txt) for a single file
   config_path: str | None = None  # single file: diffusers-layout config folder; None = SD v1's
 
@@ -41,9 +41,9 @@ class ModelConfig:
     if self.block_remat not in remat_lib.LEVELS:
       raise ValueError(f"model.block_remat={self.block_remat!r} is unknown; use one of "
                        f"{remat_lib.LEVELS}.")
-    if self.tiny_family not in ("", "sd1", "sd2", "sdxl"):
+    if self.tiny_family not in ("", "sd1", "sd2", "sdxl", "sd3", "flux"):
       raise ValueError(f"model.tiny_family={self.tiny_family!r} is unknown; use '' (SD 1.x), "
-                       "'sd2' or 'sdxl'.")
+                       "'sd2', 'sdxl', 'sd3' (SD 3.5 MMDiT) or 'flux' (Flux.1).")
     if self.tiny_latent_size < 1:
       raise ValueError(f"model.tiny_latent_size={self.tiny_latent_size} must be >= 1.")
 

@@ -11,7 +11,8 @@ transformer (dit_convert.py, the own MMDiT / Flux ports), the scheduler config, 
 encoders (transformers' Flax CLIP classes and the own T5, flow_text.py) with their tokenizers,
 and the VAE (flow_vae.py; latents = (z - shift_factor) * scaling_factor). ``FlowModel`` hands
 out the pure functions the programs need: velocity_fn, tables, token_ids + encode_fn,
-decode_fn. Not wired into the programs yet (models/family.py and launch/ are not touched).
+decode_fn. The programs run it through models/flow_bundle.py (models.load routes these folders
+here from their model_index.json).
 
 Shapes of what ``FlowModel`` builds: as flow_sampler.py (H W C latent, NHWC).
 """
@@ -49,7 +50,7 @@ _ABSENT = {"image_encoder": "IP-Adapter image encoders are not supported",
            "feature_extractor": "IP-Adapter image encoders are not supported",
            "controlnet": "ControlNets are not supported"}
 # Pipelines of these families' repositories that are refused by name (with the reason).
-_REFUSED_PIPELINES = {
+REFUSED_PIPELINES = {
     "StableDiffusion3Img2ImgPipeline": "image-to-image pipelines are not supported",
     "StableDiffusion3InpaintPipeline": "inpainting pipelines are not supported",
     "StableDiffusion3ControlNetPipeline": "ControlNets are not supported",
@@ -90,8 +91,8 @@ def detect(model_index: Mapping, source: str) -> str:
   """The family ("sd3" | "flux") of a folder from its model_index.json; refuses the rest."""
   index = f"{source}/model_index.json"
   pipeline = model_index.get("_class_name")
-  if pipeline in _REFUSED_PIPELINES:
-    _refuse(index, "_class_name", pipeline, _REFUSED_PIPELINES[pipeline])
+  if pipeline in REFUSED_PIPELINES:
+    _refuse(index, "_class_name", pipeline, REFUSED_PIPELINES[pipeline])
   if pipeline not in PIPELINES:
     _refuse(index, "_class_name", pipeline, "not a flow-matching pipeline this library runs")
   family = PIPELINES[pipeline]
@@ -152,6 +153,7 @@ class FlowModel:
   vae_shift_factor: float = 0.0
   modules: Any = dataclasses.field(default=None, repr=False, compare=False)
   tokenizers: Any = dataclasses.field(default=None, repr=False, compare=False)
+  t5_length: int | None = None  # T5 tokens; None = the pipeline's max_sequence_length
 
   def velocity_fn(self, remat: bool = False, attention: str = "dot_product",
                   dtype=np.float32) -> flow_sampler.VelocityFn:
@@ -173,7 +175,7 @@ class FlowModel:
   def token_ids(self, prompts, max_sequence_length: int | None = None) -> tuple:
     """The encode function's id arguments for ``prompts`` (CLIP: 77; T5: the pipeline's
     max_sequence_length, 256 for SD3 and 512 for Flux unless given)."""
-    t5_length = max_sequence_length or _T5_LENGTH[self.family]
+    t5_length = max_sequence_length or self.t5_length or _T5_LENGTH[self.family]
     return tuple(flow_text.tokenize(self.tokenizers[tok], prompts,
                                     t5_length if kind == "t5" else flow_text.CLIP_LENGTH)
                  for _, tok, kind, _ in _TEXT[self.family])

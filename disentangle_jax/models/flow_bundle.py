@@ -1,0 +1,241 @@
+"""SD 3.x and Flux.1 as a loaded model of the programs: a flow_folder.FlowModel inside the
+``StableDiffusion`` bundle, so that every program runs these families from the same code.
+
+The family is a property of the loaded model; the programs never look. The seams, each inside
+the models package or the pipeline (nowhere else):
+
+  sampler    ``models.predictor(model)`` is a ``FlowPredictor`` (static, hashable).
+             ``pipeline.render_latents`` hands it the mixed per-step conditioning and it runs the
+             flow-matching Euler sampler (flow_sampler.py) instead of sampler.sample. The DDIM
+             tables the programs build from the bundle's schedule give only the step count T:
+             the flow tables are the family's pipeline's (FlowModel.tables) for T steps and the
+             latents' H x W, constants of the compiled program. The programs' DDIM noise
+             [T, B, H, W, C] (zero for eta = 0) is not used: the Euler sampler is deterministic.
+  guidance   SD 3.x: CFG with the negative-prompt embedding (StableDiffusion3Pipeline encodes ""
+             like any prompt) and the programs' guidance scale. Flux.1: no CFG; the distilled
+             guidance (FluxPipeline's guidance_scale, ``EMBEDDED_GUIDANCE``) enters the
+             transformer every call, and the programs' guidance scale is not used.
+  decoder    the bundle's ``vae`` is a ``ShiftedVAE``: apply.make_decode_fn divides by the
+             scaling factor and the wrapper adds the shift (VAE.decode(z / scaling + shift), as
+             both pipelines decode); encoding gives (z - shift) * scaling.
+  prompts    bundle.encode_prompts calls the FlowModel's token_ids + encode_fn (flow_text.py):
+             {"tokens": [N, L, J], "pooled": [N, 1, P]}, mixed by mixing.mix with one lambda[i]
+             for both leaves, as SDXL's. check_pairs compares the CLIP tokenizers' ids
+             (``Family.tokenizers``).
+  sizes      latents are H x W x 16, H and W multiples of the patch (2): ``FlowNet.downsampling``.
+
+The bundle's ``unet`` is a ``FlowNet`` (the transformer's static description) and
+``params["unet"]`` the transformer's weights, so the programs' parameter plumbing
+(``params["sd"]["unet"]``, sharding, placement) is unchanged. The bundle's ``schedule`` is a
+default DDIM ScheduleConfig that only counts steps (weights files record it; the sigmas that
+ran are flow_schedule's for the loaded scheduler config).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from disentangle_jax import errors, flow_sampler, flow_schedule
+from disentangle_jax import schedule as schedule_lib
+from disentangle_jax.models import build
+from disentangle_jax.models import family as family_lib
+from disentangle_jax.models import flow_folder
+from disentangle_jax.models import flux as flux_lib
+from disentangle_jax.models import mmdit
+from disentangle_jax.models.config import ModelConfig, compute_dtype
+
+LATENT_CHANNELS = 16  # flow_folder checks the transformer and the VAE against it
+EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default (Flux.1-dev's distilled guidance)
+# The families as programs see them: the CLIP encoders whose tokenizers check_pairs compares
+# (the T5 encoder is named by flow_folder; it reads the same words, longer).
+SD3 = family_lib.Family("sd3", ("text_encoder", "text_encoder_2"), hidden_layer=-2, pooled=True)
+FLUX = family_lib.Family("flux", ("text_encoder",), pooled=True)
+FAMILIES = {"sd3": SD3, "flux": FLUX}
+# ModelConfig.attention -> dit_layers' attention: "standard" is the plain softmax of the
+# reference einsums, "chunked" and "dot_product" XLA's fused kernel (jax.nn).
+_ATTENTION = {"standard": "reference", "chunked": "dot_product", "dot_product": "dot_product"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowNet:
+  """The transformer of a flow model, as the bundle's ``unet``: static and hashable."""
+
+  family: str  # "sd3" | "flux"
+  transformer_config: Any  # mmdit.MMDiTConfig | flux.FluxConfig
+  schedule: flow_schedule.FlowScheduleConfig
+
+  @property
+  def downsampling(self) -> int:
+    """Latent pixels per image token side: SD3's patch, Flux's 2 x 2 packing."""
+    return self.transformer_config.patch_size if self.family == "sd3" else 2
+
+  @property
+  def cfg(self) -> bool:
+    """SD 3.x guides with CFG; Flux.1 (guidance-distilled) does not."""
+    return self.family == "sd3"
+
+  def tables(self, num_steps: int, height: int, width: int) -> flow_schedule.FlowTables:
+    return flow_schedule.tables(self.schedule, num_steps, self.family,
+                                seq_len=flow_schedule.image_seq_len(height, width,
+                                                                    self.downsampling))
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowPredictor:
+  """``models.predictor`` of a flow model: the flow sampler with the model's run options
+  (module docstring). Not a noise predictor: calling it is refused by name."""
+
+  net: FlowNet
+  remat: bool = False
+  attention: str = "dot_product"
+  dtype: Any = np.float32
+  embedded_guidance: float = EMBEDDED_GUIDANCE
+
+  def velocity_fn(self) -> flow_sampler.VelocityFn:
+    cfg = self.net.transformer_config
+    if self.net.family == "sd3":
+      return flow_sampler.sd3_velocity_fn(mmdit.MMDiT(cfg, self.remat, self.attention,
+                                                      self.dtype))
+    return flow_sampler.flux_velocity_fn(flux_lib.Flux(cfg, self.remat, self.attention,
+                                                       self.dtype))
+
+  def sample(self, params, x_T, noise, cond, uncond, guidance, tables, config):
+    """sampler.sample's contract (``tables``: schedule.StepTables, for T only; ``config``:
+    sampler.SamplerConfig, for its step remat) through the flow sampler; ``noise`` unused."""
+    del noise  # the DDIM eta noise; the Euler sampler is deterministic (module docstring)
+    if config.kind != "ddim":
+      raise errors.UserError(f"sampler={config.kind!r} does not apply to the {self.net.family} "
+                             "model: it samples with the flow-matching Euler sampler; leave "
+                             "sampler at 'ddim'.")
+    num_steps = int(np.shape(tables.timesteps)[0])
+    flow_tables = self.net.tables(num_steps, int(x_T.shape[1]), int(x_T.shape[2]))
+    return flow_sampler.sample(
+        self.velocity_fn(), params, x_T, cond, uncond, guidance, flow_tables,
+        flow_sampler.FlowSamplerConfig(cfg=self.net.cfg, remat=config.remat),
+        embedded_guidance=self.embedded_guidance)
+
+  def __call__(self, *args):
+    raise errors.UserError(
+        f"the {self.net.family} model is a flow-matching transformer: the programs run it "
+        "through pipeline.render (FlowPredictor.sample), not as a noise predictor; the DDIM "
+        "inversion of real images does not run it yet (flow_inversion.py is not wired in).")
+
+
+def predictor(model) -> FlowPredictor:
+  """The FlowPredictor of a loaded flow bundle with its ModelConfig's run options."""
+  config = model.config
+  return FlowPredictor(model.unet, remat=config.block_remat != "none",
+                       attention=_ATTENTION[config.attention], dtype=compute_dtype(config))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShiftedVAE:
+  """The 16-channel VAE with its shift factor, as the bundle's ``vae``: apply.make_decode_fn
+  and make_encode_fn run it as the UNet families' VAE (module docstring)."""
+
+  vae: Any  # diffusers FlaxAutoencoderKL
+  shift_factor: float
+
+  @property
+  def config(self):
+    return self.vae.config
+
+  @property
+  def dtype(self):
+    return self.vae.dtype
+
+  def apply(self, variables, x, method: str):
+    if method == "decode":
+      return self.vae.apply(variables, x + self.shift_factor, method="decode")
+    if method == "encode":
+      out = self.vae.apply(variables, x, method="encode")
+      dist = out.latent_dist
+      return _Encoded(_Shifted(dist.mean - self.shift_factor, dist.std))
+    raise ValueError(f"ShiftedVAE.apply: method={method!r} is not 'decode' or 'encode'.")
+
+  def __eq__(self, other):
+    return (isinstance(other, ShiftedVAE) and other.vae == self.vae
+            and other.shift_factor == self.shift_factor)
+
+  def __hash__(self):
+    return hash((id(self.vae), self.shift_factor))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shifted:
+  mean: Any
+  std: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Encoded:
+  latent_dist: _Shifted
+
+
+def bundle(flow, params: dict, config: ModelConfig, latent_size: int):
+  """The StableDiffusion bundle of a flow_folder.FlowModel ``flow`` (its modules, tokenizers,
+  configs) with device weights ``params`` {"transformer", "vae", "text_encoder", ...}."""
+  from disentangle_jax.models.bundle import StableDiffusion  # noqa: PLC0415 (bundle imports us)
+  fam = FAMILIES[flow.family]
+  dtype = compute_dtype(config)
+  vae = flow.modules["vae"]
+  sd_params = {("unet" if k == "transformer" else k): v for k, v in params.items()}
+  sd_params = {k: build.to_device(v, vae.dtype if k == "vae" else dtype)
+               for k, v in sd_params.items()}
+  return StableDiffusion(
+      unet=FlowNet(flow.family, flow.transformer_config, flow.schedule),
+      vae=ShiftedVAE(vae, flow.vae_shift_factor),
+      text_encoder=flow.modules["text_encoder"], tokenizer=flow.tokenizers["tokenizer"],
+      params=sd_params, schedule=schedule_lib.ScheduleConfig(),
+      latent_channels=LATENT_CHANNELS,
+      latent_size=latent_size, vae_scale_factor=build.vae_scale_factor(vae.config),
+      scaling_factor=flow.vae_scaling_factor, config=config, family=fam,
+      text_encoder_2=flow.modules.get("text_encoder_2") if flow.family == "sd3" else None,
+      tokenizer_2=flow.tokenizers.get("tokenizer_2") if flow.family == "sd3" else None,
+      flow=dataclasses.replace(flow, params=None))
+
+
+def encode_prompts(model, prompts):
+  """{"tokens": [N, L, J], "pooled": [N, 1, P]} of ``prompts`` through the flow model's
+  encoders (one jitted program per loaded model)."""
+  flow = model.flow
+  fn = _ENCODE_FNS.get(flow)
+  if fn is None:
+    fn = _ENCODE_FNS[flow] = jax.jit(flow.encode_fn())
+  names = [n for n in model.params if n.startswith("text_encoder")]
+  return fn({n: model.params[n] for n in names}, *flow.token_ids(list(prompts)))
+
+
+_ENCODE_FNS: dict = {}
+
+
+def is_flow_folder(path: str) -> bool:
+  """Whether ``path``'s model_index.json names a pipeline of these families (the supported ones
+  and those flow_folder refuses by name), so that flow_folder reads and checks it."""
+  index = os.path.join(path, "model_index.json")
+  if not os.path.isfile(index):
+    return False
+  try:
+    with open(index, encoding="utf-8") as f:
+      name = json.load(f).get("_class_name")
+  except (OSError, ValueError, AttributeError):
+    return False  # folder.py reports the unreadable file by name
+  return name in flow_folder.PIPELINES or name in flow_folder.REFUSED_PIPELINES
+
+
+def load_folder(config: ModelConfig):
+  """The bundle of a StableDiffusion3Pipeline / FluxPipeline folder (flow_folder.load; its
+  refusals are one user-error line naming the file and the field). Default size: SD 3.x's
+  transformer sample_size, Flux.1's native 1024 px (128 latents)."""
+  flow = flow_folder.load(os.path.expanduser(config.path))
+  cfg = flow.transformer_config
+  latent_size = cfg.sample_size if flow.family == "sd3" else FLUX_LATENT_SIZE
+  return bundle(flow, flow.params, config, latent_size)
+
+
+FLUX_LATENT_SIZE = 128  # 1024 px, FluxPipeline's default (its transformer config has no size)
