@@ -18,7 +18,7 @@ def model_config() -> ml_collections.ConfigDict:
       block_remat="none",  # remat inside UNet/VAE: "none" | "blocks" | "layers" (less memory)
       tiny_seed=0,  # seed of the built-in tiny random model
       torch_numerics=False,  # UNet numerics of diffusers' PyTorch UNet (exact GELU, eps 1e-6)
-      tiny_family="",  # family of the tiny random model: "" (SD 1.x layout) | "sd2" | "sdxl"
+      tiny_family="",  # tiny random model: "" (SD 1.x layout) | sd2 | sdxl | sd3 | flux
   ))
 
 
@@ -98,14 +98,16 @@ SIZES = {
     "sd2": 512,  # SD 2.x base (512 px, epsilon prediction)
     "sd21": 768,  # SD 2.1 (768 px, v-prediction)
     "sdxl": 1024,  # SDXL base (two text encoders, micro-conditioning)
+    "sd35": 1024,  # SD 3.5 (MMDiT, flow matching, CLIP-L/G + T5; CFG with the negative prompt)
+    "flux": 1024,  # Flux.1 (flow matching, CLIP-L + T5; distilled guidance 3.5, no CFG)
 }
 
 
 def parse_preset_arg(arg: str, presets: dict, program: str,
                      sizes=tuple(SIZES)) -> tuple[str, str]:
-  """"<preset>[,sd|,sd2|,sd21|,sdxl]" (the part after ":" in --config) -> (preset name, "" or
-  the size key of SIZES). ``sizes``: the suffixes this config knows (() for a config of one
-  fixed model, which refuses every suffix instead of ignoring it)."""
+  """"<preset>[,sd|,sd2|,sd21|,sdxl|,sd35|,flux]" (the part after ":" in --config) -> (preset
+  name, "" or the size key of SIZES). ``sizes``: the suffixes this config knows (() for a config
+  of one fixed model, which refuses every suffix instead of ignoring it)."""
   name, _, size = arg.partition(",")
   if name not in presets:
     raise errors.UserError(f"{program} has no preset {name!r}; presets: "
