@@ -1,6 +1,8 @@
 """Model families (SD 1.x, SD 2.x, SDXL base): what differs between them, in one table, and the
 checks that refuse, at load time and with one message naming the field, what this library
-cannot run (SD3 and other transformer models, the SDXL refiner, unknown UNet / VAE options).
+cannot run (transformer models, the SDXL refiner, unknown UNet / VAE options). SD 3.x and
+Flux.1 folders never reach these checks: models.load routes them by their model_index.json
+to flow_folder.py (models/flow_bundle.py: families "sd3" and "flux" in the same bundle).
 
 A family is a property of the loaded model (``StableDiffusion.family``); programs never branch
 on it. What differs, and where it is handled:
