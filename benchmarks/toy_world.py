@@ -21,8 +21,9 @@ the relative size change, combined_strict (combined and the geometry kept within
 10%), plus directional CLIP (toy CLIP) and the VGG content distance; means with 95% intervals.
 A second table answers, per attribute: how often pure c1 changes a seed-decided factor
 (entanglement), which hard switch scores best on combined, and the paired difference
-learned - best switch with its 95% interval. Writes toy_world.md and a figure per attribute
-(rows seeds, columns methods) into --out.
+learned - best switch with its 95% interval. Writes toy_world.md, a figure per attribute
+(rows seeds, columns methods) and the learned weights files (lambdas/<attribute>_seed0.json,
+lambdas/<attribute>_batch.json: the transfer study's learned sources) into --out.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from disentangle_jax import disentangle, images, loss_models, metrics, mixing, models  # noqa
 from disentangle_jax import noise, optimize, parallel, pipeline, sampler, sampling, schedule  # noqa
-from disentangle_jax import stats  # noqa: E402
+from disentangle_jax import stats, weights_file  # noqa: E402
 from disentangle_jax.toy import evaluate, judge, scenes, world  # noqa: E402
 
 from configs import toy as toy_configs  # noqa: E402
@@ -69,9 +70,10 @@ def render_columns(w, c0, c1, seeds, lams: dict, num_steps: int) -> dict:
   return out
 
 
-def learn(w, lm, c0, text, seeds, args, t_init: int, together: bool) -> np.ndarray:
-  """Learned lambda [S, T] (one per seed) or [T] (one for all seeds), from a switch at t_init."""
-  common = dict(prompt=c0, attribute=text, t_star=t_init,
+def learn(w, lm, c0, text, seeds, args, t_init: int, together: bool, out: str = ""):
+  """Learned lambda [S, T] (one per seed) or [T] (one for all seeds), from a switch at t_init.
+  ``out``: also write a weights file there (per seed: the first seed's lambda)."""
+  common = dict(prompt=c0, attribute=text, t_star=t_init, remat=args.remat,
                 sampling=sampling.SamplingConfig(num_steps=args.num_steps,
                                                  guidance=evaluate.GUIDANCE),
                 loss=optimize.LossConfig(preprocess="standard"),
@@ -83,7 +85,15 @@ def learn(w, lm, c0, text, seeds, args, t_init: int, together: bool) -> np.ndarr
   sd = w.sd
   prep = disentangle.prepare(sd, lm, spec, (sd.latent_size, sd.latent_size, sd.latent_channels),
                              parallel.make_mesh())
-  lam, _, _ = disentangle.optimise(prep, spec, log=lambda m: None)
+  lam, history, _ = disentangle.optimise(prep, spec, log=lambda m: None)
+  if out:
+    first, first_lam = (spec, lam) if together else (spec.specs[0], lam[0])
+    if not together:
+      history = disentangle.edit_history(history, 0, first.loss.beta)
+    weights_file.write(out, weights_file.learned(
+        first, sd.schedule, first_lam, history, model=os.path.relpath(
+            os.path.join(args.weights, world.SD_DIR), harness.REPO_ROOT),
+        optimizer=dataclasses.asdict(first.optimizer)))
   return lam
 
 
@@ -145,6 +155,9 @@ def main():
                       help="hard-switch init of learning; 0 = the preset's T* (configs/toy.py)")
   parser.add_argument("--iterations", type=int, default=10)
   parser.add_argument("--batch_seeds", type=int, default=8)
+  parser.add_argument("--remat", default="full",
+                      help="step remat of learning: 'full' (64 seeds without remat need ~12 "
+                      "GiB), 'none' for a few seeds")
   parser.add_argument("--attributes", default=",".join(toy_configs.OPEN_PRESETS))
   parser.add_argument("--no_learn", action="store_true", help="switches and c1 only")
   parser.add_argument("--random_vgg", action="store_true",
@@ -172,10 +185,13 @@ def main():
     lams.update({f"T*{t}": mixing.hard_switch(args.num_steps, round(t * args.num_steps / 50))
                  for t in t_stars})
     if not args.no_learn:
-      per_seed = learn(w, lm, c0, text, seeds, args, t_init, together=False)  # [S, T]
+      files = os.path.join(args.out, "lambdas")
+      os.makedirs(files, exist_ok=True)
+      per_seed = learn(w, lm, c0, text, seeds, args, t_init, together=False,
+                       out=os.path.join(files, f"{name}_seed0.json"))  # [S, T]
       lams["learned"] = per_seed.T
       lams["batch"] = learn(w, lm, c0, text, seeds[:args.batch_seeds], args, t_init,
-                            together=True)
+                            together=True, out=os.path.join(files, f"{name}_batch.json"))
       lams["transfer"] = per_seed[0]
     columns = render_columns(w, c0, c1, seeds, lams, args.num_steps)
     scores = score(w, lm, attribute, c0, c1, columns)

@@ -27,6 +27,7 @@ def loss_models_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       clip_path=config_dict.placeholder(str),  # CLIP ViT-B/32 dir (HF layout); unset = tiny random
       vgg_path=config_dict.placeholder(str),  # torchvision VGG16 .safetensors (.pth: allow_pickle)
+      vgg_input_size=config_dict.placeholder(int),  # resize before VGG; unset: 224 (file) / 32 (tiny)
       allow_pickle=False,  # allow a pickled .pth VGG16 file
       tiny_seed=0,  # seed of the tiny random CLIP / VGG
   ))

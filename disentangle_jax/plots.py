@@ -87,6 +87,35 @@ def study_plot(summary: Sequence[dict], metric_names: Sequence[str]) -> bytes:
   return _png(plt, fig)
 
 
+def source_attribute_plot(summary: Sequence[dict], metric: str) -> bytes:
+  """How each source generalises across attributes: a heatmap of ``metric``'s mean (over
+  seeds) per source (rows) and attribute (columns), each cell labelled with its mean and the
+  half width of its 95% interval. ``summary`` holds ``stats.summarise`` records. PNG bytes."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # noqa: PLC0415
+  recs = [r for r in summary if r["metric"] == metric]
+  sources = list(dict.fromkeys(r["source"] for r in recs))
+  attributes = list(dict.fromkeys(r["attribute"] for r in recs))
+  cell = {(r["source"], r["attribute"]): r for r in recs}
+  means = np.array([[cell[s, a]["mean"] for a in attributes] for s in sources])
+  fig, ax = plt.subplots(figsize=(1.3 * len(attributes) + 2.5, 0.45 * len(sources) + 1.5),
+                         dpi=100)
+  im = ax.imshow(means, cmap="viridis", aspect="auto")
+  for i, s in enumerate(sources):
+    for j, a in enumerate(attributes):
+      half = cell[s, a]["ci95_high"] - cell[s, a]["mean"]
+      ax.text(j, i, f"{means[i, j]:.2f}\n+-{half:.2f}", ha="center", va="center", fontsize=7,
+              color="w" if means[i, j] < means.mean() else "k")
+  ax.set_xticks(np.arange(len(attributes)))
+  ax.set_xticklabels(attributes, fontsize=8)
+  ax.set_yticks(np.arange(len(sources)))
+  ax.set_yticklabels(sources, fontsize=8)
+  ax.set_title(f"{metric}: mean over seeds (+- 95% half width)", fontsize=9)
+  fig.colorbar(im, ax=ax)
+  return _png(plt, fig)
+
+
 def curves_plot(histories: dict) -> bytes:
   """One panel per named curve {name: [[step, value], ...]} (log scale). Returns PNG bytes."""
   import matplotlib  # noqa: PLC0415

@@ -66,6 +66,9 @@ class StudySpec:
   images: tuple[str, ...] = ()
   inject_steps: int = 33  # inversion residuals injected in the first K steps
   pin: str = "next"  # inversion target: "next" (correct) | "current" (the release's)
+  # Scores computed on the host from the rendered images besides METRIC_NAMES (e.g. the toy
+  # world's judge: toy.evaluate.STUDY_SCORES); study_store.run needs their ``score_fn``.
+  scores: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.images:
@@ -123,9 +126,22 @@ class StudySpec:
   def num_items(self) -> int:
     return len(self.units) * len(self.sources)
 
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    """Every value of a row: metrics.METRIC_NAMES, then ``scores``."""
+    return metrics.METRIC_NAMES + tuple(self.scores)
+
+  def record(self) -> dict:
+    """The spec as a dict (manifests, fingerprints); without ``scores`` when there are none,
+    so studies started before that field existed still resume."""
+    out = dataclasses.asdict(self)
+    if not self.scores:
+      del out["scores"]
+    return out
+
   def fingerprint(self) -> str:
     """A hash of the spec: rows of a different study must never be mixed in."""
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    blob = json.dumps(self.record(), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -362,8 +362,11 @@ def encode_pair(model, prompt: str, target: str, negative_prompt: str = ""):
 def load_loss_models(loss_cfg, tokenizer):
   from disentangle_jax import loss_models  # noqa: PLC0415
   from disentangle_jax.toy import world  # noqa: PLC0415
-  with world.rebuild_hint(loss_cfg.clip_path):
-    return loss_models.load_loss_models(loss_models.LossModelConfig(**loss_cfg.to_dict()),
+  # An empty path selects the network's tiny random version, as unset does (a preset that sets
+  # a path is undone with --config.loss_models.vgg_path=).
+  fields = {k: None if k.endswith("_path") and v == "" else v for k, v in loss_cfg.items()}
+  with world.rebuild_hint(fields["clip_path"]):
+    return loss_models.load_loss_models(loss_models.LossModelConfig(**fields),
                                         tokenizer=tokenizer)
 
 

@@ -8,13 +8,15 @@ attributes x seeds: the transfer study.
 
 Writes to the workdir: rows.jsonl (one row per (source, attribute, seed) with every metric),
 summary.csv (mean, std, 95% interval per source, overall and per attribute), summary/<source>.csv,
-study.png (sources compared), grid_<attribute>.png (rows = seeds; columns = c0, each source),
-samples/, rows/ (one file per finished chunk) and config.json. Killed at any point, the same
-command resumes and ends with the same rows, each exactly once. Several processes (hosts of a
-pod): --coordinator, --num_processes, --process_id (see launch/tpu_pod.sh and the README).
+study.png (sources compared), study_attributes.png (source x attribute),
+grid_<attribute>.png (rows = seeds; columns = c0, each source), samples/, rows/ (one file per
+finished chunk) and config.json. Killed at any point, the same command resumes and ends with
+the same rows, each exactly once. Several processes (hosts of a pod): --coordinator,
+--num_processes, --process_id (see launch/tpu_pod.sh and the README).
 """
 import json
 import os
+import re
 
 from absl import logging
 
@@ -23,17 +25,37 @@ from launch import common
 _CONFIG, _WORKDIR = common.define_flags("configs/study.py", multi_process=True)
 
 
-def study_spec(cfg, image_paths=()):
-  """configs/study.py -> study.StudySpec (reads the weights files; validates every field)."""
-  from configs import disentangle as presets  # noqa: PLC0415
+def study_attributes(cfg):
+  """The config's attributes: names of `presets`, then the "c0|appended text" items of
+  `prompt_pairs` (named after the appended text: ", covered by snow" -> covered_by_snow)."""
   from disentangle_jax import study  # noqa: PLC0415
+  presets = cfg.presets.to_dict()
   attributes = []
   for name in common.as_paths(cfg.attributes):
-    if name not in presets.PRESETS:
-      raise ValueError(f"attributes: {name!r} is not a preset of configs/disentangle.py; "
-                       f"presets: {', '.join(sorted(presets.PRESETS))}.")
-    prompt, attribute = presets.PRESETS[name][:2]
-    attributes.append(study.Attribute(name, prompt, attribute))
+    if name not in presets:
+      raise ValueError(f"attributes: {name!r} is not a preset of this config; presets: "
+                       f"{', '.join(sorted(presets))}.")
+    attributes.append(study.Attribute(name, presets[name]["prompt"], presets[name]["attribute"]))
+  for item in (p for p in cfg.prompt_pairs.split(";") if p.strip()):
+    prompt, bar, text = item.partition("|")
+    if not bar or not prompt.strip() or not text.strip():
+      raise ValueError(f"prompt_pairs: {item!r} is not 'c0|appended text' (e.g. 'a photo of a "
+                       "shape|, covered by snow'); separate pairs with ';'.")
+    name = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "pair"
+    attributes.append(study.Attribute(name, prompt.strip(), text))
+  names = [a.name for a in attributes]
+  dup = sorted({n for n in names if names.count(n) > 1})
+  if dup:
+    raise ValueError(f"attributes / prompt_pairs name {', '.join(dup)} twice; each attribute "
+                     "labels its own rows and files.")
+  return tuple(attributes)
+
+
+def study_spec(cfg, image_paths=(), scores=()):
+  """configs/study.py -> study.StudySpec (reads the weights files; validates every field).
+  ``scores``: host-side score names (the toy world's judge)."""
+  from disentangle_jax import study  # noqa: PLC0415
+  attributes = study_attributes(cfg)
   sampling = common.sampling(cfg)
   baselines = study.baseline_sources(sampling.num_steps, common.t_stars(cfg), cfg.lambda_late,
                                      cfg.include_c1)
@@ -48,7 +70,27 @@ def study_spec(cfg, image_paths=()):
   return study.StudySpec(
       sources=sources, attributes=tuple(attributes), seeds=seeds, images=tuple(image_paths),
       inject_steps=cfg.inject_steps, pin=cfg.pin, sampling=sampling,
-      batch_size=cfg.batch_size, preprocess=cfg.preprocess, grid_seeds=cfg.grid_seeds)
+      batch_size=cfg.batch_size, preprocess=cfg.preprocess, grid_seeds=cfg.grid_seeds,
+      scores=tuple(scores))
+
+
+def toy_judge(cfg):
+  """The toy world's judge when the model is a toy world (its scores join the rows): (scores,
+  a function spec -> score_fn); ((), None) for any other model."""
+  from disentangle_jax.toy import evaluate, judge, world  # noqa: PLC0415
+  root = world.world_root(cfg.model.path)
+  if root is None:
+    return (), None
+  judge_config, judge_params = judge.load(os.path.join(root, world.JUDGE_DIR),
+                                          f"rebuild the toy world with {world.REBUILD}.")
+
+  def make_score_fn(spec):
+    try:
+      index = [evaluate.attribute_index(a.target_prompt) for a in spec.attributes]
+    except ValueError as e:
+      raise ValueError(f"the toy world's judge scores toy captions only: {e}") from None
+    return evaluate.study_score_fn(judge_config, judge_params, index)
+  return evaluate.STUDY_SCORES, make_score_fn
 
 
 def main(argv):
@@ -70,7 +112,9 @@ def _run(cfg, out_dir, write):
   with common.user_errors():
     paths = real_images.image_files(cfg.images_dir) if cfg.images_dir else ()
     loaded = [real_images.load(p) for p in paths]  # every file checked before any compute
-    spec = study_spec(cfg, paths)
+    scores, make_score_fn = toy_judge(cfg)
+    spec = study_spec(cfg, paths, scores)
+    score_fn = make_score_fn(spec) if make_score_fn else None
     model = common.load_model(cfg.model)
     # Pairs that encode to the same tokens, refused before the manifest is written
     # (study.prepare's encoding would refuse them too, after it).
@@ -100,7 +144,7 @@ def _run(cfg, out_dir, write):
         inversion.make_inverter(model, spec.pin), model.params,
         np.stack([px for px, _ in fitted]), inputs, spec, model.schedule)
   study_store.run(evaluate, inputs, spec, shape, mesh, out_dir, log=logging.info, write=write,
-            unit_inputs=unit_inputs)
+            unit_inputs=unit_inputs, score_fn=score_fn)
   if not write:
     return
 
@@ -122,7 +166,9 @@ def _run(cfg, out_dir, write):
       out.write_image(f"grid_{a.name}.png",
                       images.grid(cells, labels, [str(s) for s in grid_seeds]))
     if plots.available():
-      out.write_bytes("study.png", plots.study_plot(summary, metrics.METRIC_NAMES))
+      out.write_bytes("study.png", plots.study_plot(summary, spec.metric_names))
+      by_attribute = "combined" if "combined" in spec.metric_names else "directional_clip"
+      out.write_bytes("study_attributes.png", plots.source_attribute_plot(summary, by_attribute))
     else:
       logging.warning("matplotlib is not installed: study.png is skipped (pip install "
                       "matplotlib).")

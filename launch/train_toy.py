@@ -2,8 +2,10 @@ r"""Trains the toy world from scratch: python -m launch.train_toy --config=confi
 --workdir=workdir/toy
 
 Deterministic in --config.seed; killed at any point, the same command resumes (each stage
-checkpoints); a workdir of another config is refused. Writes <workdir>/world (diffusers-layout
-SD, HF-layout CLIP, judge, made.json) and <workdir>/losses.png.
+checkpoints); a workdir of another config or another program is refused. Writes
+<workdir>/world (diffusers-layout SD, HF-layout CLIP, judge, the perceptual VGG, made.json) and
+<workdir>/losses.png. Speaks like every program (launch/common.py): --help, --show_config, one
+`error:` line for a bad flag, field or value, exit 130 on Ctrl-C.
 """
 import os
 import subprocess
@@ -13,15 +15,11 @@ import time
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from launch import common  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_toy.py", "Config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+_CONFIG, _WORKDIR = common.define_flags("configs/train_toy.py")
 
 
 def _commit() -> str:
@@ -44,7 +42,11 @@ def train_config(cfg):
             for n in ("vae", "judge_stage", "perceptual", "clip", "diffusion")}
   for name, s in stages.items():
     if s.steps < 1 or s.batch < 2 or s.lr <= 0:
-      raise ValueError(f"{name}: steps >= 1, batch >= 2 and lr > 0 are needed; got {s}.")
+      raise ValueError(f"--config.{name}: steps >= 1, batch >= 2 and lr > 0 are needed; got "
+                       f"steps={s.steps}, batch={s.batch}, lr={s.lr}.")
+  for name in ("omit_prob", "uncond_prob"):
+    if not 0 <= cfg[name] < 1:
+      raise ValueError(f"--config.{name}={cfg[name]} must be in [0, 1).")
   return train.TrainConfig(
       seed=cfg.seed, dataset_size=cfg.dataset_size, sizes=world.Sizes(**sizes),
       judge=judge.JudgeConfig(), kl_weight=cfg.kl_weight, uncond_prob=cfg.uncond_prob,
@@ -52,15 +54,10 @@ def train_config(cfg):
       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, **stages)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from disentangle_jax import workdir  # noqa: PLC0415
+def _run(cfg, out):
   from disentangle_jax.toy import build  # noqa: PLC0415
-  common.setup_process()
   with common.user_errors():
-    out = workdir.ensure_writable(_WORKDIR.value)
-    tc = train_config(_CONFIG.value)
+    tc = train_config(cfg)
     build.claim_workdir(tc, out)
   provenance = {"command": build.recorded_command("launch.train_toy", sys.argv[1:]),
                 "commit": _commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -68,6 +65,7 @@ def main(argv):
   print(os.path.join(out, build.WORLD_DIR))
 
 
+main = common.single_process_main("launch.train_toy", _CONFIG, _WORKDIR, _run)
+
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  common.run(main)

@@ -8,8 +8,9 @@
   diffusion floors      samples from c0 prompts: judge finds the prompted content; samples from
                         c1 prompts: judge finds the prompted attribute
   partial captions      samples from captions that leave content words out: the named factors
-                        are kept, the unnamed ones spread over their values (the lowest
-                        frequency of any value, as a fraction of its share under the data)
+                        are kept
+  open-caption spread   samples of "a photo of a shape": the unnamed factors spread over their
+                        values (the lowest frequency of any value, as a fraction of its share)
   entanglement          samples of "a photo of a shape" and "..., <attribute>" from the same
                         noise: how often a seed-decided factor changes
 
@@ -122,20 +123,36 @@ def diffusion_floors(w, seed: int, n: int, num_steps: int = NUM_STEPS) -> dict[s
           "c1_attribute": a1["attribute"], "c1_content": a1["content"]}
 
 
-def partial_caption_floors(w, seed: int, n: int, num_steps: int = NUM_STEPS) -> dict[str, float]:
+# Guidance of the spread measurement: at the paper's 7.5, classifier-free guidance pushes
+# "a photo of a shape" away from what the unconditional model favours (the attribute-correlated
+# values: squares, yellow and blue, left), so the unnamed factors collapse onto a few values
+# (README, the toy world); at 1.5 the conditional model's own spread shows.
+SPREAD_GUIDANCE = 1.5
+
+
+def partial_caption_floors(w, seed: int, n: int, num_steps: int = NUM_STEPS,
+                           guidance: float = GUIDANCE) -> dict[str, float]:
   """Samples of partial captions without attribute (each content word left out with
-  probability 1/2): how often the named factors are right ("named_kept"), and per content
-  factor, the lowest frequency of any of its values among the samples that left it unnamed,
-  as a fraction of its share (1 / number of values): "spread_<factor>" (1 = perfectly even)."""
+  probability 1/2): how often the named factors are right ("named_kept")."""
   rng = np.random.default_rng([seed, 13])
   caps = scenes.sample_captions(rng, scenes.sample_factors(rng, n) * [1, 1, 1, 0], 0.5)
-  pred = judge_predict(w, sample(w, caps, np.arange(n) + 1000 * seed, num_steps))[0]
+  pred = judge_predict(w, sample(w, caps, np.arange(n) + 1000 * seed, num_steps, guidance))[0]
   named = caps[:, :scenes.CONTENT_FACTORS] != scenes.OMITTED
   right = pred[:, :scenes.CONTENT_FACTORS] == caps[:, :scenes.CONTENT_FACTORS]
-  out = {"named_kept": float(np.sum(right & named) / max(1, np.sum(named)))}
+  return {"named_kept": float(np.sum(right & named) / max(1, np.sum(named)))}
+
+
+def open_caption_spread(w, seed: int, n: int, num_steps: int = NUM_STEPS,
+                        guidance: float = SPREAD_GUIDANCE) -> dict[str, float]:
+  """Samples of "a photo of a shape" (every content factor left to the seed): per content
+  factor, the lowest frequency of any of its values as a fraction of its share (1 / number of
+  values): "spread_<factor>" (1 = perfectly even, 0.5 = some value at half its share)."""
+  caps = np.full((n, 4), scenes.OMITTED, np.int32)
+  caps[:, 3] = 0
+  pred = judge_predict(w, sample(w, caps, np.arange(n) + 1000 * seed, num_steps, guidance))[0]
+  out = {}
   for k, name in enumerate(scenes.FACTORS[:scenes.CONTENT_FACTORS]):
-    values = pred[~named[:, k], k]
-    counts = np.bincount(values, minlength=scenes.FACTOR_SIZES[k]) / max(1, len(values))
+    counts = np.bincount(pred[:, k], minlength=scenes.FACTOR_SIZES[k]) / n
     out[f"spread_{name}"] = float(counts.min() * scenes.FACTOR_SIZES[k])
   return out
 
@@ -169,6 +186,8 @@ def quality(w, seed: int, n_renders: int = 1000, n_samples: int = 64,
          "clip_zero_shot": content_attribute_accuracy(clip_predict(w, images), factors),
          "diffusion": diffusion_floors(w, seed, n_samples),
          "partial_captions": partial_caption_floors(w, seed, n_samples),
+         "open_caption_spread": {str(g): open_caption_spread(w, seed, n_samples, guidance=g)
+                                 for g in (GUIDANCE, SPREAD_GUIDANCE)},
          "entanglement": entanglement(w, seed, n_samples)}
   log(f"quality: {out}")
   return out
