@@ -19,9 +19,13 @@ from typing import Any, Iterable, Mapping
 
 from disentangle_jax import errors
 
-# Config leaves that never change results (only how often state is saved, or lookup tables
-# whose chosen entries already appear as their own fields).
-NEUTRAL_FIELDS = ("checkpoint_every", "presets", "grid_seeds")
+# Config leaves that never change results (only how often state is saved, lookup tables
+# whose chosen entries already appear as their own fields, or the device layout: like the
+# device count, the mesh changes float reduction order only, so a run may resume on another).
+NEUTRAL_FIELDS = ("checkpoint_every", "presets", "grid_seeds", "mesh")
+# Settings added after runs were saved, with the value that reproduces those runs: a saved
+# identity without the setting equals a current one at this value.
+ADDED_DEFAULTS = {"lambda_shape": "per_step"}
 # Config leaves that name files or folders whose contents matter.
 FILE_FIELDS = ("path", "clip_path", "vgg_path", "tokenizer_path", "config_path", "image",
                "images_dir", "weights", "weights_files")
@@ -98,6 +102,8 @@ def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
     old, new = stored.get(key, "<unset>"), current.get(key, "<unset>")
     if "<unset>" in (old, new) and (old in _EMPTY or new in _EMPTY):
       continue  # a setting added since (or dropped), left at its empty default: no change
+    if old == "<unset>" and ADDED_DEFAULTS.get(key.split(".")[-1], "<none>") == new:
+      continue  # a setting added since, at the value the saved run had
     if old != new:
       out.append(f"{key}: saved {_short(old)}, now {_short(new)}")
   return out

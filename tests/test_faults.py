@@ -134,8 +134,14 @@ def test_identity_covers_models_files_and_sizes(tmp_path):
   assert len(changed) == 6
   other = cfg.copy_and_resolve_references()
   other.checkpoint_every = 5  # cannot change results: not part of the identity
+  other.mesh.model = 2  # the device layout: float reduction order only
   run_identity.check(base, run_identity.of_config(other.to_dict(), {"latent_shape": [8, 8, 4]}),
                      "w", "x")
+  # A run saved before lambda_shape existed resumes at its default, not at another value.
+  older = {k: v for k, v in base.items() if k != "lambda_shape"}
+  run_identity.check(older, base, "w", "x")
+  with pytest.raises(errors.RunMismatch, match="lambda_shape: saved \"<unset>\", now \"per_token\""):
+    run_identity.check(older, dict(base, lambda_shape="per_token"), "w", "x")
   model = tmp_path / "sd"
   (model / "unet").mkdir(parents=True)
   (model / "unet" / "w.msgpack").write_bytes(b"a" * 100)
