@@ -1,0 +1,67 @@
+"""The programs on the tiny SD 3.5 and Flux.1 models (model.tiny_family), end to end as a user
+runs them, and the refusal of bad flow folders as one error line naming the field."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from tests.conftest import refused
+
+pytestmark = pytest.mark.slow  # subprocesses (conftest.cli)
+
+
+def test_disentangle_learns_lambda_through_the_flow_sampler_sd3(tmp_path, cli):
+  out = cli.run("disentangle", tmp_path, "--config.model.tiny_family=sd3",
+                "--config.num_steps=3", "--config.optimizer.iterations=1", "--config.seeds=1")
+  assert out.returncode == 0, out.stderr[-3000:]
+  w = json.loads((tmp_path / "weights.json").read_text())
+  assert len(w["lambda"]) == 3 and [h["iteration"] for h in w["loss_history"]] == [1]
+  assert w["lambda"] != w["init_lambda"]  # the gradient reached lambda through the sampler
+  for image in ("original.png", "edited.png", "pair.png"):
+    assert (tmp_path / image).is_file()
+
+
+def test_switch_grid_on_flux(tmp_path, cli):
+  out = cli.run("switch", tmp_path, "--config.model.tiny_family=flux", "--config.num_steps=3",
+                "--config.t_stars=1", "--config.seeds=1")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "images")) == [f"seed1_{n}.png" for n in ("T1", "c0", "c1")]
+  # lambda reaches the images: the pure-c0 and pure-c1 columns differ.
+  c0, c1 = (Image.open(tmp_path / "images" / f"seed1_{n}.png").tobytes() for n in ("c0", "c1"))
+  assert c0 != c1
+
+
+def _flow_folder(root, pipeline: str, components: dict, transformer: dict | None = None):
+  root.mkdir()
+  (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline, **components}))
+  for name, cfg in (("vae", {"latent_channels": 16, "scaling_factor": 1.5, "shift_factor": 0.1}),
+                    ("scheduler", {"_class_name": "FlowMatchEulerDiscreteScheduler"}),
+                    ("transformer", transformer)):
+    if cfg is not None:
+      (root / name).mkdir()
+      file = "scheduler_config.json" if name == "scheduler" else "config.json"
+      (root / name / file).write_text(json.dumps(cfg))
+  return root
+
+
+_SD3 = {"transformer": ["diffusers", "SD3Transformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"]}
+
+
+@pytest.mark.parametrize("case,field", [("no_t5", "text_encoder_3"),
+                                        ("transformer_option", "foo_option")])
+def test_bad_flow_folders_are_one_error_line(tmp_path, cli, case, field):
+  if case == "no_t5":
+    folder = _flow_folder(tmp_path / "m", "StableDiffusion3Pipeline",
+                          {**_SD3, "text_encoder_3": [None, None]})
+  else:
+    folder = _flow_folder(tmp_path / "m", "StableDiffusion3Pipeline", _SD3,
+                          {"_class_name": "SD3Transformer2DModel", "foo_option": 1})
+  out = cli.run("switch", tmp_path / "wd", f"--config.model.path={folder}",
+                "--config.num_steps=3", "--config.t_stars=1", "--config.seeds=1")
+  refused(out, field)
