@@ -383,15 +383,18 @@ def test_sdxl_base_with_refiner_like_widths_loads_and_the_refiner_is_refused(tmp
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("index", [
-    {"_class_name": "StableDiffusion3Pipeline",
-     "transformer": ["diffusers", "SD3Transformer2DModel"]},
-    {"_class_name": "MyPipeline"},  # no transformer entry: the folder's transformer/ tells
+@pytest.mark.parametrize("index,message", [
+    # SD 3.x loads through the flow-transformer loader, which names what this folder lacks
+    ({"_class_name": "StableDiffusion3Pipeline",
+      "transformer": ["diffusers", "SD3Transformer2DModel"]}, "scheduler=None: StableDiffusion3"),
+    # no transformer entry: the folder's transformer/ tells
+    ({"_class_name": "MyPipeline"}, "transformer/prior model"),
 ])
-def test_folder_with_a_transformer_and_no_unet_gets_the_family_message(tmp_path, index):
+def test_folder_with_a_transformer_and_no_unet_gets_the_family_message(tmp_path, index,
+                                                                       message):
   (tmp_path / "transformer").mkdir()
   (tmp_path / "transformer" / "config.json").write_text("{}")
   (tmp_path / "model_index.json").write_text(json.dumps(index))
-  with pytest.raises(ValueError, match="transformer/prior model") as info:
+  with pytest.raises(ValueError, match=message) as info:
     models.load(models.ModelConfig(path=str(tmp_path)))
   assert "unet/config.json" not in str(info.value) and "\n" not in str(info.value)

@@ -243,7 +243,17 @@ def test_vgg_loading_errors(tmp_path):
   safetensors.numpy.save_file(_tiny_vgg_state(), path)
   with pytest.raises(ValueError, match=r"wrong_width.safetensors: features.0.weight has shape "
                      r"\(4, 3, 3, 3\), expected \(64, 3, 3, 3\)"):
-    loss_models.load_vgg_params(path)  # full VGG16 widths expected
+    loss_models.load_vgg_params(path, widths=loss_models.VGG16_WIDTHS)  # VGG16's demanded
+  # Without widths they are read from the file: a narrower VGG16-shaped network loads...
+  params = loss_models.load_vgg_params(path)
+  assert params["features_21"]["kernel"].shape == (3, 3, widths[3], widths[3])
+  state = _tiny_vgg_state()  # ... but one whose layers disagree with each other does not
+  state["features.5.weight"] = state["features.5.weight"][:, :2]
+  path = str(tmp_path / "inconsistent.safetensors")
+  safetensors.numpy.save_file(state, path)
+  with pytest.raises(ValueError, match=r"inconsistent.safetensors: features.5.weight has shape "
+                     r"\(8, 2, 3, 3\), expected \(8, 4, 3, 3\)"):
+    loss_models.load_vgg_params(path)
   pickle = tmp_path / "vgg16.pth"
   pickle.write_bytes(b"not really a pickle")
   with pytest.raises(ValueError, match="vgg16.pth is a pickle.*allow_pickle=True"):
