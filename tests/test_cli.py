@@ -201,7 +201,7 @@ def test_disentangle_unknown_attribute_is_refused(tmp_path, cli):
   assert not (tmp_path / "wd").exists()  # a refused run leaves no workdir behind
 
 
-PROGRAMS = ("disentangle", "switch", "edit", "study")  # every program but train_toy (its own)
+PROGRAMS = ("disentangle", "switch", "edit", "study", "train_toy")
 
 
 def _start(cli, module, *argv):
@@ -223,7 +223,9 @@ def test_every_program_speaks_the_same_way(tmp_path, cli):
       ("edit", "typo", (f"--workdir={tmp_path / 'typo'}", "--config.gudance=3")),
       ("study", "positional", (f"--workdir={tmp_path / 'pos'}", "extra")),
       ("disentangle", "no_workdir", ("--config.guidance=3",)),
-      ("switch", "other", (f"--workdir={other}",))]
+      ("switch", "other", (f"--workdir={other}",)),
+      ("train_toy", "typo_toy", (f"--workdir={tmp_path / 'typo'}", "--config.diffusion.stepz=3")),
+      ("train_toy", "other", (f"--workdir={other}",))]
   procs = [_start(cli, m, *argv) for m, _, argv in cases]
   for (m, kind, _), proc in zip(cases, procs):
     stdout, stderr = proc.communicate(timeout=300)
@@ -240,6 +242,10 @@ def test_every_program_speaks_the_same_way(tmp_path, cli):
       _refused(out, "")
       assert error_lines(stderr) == ["error: --config.gudance: no such field; did you mean "
                                      "'guidance'?"]
+    elif kind == "typo_toy":
+      _refused(out, "")
+      assert error_lines(stderr) == ["error: --config.diffusion.stepz: no such field; did you "
+                                     "mean 'steps'?"]
     elif kind == "positional":
       _refused(out, "unexpected argument(s) 'extra'")
     elif kind == "no_workdir":
