@@ -126,8 +126,12 @@ def ensure_writable(workdir: str) -> str:
     raise errors.UserError(f"workdir {workdir!r} exists and is not a directory: choose another path.")
   try:
     os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=STAGING_PREFIX):
-      pass
+    fd, probe = tempfile.mkstemp(dir=workdir, prefix=STAGING_PREFIX)
+    os.close(fd)
+    # The probe may already be gone: process 0 of a multi-process run removes leftovers with
+    # this prefix (remove_stale) while the other processes check the same workdir.
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(probe)
   except OSError as e:
     raise errors.UserError(f"workdir {workdir!r} is not writable ({e.strerror}): choose a directory "
                      "you can write to.") from None
