@@ -40,8 +40,9 @@ def test_switch_edit_and_study_run_on_the_toy_world(tmp_path, cli):
   runs = [
       ("switch", tmp_path / "switch", ["--config=configs/switch.py:toy", FEW_STEPS,
                                         "--config.seeds=0,1", "--config.t_stars=2"]),
-      ("edit", tmp_path / "edit", ["--config=configs/edit.py:toy", FEW_STEPS,
-                                    "--config.optimizer.iterations=1"]),
+      # applies shipped learned weights (50 steps; learning on an image is tests/test_edit_cli's)
+      ("edit", tmp_path / "edit", ["--config=configs/edit.py:toy",
+                                    "--config.weights=benchmarks/toy_world/study_lambdas/snow.json"]),
       ("study", tmp_path / "study", ["--config=configs/study.py:toy", FEW_STEPS,
                                       "--config.seeds=0,1", "--config.t_stars=2",
                                       "--config.attributes=snow,night", "--config.grid_seeds=1"]),
@@ -49,7 +50,8 @@ def test_switch_edit_and_study_run_on_the_toy_world(tmp_path, cli):
   for (module, wd, overrides), out in zip(runs, cli.run_all(runs, timeout=900)):
     assert out.returncode == 0, (module, out.stderr[-3000:])
   assert (tmp_path / "switch" / "grid.png").is_file()
-  assert (tmp_path / "edit" / "weights.json").is_file()
+  assert (tmp_path / "edit" / "pair.png").is_file()
+  assert json.loads((tmp_path / "edit" / "metrics.json").read_text())
   rows = [json.loads(line) for line in (tmp_path / "study" / "rows.jsonl").read_text().splitlines()]
   assert len(rows) == 2 * 2 * 2  # sources (T*=2, c1) x attributes x seeds
   for row in rows:  # the judge's scores are in every row, and the metrics measure something
