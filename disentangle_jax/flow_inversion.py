@@ -42,14 +42,10 @@ def euler_invert(velocity_fn: flow_sampler.VelocityFn, params, z0: jax.Array, co
   ``cond``: per-step conditioning as the sampler takes it (leaves [T, L, D]; step i's entry is
   used for step i's reverse step).
   """
-  dtype = z0.dtype
-  guidance = jnp.asarray(guidance, dtype)
-  embedded_guidance = jnp.asarray(embedded_guidance, dtype)
-  sigma = jnp.asarray(tables.sigma, jnp.float32).astype(dtype)
-  sigma_next = jnp.asarray(tables.sigma_next, jnp.float32).astype(dtype)
+  guidance, embedded_guidance, sigma, sigma_next, timesteps = flow_sampler.step_arrays(
+      tables, z0.dtype, guidance, embedded_guidance)
   # The reverse step starts at sigma_next_i = sigma_{i+1}: the model sees that level's
   # scheduler timestep (timesteps[i + 1]; 0 at the clean end).
-  timesteps = jnp.asarray(tables.timesteps, jnp.float32)
   t_start = jnp.concatenate([timesteps[1:], jnp.zeros((1,), jnp.float32)])
 
   def body(x, xs):
@@ -58,7 +54,7 @@ def euler_invert(velocity_fn: flow_sampler.VelocityFn, params, z0: jax.Array, co
                                      embedded_guidance, config.cfg)
     return x + (s - s_next) * v, None
 
-  body = flow_sampler._maybe_remat(body, config.remat)  # pylint: disable=protected-access
+  body = flow_sampler.maybe_remat(body, config.remat)
   reverse = lambda a: jax.tree.map(lambda leaf: leaf[::-1], a)  # pylint: disable=unnecessary-lambda-assignment
   x_T, _ = jax.lax.scan(body, z0, reverse((t_start, sigma, sigma_next, cond)))
   return x_T
@@ -73,12 +69,8 @@ def reconstruct_residuals(velocity_fn: flow_sampler.VelocityFn, params, x_T: jax
   step ``inject_steps`` on; None = every step)."""
   num_steps = targets.shape[0]
   inject_steps = num_steps if inject_steps is None else inject_steps
-  dtype = x_T.dtype
-  guidance = jnp.asarray(guidance, dtype)
-  embedded_guidance = jnp.asarray(embedded_guidance, dtype)
-  sigma = jnp.asarray(tables.sigma, jnp.float32).astype(dtype)
-  sigma_next = jnp.asarray(tables.sigma_next, jnp.float32).astype(dtype)
-  timesteps = jnp.asarray(tables.timesteps, jnp.float32)
+  guidance, embedded_guidance, sigma, sigma_next, timesteps = flow_sampler.step_arrays(
+      tables, x_T.dtype, guidance, embedded_guidance)
   inject = jnp.arange(num_steps) < inject_steps
 
   def body(x, xs):
@@ -90,8 +82,8 @@ def reconstruct_residuals(velocity_fn: flow_sampler.VelocityFn, params, x_T: jax
     residual = jnp.where(use, target - x_det, jnp.zeros_like(x_det))
     return x_det + residual, residual
 
-  body = flow_sampler._maybe_remat(body, config.remat)  # pylint: disable=protected-access
-  _, noise = jax.lax.scan(body, x_T, (timesteps, sigma, sigma_next, targets.astype(dtype),
+  body = flow_sampler.maybe_remat(body, config.remat)
+  _, noise = jax.lax.scan(body, x_T, (timesteps, sigma, sigma_next, targets.astype(x_T.dtype),
                                       inject, cond))
   return noise
 

@@ -109,10 +109,20 @@ def check_inputs(x_T, cond, uncond, tables: flow_schedule.FlowTables, noise, cfg
   return num_steps
 
 
-def _maybe_remat(fn, remat: str):
+def maybe_remat(fn, remat: str):
   if remat == "none":
     return fn
   return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
+def step_arrays(tables: flow_schedule.FlowTables, dtype, guidance, embedded_guidance):
+  """(guidance, embedded_guidance, sigma [T], sigma_next [T]) in the latents' dtype, and the
+  timesteps [T] in float32: the velocity function gets the scheduler's float32 timestep, as
+  diffusers passes it. Shared by the sampler and the inversion (flow_inversion.py)."""
+  return (jnp.asarray(guidance, dtype), jnp.asarray(embedded_guidance, dtype),
+          jnp.asarray(tables.sigma, jnp.float32).astype(dtype),
+          jnp.asarray(tables.sigma_next, jnp.float32).astype(dtype),
+          jnp.asarray(tables.timesteps, jnp.float32))
 
 
 def _euler_step(velocity_fn, params, uncond, guidance, embedded_guidance, cfg, x, xs):
@@ -145,12 +155,8 @@ def sample(velocity_fn: VelocityFn, params, x_T: jax.Array, cond, uncond, guidan
   """
   check_inputs(x_T, cond, uncond, tables, noise, config.cfg)
   dtype = x_T.dtype
-  guidance = jnp.asarray(guidance, dtype)
-  embedded_guidance = jnp.asarray(embedded_guidance, dtype)
-  sigma = jnp.asarray(tables.sigma, jnp.float32).astype(dtype)
-  sigma_next = jnp.asarray(tables.sigma_next, jnp.float32).astype(dtype)
-  # The velocity function gets the scheduler's float32 timestep, as diffusers passes it.
-  timesteps = jnp.asarray(tables.timesteps, jnp.float32)
+  guidance, embedded_guidance, sigma, sigma_next, timesteps = step_arrays(
+      tables, dtype, guidance, embedded_guidance)
   if noise is not None:
     noise = noise.astype(dtype)
 
@@ -159,7 +165,7 @@ def sample(velocity_fn: VelocityFn, params, x_T: jax.Array, cond, uncond, guidan
                          x, xs)
     return x_next, (x_next if trajectory else None)
 
-  body = _maybe_remat(body, config.remat)
+  body = maybe_remat(body, config.remat)
   x0, xs = jax.lax.scan(body, x_T, (timesteps, sigma, sigma_next, noise, cond))
   return xs if trajectory else x0
 
