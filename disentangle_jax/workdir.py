@@ -1,7 +1,8 @@
 """Safe outputs: one writer per workdir, staged files published by rename, atomic writes.
 
-A run claims its workdir (an exclusive advisory lock that the kernel releases when the process
-dies, so a killed run never blocks its restart), validates everything, computes everything,
+A run claims its workdir (an exclusive advisory lock on the workdir folder itself, which the
+kernel releases when the process dies, so a killed run never blocks its restart, and which no
+deleted file can undo), validates everything, computes everything,
 then writes into a staging folder inside the workdir and renames each finished file into
 place, so a failure never leaves half-written outputs behind (a crash during the final renames
 leaves only complete files). Staging folders and temporary files of an earlier killed run are
@@ -60,28 +61,55 @@ def remove_stale(workdir: str, log: Callable[[str], None] = print) -> int:
 
 
 class Lock:
-  """An exclusive, non-blocking advisory lock on ``<workdir>/.lock`` (flock: released by the
-  kernel when the holder exits or is killed). The file records the holder's pid."""
+  """An exclusive, non-blocking advisory lock (flock: released by the kernel when the holder
+  exits or is killed) on the workdir folder itself and on ``<workdir>/.lock``.
+
+  The folder's lock is the guarantee: a user can delete ``.lock`` from under a running process
+  (and a second run would then lock a new file of the same name), but not the folder it runs
+  in. ``.lock`` records the holder's pid for the message, and still excludes a second run where
+  a filesystem refuses locks on folders (some network filesystems; then deleting ``.lock``
+  defeats it, as before).
+  """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK_FILE)
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    self._fds: list[int] = []
     try:
-      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
-      os.close(self._fd)
-      raise errors.WorkdirBusy(
-          f"workdir {workdir!r} is in use by another run (pid {holder}): wait for it to "
-          "finish, or use another --workdir.") from None
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+      self._fds.append(os.open(workdir, os.O_RDONLY | os.O_DIRECTORY))
+      try:
+        fcntl.flock(self._fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        raise self._busy(workdir) from None
+      except OSError:  # no locks on folders here: the file's lock alone
+        os.close(self._fds.pop())
+      self._fds.append(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
+      try:
+        fcntl.flock(self._fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        raise self._busy(workdir) from None
+    except BaseException:
+      for fd in self._fds:
+        os.close(fd)
+      self._fds = []
+      raise
+    os.ftruncate(self._fds[-1], 0)
+    os.pwrite(self._fds[-1], f"{os.getpid()}\n".encode(), 0)
+
+  def _busy(self, workdir: str) -> errors.WorkdirBusy:
+    try:
+      with open(self.path, "rb") as f:  # the holder's pid, unless its .lock was deleted
+        holder = f.read(64).decode(errors="replace").strip() or "unknown"
+    except OSError:
+      holder = "unknown"
+    return errors.WorkdirBusy(
+        f"workdir {workdir!r} is in use by another run (pid {holder}): wait for it to "
+        "finish, or use another --workdir.")
 
   def release(self) -> None:
-    if self._fd is not None:
-      fcntl.flock(self._fd, fcntl.LOCK_UN)
-      os.close(self._fd)
-      self._fd = None
+    for fd in reversed(self._fds):
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
+    self._fds = []
 
 
 @contextlib.contextmanager

@@ -150,6 +150,35 @@ def test_identity_covers_models_files_and_sizes(tmp_path):
   (model / "unet" / "w.msgpack").write_bytes(b"b" * 100)  # replaced in place, same size
   with pytest.raises(errors.RunMismatch, match=r"model\.path#content"):
     run_identity.check(before, run_identity.of_config(cfg.to_dict()), "w", "x")
+  # A 3 MiB file edited in its middle (outside the hashed first and last MiB), same size: its
+  # modification time tells. A saved identity from before that check still resumes.
+  big = model / "unet" / "w.msgpack"
+  big.write_bytes(bytes(3 << 20))
+  before = run_identity.of_config(cfg.to_dict())
+  old_mtime = big.stat().st_mtime_ns
+  while big.stat().st_mtime_ns == old_mtime:  # a later clock tick than the first write
+    time.sleep(0.01)
+    with open(big, "r+b") as f:
+      f.seek(3 << 19)
+      f.write(b"\x01")
+  after = run_identity.of_config(cfg.to_dict())
+  assert after["model.path#content"] == before["model.path#content"]  # the edges miss it
+  with pytest.raises(errors.RunMismatch, match=r"model\.path#modified: saved"):
+    run_identity.check(before, after, "w", "x")
+  run_identity.check({k: v for k, v in before.items() if not k.endswith("#modified")}, after,
+                     "w", "x")
+
+
+def test_one_writer_even_when_the_lock_file_is_deleted(tmp_path):
+  from disentangle_jax import errors, workdir  # pylint: disable=import-outside-toplevel
+  with workdir.claim(str(tmp_path / "wd"), log=lambda s: None) as wd:
+    with pytest.raises(errors.WorkdirBusy, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+      workdir.Lock(wd)
+    os.remove(os.path.join(wd, workdir.LOCK_FILE))  # by hand, under the running process
+    with pytest.raises(errors.WorkdirBusy, match=r"in use by another run \(pid unknown\)"):
+      workdir.Lock(wd)  # the folder itself is locked
+    assert not os.path.exists(os.path.join(wd, workdir.LOCK_FILE))
+  workdir.Lock(wd).release()  # released with the run
 
 
 def test_ctrl_c_is_one_line_saying_the_run_resumes(tmp_path, cli):
