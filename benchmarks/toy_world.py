@@ -2,7 +2,7 @@ r"""The paper's questions in the entangled toy world: does pure c1 change what t
 and does a learned lambda keep it better than the best hard switch?
 
   DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error python benchmarks/toy_world.py \
-      [--seeds 64] [--num_steps 50] [--t_stars 5,10,20,30] [--iterations 10] [--batch_seeds 8]
+      [--seeds 64] [--num_steps 50] [--t_stars 5,10,20,30] [--iterations 10] [--batch_seeds 8] [--beta B]
 
 For every attribute (c0 = "a photo of a shape", which leaves shape, colour and position to the
 seed; c1 = c0 + the attribute, configs/toy.py's open presets) and every seed, the same x_T and
@@ -76,7 +76,8 @@ def learn(w, lm, c0, text, seeds, args, t_init: int, together: bool, out: str = 
   common = dict(prompt=c0, attribute=text, t_star=t_init, remat=args.remat,
                 sampling=sampling.SamplingConfig(num_steps=args.num_steps,
                                                  guidance=evaluate.GUIDANCE),
-                loss=optimize.LossConfig(preprocess="standard"),
+                loss=optimize.LossConfig(preprocess="standard", **(
+                    {} if args.beta is None else {"beta": args.beta})),
                 optimizer=optimize.OptimizerConfig(iterations=args.iterations))
   if together:
     spec = disentangle.EditSpec(seeds=tuple(seeds), **common)
@@ -155,6 +156,9 @@ def main():
                       help="hard-switch init of learning; 0 = the preset's T* (configs/toy.py)")
   parser.add_argument("--iterations", type=int, default=10)
   parser.add_argument("--batch_seeds", type=int, default=8)
+  parser.add_argument("--beta", type=float, default=None,
+                      help="weight of the perceptual content loss in learning; default the "
+                      "paper's (optimize.LossConfig)")
   parser.add_argument("--remat", default="full",
                       help="step remat of learning: 'full' (64 seeds without remat need ~12 "
                       "GiB), 'none' for a few seeds")

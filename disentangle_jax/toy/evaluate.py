@@ -123,10 +123,10 @@ def diffusion_floors(w, seed: int, n: int, num_steps: int = NUM_STEPS) -> dict[s
           "c1_attribute": a1["attribute"], "c1_content": a1["content"]}
 
 
-# Guidance of the spread measurement: at the paper's 7.5, classifier-free guidance pushes
-# "a photo of a shape" away from what the unconditional model favours (the attribute-correlated
-# values: squares, yellow and blue, left), so the unnamed factors collapse onto a few values
-# (README, the toy world); at 1.5 the conditional model's own spread shows.
+# Guidance of the spread measurement: at the paper's 7.5, classifier-free guidance sharpens
+# "a photo of a shape" onto its modes (circle, blue, right) and the rarest values fall below
+# half their share (benchmarks/toy_spread.py, README: the toy world); at 1.5 the conditional
+# model's own spread shows.
 SPREAD_GUIDANCE = 1.5
 
 
