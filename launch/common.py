@@ -321,15 +321,22 @@ def user_errors():
 
 
 def as_tuple(value, name: str = "value"):
-  """A config value given as one number, a tuple or a comma string -> tuple of ints."""
+  """A config value given as one number, a tuple or a comma string -> tuple of ints. An item
+  "A-B" (A <= B, both >= 0) stands for A, A+1, ..., B: --config.seeds=0-255."""
   items = as_paths(value) if isinstance(value, (str, list, tuple)) else (value,)
   out = []
   for v in items:
     try:
-      out.append(int(v) if isinstance(v, str) else v)
+      if isinstance(v, str) and "-" in v.strip("-"):
+        lo, hi = (int(x) for x in v.split("-"))
+        if not 0 <= lo <= hi:
+          raise ValueError(v)
+        out.extend(range(lo, hi + 1))
+      else:
+        out.append(int(v) if isinstance(v, str) else v)
     except ValueError:
       raise errors.UserError(f"{name}={','.join(map(str, items))} is not a list of integers: "
-                             "write e.g. 42,43.") from None
+                             "write e.g. 42,43 or a range 0-255.") from None
   return tuple(out)
 
 

@@ -99,3 +99,17 @@ def test_a_preset_suffix_the_config_does_not_know_is_refused():
   with pytest.raises(errors.UserError, match="unknown suffix 'sd3'.*use one of ,sd, ,sd2"):
     common.parse_preset_arg("snow,sd3", presets, "configs/x.py")
   assert common.parse_preset_arg("snow,sdxl", presets, "configs/x.py") == ("snow", "sdxl")
+
+
+@pytest.mark.parametrize("value, expected", [("0-3,7", (0, 1, 2, 3, 7)), ("42", (42,)),
+                                             ((1, 2), (1, 2)), (5, (5,)), ("-1", (-1,))])
+def test_integer_lists_take_ranges(value, expected):
+  from launch import common  # noqa: PLC0415
+  assert common.as_tuple(value, "seeds") == expected
+
+
+@pytest.mark.parametrize("value", ["3-1", "a-b", "1-2-3", "x"])
+def test_a_bad_integer_list_is_refused_by_name(value):
+  from launch import common  # noqa: PLC0415
+  with pytest.raises(errors.UserError, match=r"seeds=.* a range 0-255"):
+    common.as_tuple(value, "seeds")
