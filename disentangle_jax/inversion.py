@@ -211,6 +211,8 @@ def make_invert_fn(eps_fn: sampler.EpsFn, pin: str = "next") -> Callable:
   """
   if pin not in PIN_MODES:
     raise ValueError(f"pin={pin!r} is unknown; use one of {PIN_MODES}.")
+  if hasattr(eps_fn, "invert"):  # SD 3.x / Flux.1: the Euler inversion (models/flow_bundle.py)
+    return jax.jit(functools.partial(eps_fn.invert, pin=pin))
   return jax.jit(functools.partial(invert, eps_fn, pin=pin))
 
 

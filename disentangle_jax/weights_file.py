@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import disentangle_jax
-from disentangle_jax import errors, mixing, workdir
+from disentangle_jax import errors, flow_settings, mixing, workdir
 
 FORMAT = mixing.WEIGHTS_FORMAT
 VERSION = 1
@@ -55,15 +55,20 @@ class LearnedWeights:
     }
 
 
-def learned(spec, schedule, lam, history, *, model: str, optimizer: dict) -> LearnedWeights:
+def learned(spec, schedule, lam, history, *, model: str, optimizer: dict,
+            sampler: str | None = None) -> LearnedWeights:
   """The weights file of a finished optimisation of ``spec`` (a disentangle.EditSpec) under
-  the model's noise ``schedule`` (schedule.ScheduleConfig); ``model`` and ``optimizer`` name
-  the model and the optimiser settings for the provenance."""
+  the model's noise ``schedule`` (schedule.ScheduleConfig, or a recorded dict: a flow model's,
+  flow_settings.schedule_record); ``sampler``: the sampler entry where it is not the spec's
+  (flow_settings.SAMPLER); ``model`` and ``optimizer`` name the model and the optimiser
+  settings for the provenance."""
   s = spec.sampling
   return LearnedWeights(
       lam=as_tuple(lam), prompt=spec.prompt, target_prompt=spec.target_prompt,
-      num_steps=s.num_steps, sampler=s.kind, eta=s.eta, guidance=s.guidance,
-      schedule=dataclasses.asdict(schedule), seeds=tuple(int(v) for v in spec.seeds),
+      num_steps=s.num_steps, sampler=s.kind if sampler is None else sampler, eta=s.eta,
+      guidance=s.guidance,
+      schedule=dict(schedule) if isinstance(schedule, dict) else dataclasses.asdict(schedule),
+      seeds=tuple(int(v) for v in spec.seeds),
       init_lambda=tuple(float(v) for v in spec.init_lambda()), loss_history=tuple(history),
       extra={"model": model, "faithful": spec.faithful, "beta": spec.loss.beta,
              "optimizer": optimizer, "rng_seed": s.rng_seed},
@@ -175,7 +180,17 @@ def unique_labels(paths: Sequence[str], reserved: Sequence[str] = (),
 def check_compatible(weights: LearnedWeights, num_steps: int, sampler: str,
                      source: str = "weights file") -> np.ndarray:
   """lambda as float32 [T] if the file was made for this step count and sampler, else an error
-  (a per-token file too: the programs that read weights files take one weight per step)."""
+  (a per-token file too: the programs that read weights files take one weight per step).
+  ``sampler``: the run's sampler entry (flow_settings.SAMPLER for an SD 3.x / Flux.1 model):
+  a file of the other kind of model is refused by name, whatever its step count."""
+  if flow_settings.SAMPLER in (weights.sampler, sampler) and weights.sampler != sampler:
+    kinds = {True: "a flow-matching model (SD 3.x / Flux.1)",
+             False: "a UNet model (SD 1.x / 2.x / SDXL)"}
+    raise errors.UserError(
+        f"{source} does not fit this run: it was learned on "
+        f"{kinds[weights.sampler == flow_settings.SAMPLER]} (sampler {weights.sampler!r}), this "
+        f"run's model is {kinds[sampler == flow_settings.SAMPLER]} (sampler {sampler!r}); a "
+        "lambda does not carry across model families: learn weights on this model.")
   problems = []
   if weights.lambda_shape != "per_step":
     problems.append(f"it holds a {weights.lambda_shape} lambda, this run takes one weight per "

@@ -379,12 +379,32 @@ def load_loss_models(loss_cfg, tokenizer):
 
 def sampling(cfg):
   """The config's sampling fields (configs/common.py add_sampling) -> sampling.SamplingConfig,
-  validated once; programs without sampler/eta fields sample with DDIM, eta = 0."""
+  validated once; programs without sampler/eta fields sample with DDIM, eta = 0. Settings an
+  SD 3.x / Flux.1 model (known from the model section, before it loads) cannot honour are
+  refused here by name (flow_settings.check)."""
+  from disentangle_jax import flow_settings  # noqa: PLC0415
   from disentangle_jax import sampling as sampling_lib  # noqa: PLC0415
-  return sampling_lib.SamplingConfig(
+  s = sampling_lib.SamplingConfig(
       num_steps=cfg.num_steps, kind=cfg.get("sampler", "ddim"), eta=cfg.get("eta", 0.0),
       guidance=cfg.guidance, rng_seed=cfg.rng_seed,
       negative_prompt=cfg.get("negative_prompt", ""))
+  flow_settings.check(flow_family(cfg), s, pin=cfg.get("pin"),
+                      torch_numerics=cfg.get("model", {}).get("torch_numerics", False))
+  return s
+
+
+def flow_family(cfg):
+  """"sd3" | "flux" when the config's model is a flow model (flow_settings.family), else None."""
+  from disentangle_jax import flow_settings  # noqa: PLC0415
+  model = cfg.get("model", {})
+  return flow_settings.family(model.get("tiny_family", ""), model.get("path"))
+
+
+def weights_sampler(cfg, sampling_config) -> str:
+  """The sampler entry a weights file must have to fit this run: flow_settings.SAMPLER for a
+  flow model (so a UNet model's file is refused by name, and the reverse), else the config's."""
+  from disentangle_jax import flow_settings  # noqa: PLC0415
+  return flow_settings.SAMPLER if flow_family(cfg) else sampling_config.kind
 
 
 def edit_spec(cfg, **overrides):
@@ -432,10 +452,13 @@ def edit_set(cfg):
 
 def learned_weights(spec, model, cfg, lam, history):
   """The exported weights file of a finished disentangle run."""
-  from disentangle_jax import weights_file  # noqa: PLC0415
+  from disentangle_jax import models, pipeline, weights_file  # noqa: PLC0415
   name = portable(cfg.model.path) or f"tiny:{cfg.model.tiny_seed}"  # as given, or relative
-  return weights_file.learned(spec, model.schedule, lam, history, model=name,
-                              optimizer=cfg.optimizer.to_dict())
+  # The sampler and schedule that ran: a flow model's Euler sampler and flow schedule.
+  sampler, schedule = models.weights_record(
+      model, spec.sampling, pipeline.latent_shape(model, cfg.image_size)[:2])
+  return weights_file.learned(spec, schedule, lam, history, model=name,
+                              optimizer=cfg.optimizer.to_dict(), sampler=sampler)
 
 
 def png(image) -> bytes:

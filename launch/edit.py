@@ -9,7 +9,8 @@ reconstruction.png (the lambda = 0 run from the inverted inputs), edited.png, pa
 (input | edited), metrics.json (reconstruction error in latent and pixel space; the loss
 history when learning), config.json, and when learning weights.json and checkpoints/.
 Everything is validated and loaded before any computation; files are published only when
-complete.
+complete. SD 3.x / Flux.1 models (a flow folder, model.tiny_family=sd3|flux) invert with the
+Euler inversion of their flow sampler (flow_inversion.py) through the same calls.
 """
 import dataclasses
 import os
@@ -34,7 +35,8 @@ def _run(cfg, out_dir):
     loaded = real_images.load(cfg.image) if cfg.image else None
     learned = weights_file.read(cfg.weights) if cfg.weights else None
     if learned is not None:
-      lam = weights_file.check_compatible(learned, sampling.num_steps, sampling.kind,
+      lam = weights_file.check_compatible(learned, sampling.num_steps,
+                                          common.weights_sampler(cfg, sampling),
                                           f"weights file {cfg.weights!r}")
       prompt, target, spec = learned.prompt, learned.target_prompt, None
       if learned.guidance != cfg.guidance:

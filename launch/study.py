@@ -60,7 +60,7 @@ def study_spec(cfg, image_paths=(), scores=()):
   baselines = study.baseline_sources(sampling.num_steps, common.t_stars(cfg), cfg.lambda_late,
                                      cfg.include_c1)
   files = common.as_paths(cfg.weights_files)
-  sources = study.load_sources(files, sampling.num_steps, sampling.kind,
+  sources = study.load_sources(files, sampling.num_steps, common.weights_sampler(cfg, sampling),
                                ["c0"] + [b.label for b in baselines])
   for src, path in zip(sources, files):
     logging.info("source %r: %s", src.label, path)

@@ -23,7 +23,8 @@ def _run(cfg, out_dir):
     sampling = common.sampling(cfg)
     t_stars = common.t_stars(cfg)
     learned = switch_grid.load_columns(common.as_paths(cfg.lambda_files), sampling.num_steps,
-                                       sampling.kind, switch_grid.builtin_labels(t_stars))
+                                       common.weights_sampler(cfg, sampling),
+                                       switch_grid.builtin_labels(t_stars))
     for (label, _), path in zip(learned, common.as_paths(cfg.lambda_files)):
       logging.info("column %r: %s", label, path)
     spec = switch_grid.GridSpec(

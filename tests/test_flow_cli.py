@@ -18,6 +18,11 @@ def test_disentangle_learns_lambda_through_the_flow_sampler_sd3(tmp_path, cli):
   w = json.loads((tmp_path / "weights.json").read_text())
   assert len(w["lambda"]) == 3 and [h["iteration"] for h in w["loss_history"]] == [1]
   assert w["lambda"] != w["init_lambda"]  # the gradient reached lambda through the sampler
+  # The sampler and schedule that ran: SD 3.5's Euler steps with shift 3 (not a DDIM schedule).
+  sched = w["schedule"]
+  assert w["sampler"] == "flow_euler" and (sched["kind"], sched["pipeline"], sched["shift"]) == (
+      "flow_match_euler", "sd3", 3.0)
+  assert len(sched["sigmas"]) == 4 and sched["sigmas"][0] == 1.0 and sched["sigmas"][-1] == 0.0
   for image in ("original.png", "edited.png", "pair.png"):
     assert (tmp_path / image).is_file()
 
@@ -30,6 +35,57 @@ def test_switch_grid_on_flux(tmp_path, cli):
   # lambda reaches the images: the pure-c0 and pure-c1 columns differ.
   c0, c1 = (Image.open(tmp_path / "images" / f"seed1_{n}.png").tobytes() for n in ("c0", "c1"))
   assert c0 != c1
+
+
+def _weights_file(path, lam=(0.0, 1.0, 1.0), sampler="flow_euler"):
+  path.write_text(json.dumps({"format": "disentangle_jax.weights", "lambda": list(lam),
+                              "num_steps": len(lam), "sampler": sampler,
+                              "prompt": "A photo of person",
+                              "target_prompt": "A photo of person, smiling"}))
+  return str(path)
+
+
+def test_edit_inverts_an_image_with_the_euler_inversion_on_flux(tmp_path, cli):
+  """Residuals at every step (inject_steps = num_steps): the lambda = 0 run from the Euler
+  inversion's x_T ends at the encoded image (the inversion is wired in and the flow sampler adds
+  its residuals); a flow weights file is applied."""
+  weights = _weights_file(tmp_path / "learned.json")
+  out = cli.run("edit", tmp_path / "wd", "--config.model.tiny_family=flux",
+                "--config.num_steps=3", "--config.inject_steps=3", f"--config.weights={weights}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  metrics = json.loads((tmp_path / "wd" / "metrics.json").read_text())
+  assert metrics["reconstruction"]["latent_max_abs"] < 1e-4, metrics["reconstruction"]
+  assert metrics["lambda"] == [0.0, 1.0, 1.0] and metrics["mode"] == "apply"
+  edited, rec = (Image.open(tmp_path / "wd" / f"{n}.png").tobytes()
+                 for n in ("edited", "reconstruction"))
+  assert edited != rec  # lambda reaches the edit
+
+
+def test_study_scores_a_flow_weights_file_on_sd3(tmp_path, cli):
+  weights = _weights_file(tmp_path / "learned.json")
+  out = cli.run("study", tmp_path / "wd", "--config.model.tiny_family=sd3",
+                "--config.num_steps=3", "--config.t_stars=1", "--config.attributes=smile",
+                "--config.seeds=0", f"--config.weights_files={weights}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "wd" / "rows.jsonl").read_text().splitlines()]
+  assert {"learned", "T*=1", "c1"} <= {r["source"] for r in rows}
+  assert (tmp_path / "wd" / "grid_smile.png").is_file()
+
+
+@pytest.mark.parametrize("family,overrides,message", [
+    ("flux", ["--config.eta=0.5"], "eta=0.5"),
+    ("sd3", ["--config.sampler=plms"], "sampler='plms'"),
+    ("flux", ["--config.lambda_files={ddim}"], "learned on a UNet model"),
+    ("", ["--config.lambda_files={flow}"], "learned on a flow-matching model"),
+])
+def test_flow_settings_and_weights_of_the_other_family_are_one_error_line(
+    tmp_path, cli, family, overrides, message):
+  files = {"ddim": _weights_file(tmp_path / "unet.json", sampler="ddim"),
+           "flow": _weights_file(tmp_path / "flow.json")}
+  out = cli.run("switch", tmp_path / "wd", f"--config.model.tiny_family={family}",
+                "--config.num_steps=3", "--config.t_stars=1", "--config.seeds=1",
+                *(o.format(**files) for o in overrides))
+  refused(out, message)
 
 
 def _flow_folder(root, pipeline: str, components: dict, transformer: dict | None = None):

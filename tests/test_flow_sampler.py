@@ -1,13 +1,14 @@
 """The flow-matching schedule and Euler sampler against diffusers' FlowMatchEulerDiscreteScheduler,
-StableDiffusion3Pipeline (per-step mixing through its step callback, VAE decode) and a manual
+StableDiffusion3Pipeline (per-step mixing through its step callback, VAE decode), a manual
 loop of the scheduler and FluxTransformer2DModel (FluxPipeline cannot swap the pooled vector per
-step), and d(loss)/d(lambda) against central finite differences in float64."""
+step), FluxPipeline itself at a constant lambda (the manual loop's conventions, VAE decode), and
+d(loss)/d(lambda) against central finite differences in float64."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from disentangle_jax import errors, flow_sampler, flow_schedule, mixing
@@ -201,6 +202,62 @@ def test_flux_guidance_embedding_mixing_matches_manual_diffusers_loop(flux_model
       trajectory=True))(params, lam)
   for i in range(num_steps):
     assert _rel(flow_tiny.nhwc_to_nchw(got[i]), expected[i]) < 1e-4, i
+
+
+def test_flux_pipeline_at_a_constant_lambda(flux_model, tmp_path):
+  """FluxPipeline itself as the oracle where it can be one: a constant lambda (its step
+  callback swaps the tokens but not the pooled vector, so per-step mixing is the manual loop's,
+  above), distilled guidance 3.5, mu from the packed token count, its own text and image ids;
+  every step's latents and the decoded image equal ours."""
+  model, cfg, params = flux_model
+  num_steps, h, w, lam = 3, 8, 4, np.float32(0.3)
+  c0, c1, _ = _prompts(3)
+  x_T = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(7))
+  tvae = flow_tiny.torch_vae()
+  tvae.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+  scale = 2 ** (len(tvae.config.block_out_channels) - 1)  # FluxPipeline's vae_scale_factor
+  pipe = FluxPipeline(transformer=model, scheduler=_diffusers_scheduler(FLUX_SCHEDULER),
+                      vae=tvae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                      tokenizer_2=None)
+  pipe.set_progress_bar_config(disable=True)
+  steps = []
+
+  def record(pipe, i, t, kwargs):
+    del pipe, i, t
+    steps.append(flow_tiny.torch_unpack(kwargs["latents"], h, w).numpy())
+    return {}
+
+  mixed = _mix_torch(lam, c0, c1)
+  with torch.no_grad():
+    image = pipe(prompt_embeds=mixed["tokens"], pooled_prompt_embeds=mixed["pooled"][:, 0],
+                 latents=flow_tiny.torch_pack(x_T), height=h * scale, width=w * scale,
+                 num_inference_steps=num_steps, guidance_scale=3.5, output_type="np",
+                 callback_on_step_end=record,
+                 callback_on_step_end_tensor_inputs=["latents"]).images
+
+  vae_cfg = dit_convert.read_config(str(tmp_path / "vae"))
+  vae = flow_vae.build_vae(vae_cfg)
+  vae_params = flow_vae.vae_params(dit_convert.read_state_dict(str(tmp_path / "vae")), vae,
+                                   vae_cfg)
+  decode = flow_vae.make_decode_fn(vae, vae_cfg["scaling_factor"], vae_cfg["shift_factor"])
+  tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig.from_diffusers_config(
+      FLUX_SCHEDULER), num_steps, "flux", seq_len=flow_schedule.image_seq_len(h, w))
+  fn = flow_sampler.flux_velocity_fn(flux.Flux(cfg))
+
+  @jax.jit
+  def run(params, vae_params):
+    xs = flow_sampler.sample(fn, params, jnp.asarray(flow_tiny.nchw_to_nhwc(x_T)),
+                             mixing.mix(jnp.full(num_steps, lam), c0, c1), None, 1.0, tables,
+                             flow_sampler.FlowSamplerConfig(cfg=False), embedded_guidance=3.5,
+                             trajectory=True)
+    return xs, decode(vae_params, xs[-1])
+
+  got, got_image = run(params, vae_params)
+  assert len(steps) == num_steps
+  for i in range(num_steps):
+    assert _rel(flow_tiny.nhwc_to_nchw(got[i]), steps[i]) < 1e-4, i
+  assert got_image.shape == image.shape == (1, h * scale, w * scale, 3)
+  assert _rel(got_image, image) < 1e-4
 
 
 def _float64(tree):

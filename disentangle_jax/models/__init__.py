@@ -21,7 +21,8 @@ Weights come from local files only; nothing is ever downloaded. ``path=None`` bu
 random model with the same structure.
 """
 from disentangle_jax.models.apply import (decoder, make_decode_fn, make_encode_fn, make_eps_fn,
-                                          make_hidden_fn, make_text_fn, predictor, run_options)
+                                          make_hidden_fn, make_text_fn, predictor, run_options,
+                                          weights_record)
 from disentangle_jax.models.build import (build_text_encoder, build_unet, build_vae,
                                           shape_trees, to_device, vae_scale_factor)
 from disentangle_jax.models.bundle import (StableDiffusion, check_pairs, encode_prompts,
@@ -40,5 +41,5 @@ __all__ = [
     "make_decode_fn", "make_encode_fn", "make_eps_fn", "make_hidden_fn", "make_text_fn",
     "predictor", "run_options", "save", "shape_trees", "tiny_folder_configs", "tiny_text_config",
     "tiny_unet_config", "tiny_vae_config", "to_device", "tokenize", "unknown_words",
-    "vae_scale_factor", "write_tiny_tokenizer",
+    "vae_scale_factor", "weights_record", "write_tiny_tokenizer",
 ]

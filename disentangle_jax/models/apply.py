@@ -17,7 +17,7 @@ Shapes: B batch, N UNet batch (2B under CFG), H W C latent (NHWC), L tokens, D t
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -101,6 +101,19 @@ def predictor(model) -> Callable:
     return flow_bundle.predictor(model)
   return make_eps_fn(model.unet, model.config, model.schedule.prediction_type,
                      model.vae_scale_factor)
+
+
+def weights_record(model, sampling, latent_hw) -> tuple[str, Any]:
+  """(sampler, schedule) of a weights file learned on a loaded ``StableDiffusion`` with
+  ``sampling`` (a sampling.SamplingConfig) on latents ``latent_hw`` (H, W): the config's sampler
+  and the model's DDIM ScheduleConfig, or for SD 3.x / Flux.1 flow_settings.SAMPLER and the flow
+  schedule that ran (flow_bundle.schedule_record), for weights_file.learned."""
+  if getattr(model, "flow", None) is not None:
+    from disentangle_jax import flow_settings  # noqa: PLC0415
+    from disentangle_jax.models import flow_bundle  # noqa: PLC0415 (flow_bundle imports build)
+    return flow_settings.SAMPLER, flow_bundle.schedule_record(model, sampling.num_steps,
+                                                              latent_hw)
+  return sampling.kind, model.schedule
 
 
 def decoder(model) -> Callable:

@@ -9,8 +9,13 @@ the models package or the pipeline (nowhere else):
              flow-matching Euler sampler (flow_sampler.py) instead of sampler.sample. The DDIM
              tables the programs build from the bundle's schedule give only the step count T:
              the flow tables are the family's pipeline's (FlowModel.tables) for T steps and the
-             latents' H x W, constants of the compiled program. The programs' DDIM noise
-             [T, B, H, W, C] (zero for eta = 0) is not used: the Euler sampler is deterministic.
+             latents' H x W, constants of the compiled program. The programs' noise
+             [T, B, H, W, C] is added after each Euler step: zeros for text-to-image (eta = 0;
+             eta > 0 is refused by flow_settings.py before loading), an inversion's residuals
+             for a real image.
+  inversion  ``inversion.make_invert_fn`` runs ``FlowPredictor.invert`` (the Euler inversion,
+             flow_inversion.py) on inversion.invert's arguments, so launch.edit and the study's
+             real images invert through the same code as the UNet families.
   guidance   SD 3.x: CFG with the negative-prompt embedding (StableDiffusion3Pipeline encodes ""
              like any prompt) and the programs' guidance scale. Flux.1: no CFG; the distilled
              guidance (FluxPipeline's guidance_scale, ``EMBEDDED_GUIDANCE``) enters the
@@ -38,9 +43,11 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import errors, flow_sampler, flow_schedule
+from disentangle_jax import errors, flow_sampler, flow_schedule, flow_settings
+from disentangle_jax import noise as noise_lib
 from disentangle_jax import schedule as schedule_lib
 from disentangle_jax.models import build
 from disentangle_jax.models import family as family_lib
@@ -106,8 +113,8 @@ class FlowPredictor:
 
   def sample(self, params, x_T, noise, cond, uncond, guidance, tables, config):
     """sampler.sample's contract (``tables``: schedule.StepTables, for T only; ``config``:
-    sampler.SamplerConfig, for its step remat) through the flow sampler; ``noise`` unused."""
-    del noise  # the DDIM eta noise; the Euler sampler is deterministic (module docstring)
+    sampler.SamplerConfig, for its step remat) through the flow sampler; ``noise`` [T, B, H, W,
+    C] is added after each step (module docstring)."""
     if config.kind != "ddim":
       raise errors.UserError(f"sampler={config.kind!r} does not apply to the {self.net.family} "
                              "model: it samples with the flow-matching Euler sampler; leave "
@@ -117,13 +124,47 @@ class FlowPredictor:
     return flow_sampler.sample(
         self.velocity_fn(), params, x_T, cond, uncond, guidance, flow_tables,
         flow_sampler.FlowSamplerConfig(cfg=self.net.cfg, remat=config.remat),
-        embedded_guidance=self.embedded_guidance)
+        embedded_guidance=self.embedded_guidance, noise=noise)
+
+  def invert(self, params, z0, eps, cond, uncond, guidance, tables, inject_steps,
+             pin: str = "next") -> noise_lib.RunNoise:
+    """inversion.invert's contract through the Euler inversion (flow_inversion.invert): z0
+    [B, H, W, C] -> RunNoise(x_T, noise [T, B, H, W, C]) for ``sample``.
+
+    ``eps``: target_noise [T, B, H, W, C]; the rectified-flow path xf(s) = (1 - s) z0 + s eps
+    has one eps per seed, its first draw (its own stream: independent of the seed's x_T).
+    ``cond``: c0, leaves [L, D] or [B, L, D], the same at every step. ``tables``: the DDIM
+    tables, for T only. ``pin``: "next" only (flow_settings.check refuses the other)."""
+    # flow_sampler imports the models package (its transformers), which imports this module:
+    # flow_inversion's defaults need flow_sampler complete, so it is imported when first used.
+    from disentangle_jax import flow_inversion  # noqa: PLC0415
+    if pin != "next":
+      raise errors.UserError(f"pin={pin!r} does not apply to the {self.net.family} model: its "
+                             "Euler inversion pins to the next level only; set pin='next'.")
+    num_steps = int(np.shape(tables.timesteps)[0])
+    flow_tables = self.net.tables(num_steps, int(z0.shape[1]), int(z0.shape[2]))
+    per_step = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (num_steps,) + leaf.shape),
+                            cond)
+    x_T, noise = flow_inversion.invert(
+        self.velocity_fn(), params, z0, eps[0], per_step, uncond, guidance, flow_tables,
+        flow_sampler.FlowSamplerConfig(cfg=self.net.cfg),
+        embedded_guidance=self.embedded_guidance, inject_steps=inject_steps)
+    return noise_lib.RunNoise(x_T=x_T, noise=noise)
 
   def __call__(self, *args):
     raise errors.UserError(
         f"the {self.net.family} model is a flow-matching transformer: the programs run it "
-        "through pipeline.render (FlowPredictor.sample), not as a noise predictor; the DDIM "
-        "inversion of real images does not run it yet (flow_inversion.py is not wired in).")
+        "through pipeline.render (FlowPredictor.sample) and inversion.make_invert_fn "
+        "(FlowPredictor.invert), not as a noise predictor.")
+
+
+def schedule_record(model, num_steps: int, latent_hw) -> dict:
+  """The weights file's "schedule" entry of a flow run of ``num_steps`` on latents ``latent_hw``
+  (H, W): the flow schedule that ran (flow_settings.schedule_record)."""
+  net = model.unet
+  tables = net.tables(num_steps, *latent_hw)
+  sigmas = np.concatenate([tables.sigma, tables.sigma_next[-1:]])
+  return flow_settings.schedule_record(net.family, net.schedule, sigmas, latent_hw)
 
 
 def predictor(model) -> FlowPredictor:

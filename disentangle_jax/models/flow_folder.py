@@ -28,12 +28,13 @@ import transformers
 
 from disentangle_jax import errors
 from disentangle_jax import flow_sampler
+from disentangle_jax import flow_settings
 from disentangle_jax import flow_schedule
 from disentangle_jax.models import dit_convert, flow_text, flow_vae
 from disentangle_jax.models import flux as flux_lib
 from disentangle_jax.models import mmdit
 
-PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+PIPELINES = flow_settings.PIPELINES  # pipeline class -> family (read before loading too)
 
 # The components each family needs, with the class each must have.
 _COMPONENTS = {
