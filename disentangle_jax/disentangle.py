@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import time
 from typing import Callable, NamedTuple
 
@@ -16,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from disentangle_jax import edit_problem, errors, mixing, noise, optimize, param_sharding
-from disentangle_jax import parallel, run_identity, sampler
+from disentangle_jax import edit_problem, errors, images, mixing, noise, optimize
+from disentangle_jax import param_sharding, parallel, run_identity, sampler, workdir
 from disentangle_jax.sampling import SamplingConfig
 
 # |lambda_late| bound: lambda weights the target prompt; values far past 1 only extrapolate
@@ -244,11 +245,15 @@ def optimise(prep: Prepared, spec: EditSpec | EditSet, checkpointer=None,
   NaN guard: an iteration whose loss, gradient or new lambda is not finite is never
   checkpointed; the run stops with errors.NonFinite naming the iteration and the checkpoint
   it kept.
+
+  Each checkpoint also records the lambda every iteration's images were rendered with
+  (``iteration_lambdas``), so the images, derived files, can be rendered again.
   """
   edits = as_edit_set(spec)
   update, tx = compiled_update(prep, edits)
   state = initial_state(prep, edits, tx)
   history, prev_lam = [], np.asarray(state.lam)
+  lambdas = []  # per iteration, the lambda its images were rendered with (None: not recorded)
   current = run_identity_of(spec, identity)
   if checkpointer is not None:
     check_meta = functools.partial(_check_meta, spec=spec, current=current,
@@ -257,6 +262,7 @@ def optimise(prep: Prepared, spec: EditSpec | EditSet, checkpointer=None,
     if restored is not None:
       state, meta = restored
       history, prev_lam = list(meta["history"]), np.asarray(meta["prev_lam"], np.float32)
+      lambdas = _recorded_lambdas(meta)
       state = jax.device_put(state, _replicated(prep))
       log(f"resumed from iteration {int(state.step)} of {edits.shared.optimizer.iterations}")
   total = edits.shared.optimizer.iterations
@@ -267,17 +273,19 @@ def optimise(prep: Prepared, spec: EditSpec | EditSet, checkpointer=None,
     k = int(state.step)
     prev_lam_next = np.asarray(state.lam)
     t0 = time.perf_counter()
-    state, metrics, images = update(state, prep.params, prep.problem)
+    state, metrics, rendered = update(state, prep.params, prep.problem)
     jax.block_until_ready(state)
     metrics = _host_metrics(metrics)
     _check_finite(k + 1, metrics, np.asarray(state.lam), checkpointer)
     prev_lam = prev_lam_next
     metrics["iteration"] = k + 1
     history.append(metrics)
+    lambdas.append(prev_lam.tolist())
     if on_iteration is not None:
-      on_iteration(k + 1, metrics, np.asarray(images)[:prep.num_items])
+      on_iteration(k + 1, metrics, np.asarray(rendered)[:prep.num_items])
     if checkpointer is not None:
       checkpointer.save(k + 1, state, {"history": history, "prev_lam": prev_lam.tolist(),
+                                       "lambdas": lambdas,
                                        "fingerprint": spec.fingerprint(), "identity": current})
     times.append(time.perf_counter() - t0)
     # The first iteration of a process includes compilation: it gives no rate and no ETA.
@@ -297,6 +305,80 @@ def optimise(prep: Prepared, spec: EditSpec | EditSet, checkpointer=None,
   if isinstance(spec, EditSpec):  # given alone: its own lambda [T] and history
     return lam[0], edit_history(history, 0, spec.loss.beta), prev_lam[0]
   return lam, history, prev_lam
+
+
+def _recorded_lambdas(meta: dict) -> list:
+  """The metadata's per-iteration lambdas, aligned with its history (None where a checkpoint
+  saved before they were recorded, or damaged, does not have them)."""
+  got, n = meta.get("lambdas"), len(meta.get("history", []))
+  return list(got) if isinstance(got, list) and len(got) == n else [None] * n
+
+
+def iteration_lambdas(checkpointer, num_iterations: int, last) -> list[np.ndarray | None]:
+  """The lambda each of ``num_iterations`` iterations rendered its images with: from the
+  newest checkpoint's metadata, and ``last`` (``optimise``'s lambda before the last update)
+  for the last iteration; None where neither has it (checkpoints older than this record, or
+  iterations after the newest checkpoint with ``checkpoint_every`` > 1)."""
+  recorded = []
+  step = checkpointer.latest_step() if checkpointer is not None else None
+  if step is not None:
+    try:
+      recorded = _recorded_lambdas(checkpointer.read_meta(step))[:num_iterations]
+    except Exception:  # noqa: BLE001 -- an unreadable checkpoint: only ``last`` is known
+      pass
+  out = recorded + [None] * (num_iterations - len(recorded))
+  if num_iterations:
+    out[-1] = last
+  return [None if lam is None else np.asarray(lam, np.float32) for lam in out]
+
+
+def iteration_paths(iter_dir: str, k: int) -> tuple[str, str]:
+  """(image, metrics) files of iteration k (1-based) in ``iter_dir``."""
+  return (os.path.join(iter_dir, f"iter_{k:03d}.png"), os.path.join(iter_dir, f"iter_{k:03d}.json"))
+
+
+def write_iteration(iter_dir: str, k: int, metrics: dict, pixels: np.ndarray) -> None:
+  """Iteration k's files: its images (uint8 [B, h, w, 3], one row) and its metrics (the
+  folder is made again if it was deleted meanwhile: derived files)."""
+  image, metrics_file = iteration_paths(iter_dir, k)
+  os.makedirs(iter_dir, exist_ok=True)
+  workdir.write_atomic(image, images.png_bytes(np.asarray(images.grid([list(pixels)]))))
+  workdir.write_atomic(metrics_file, json.dumps(metrics))
+
+
+def iteration_strip(iter_dir: str, history: list[dict], lambdas: list,
+                    render: Callable[[np.ndarray], np.ndarray],
+                    log: Callable[[str], None] = print,
+                    warn: Callable[[str], None] = print) -> tuple[list[np.ndarray], list[str]]:
+  """The strip's cells (each iteration's image row, uint8) and labels ("it k": the lambda
+  after k updates), read from ``iter_dir``.
+
+  The iteration files are derived files, never required: an image that is missing or
+  unreadable (deleted or truncated after a kill) is rendered again from the lambda it was
+  rendered with (``lambdas``, ``iteration_lambdas``; ``render(lam) -> uint8 [B, h, w, 3]``)
+  and written back, one ``log`` line each; one without a recorded lambda is left out, one
+  ``warn`` line each. The render is the final images' program, not the update's, so a
+  rebuilt image may differ from the lost one by float rounding (a level of 255 at most in
+  the tests). A missing metrics file is written again from ``history``.
+  """
+  cells, labels = [], []
+  for k, metrics in enumerate(history, start=1):
+    image, metrics_file = iteration_paths(iter_dir, k)
+    try:
+      cell = images.load_png(image)
+    except (OSError, ValueError, SyntaxError):  # missing, truncated, not an image
+      if lambdas[k - 1] is None:
+        warn(f"{image} is missing or unreadable and the lambda it was rendered with is not in "
+             "the checkpoints: it is left out of strip.png")
+        continue
+      write_iteration(iter_dir, k, metrics, render(lambdas[k - 1]))
+      cell = images.load_png(image)
+      log(f"{image} was missing or unreadable: rendered it again from its checkpointed lambda")
+    if not os.path.isfile(metrics_file):
+      workdir.write_atomic(metrics_file, json.dumps(metrics))
+    cells.append(cell)
+    labels.append(f"it {k - 1}")
+  return cells, labels
 
 
 def _check_finite(iteration: int, metrics: dict, lam: np.ndarray, checkpointer) -> None:
@@ -346,5 +428,10 @@ def final_images(prep: Prepared, spec: EditSpec | EditSet, lam, prev_lam) -> np.
   """The edited images to save: with the learned lambda (clean), or — the release's quirk —
   with the lambda before the last update (faithful). float [B, h, w, 3]."""
   use = prev_lam if as_edit_set(spec).shared.faithful else lam
-  images = prep.render(prep.params["sd"], prep.problem, jnp.asarray(use, jnp.float32))
-  return np.asarray(images)[:prep.num_items]
+  return render_images(prep, use)
+
+
+def render_images(prep: Prepared, lam) -> np.ndarray:
+  """The real items rendered with ``lam`` ([K, T], or [K, T, L]): float [B, h, w, 3]."""
+  rendered = prep.render(prep.params["sd"], prep.problem, jnp.asarray(lam, jnp.float32))
+  return np.asarray(rendered)[:prep.num_items]

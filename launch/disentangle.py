@@ -5,7 +5,9 @@ r"""Learns the per-step mixing weights of one attribute edit (the paper's method
 Writes to the workdir: original.png (pure c0), edited.png, pair.png (original | edited per
 seed), strip.png (the edited image at every iteration), lambda.png, losses.png, metrics.jsonl,
 weights.json (the exported lambda, for the other commands), config.json, and checkpoints/
-(orbax). Killed at any point, the same command resumes and ends with the same lambda.
+(orbax). Killed at any point, the same command resumes and ends with the same lambda; the
+iteration images (iterations/, derived files) lost or damaged meanwhile are rendered again from
+the lambdas the checkpoints record.
 
 With --config.attributes=smile,snow,... the presets are learned together in one compiled,
 sharded program (one lambda each, every preset on all of `seeds`); each gets a folder
@@ -49,12 +51,11 @@ def _run(cfg, out_dir):
     os.makedirs(iter_dir, exist_ok=True)
 
     def on_iteration(k, metrics, imgs):
-      workdir.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.png"),
-                           common.png(images.grid([list(images.to_uint8(imgs))])))
-      workdir.write_atomic(os.path.join(iter_dir, f"iter_{k:03d}.json"), json.dumps(metrics))
+      disentangle.write_iteration(iter_dir, k, metrics, images.to_uint8(imgs))
 
     lam, history, prev_lam = disentangle.optimise(prep, spec, ckpt, on_iteration, logging.info,
                                                   identity=identity)
+    lambdas = disentangle.iteration_lambdas(ckpt, len(history), prev_lam)
   logging.info("rendering the final images ...")
   edited = images.to_uint8(disentangle.final_images(prep, spec, lam, prev_lam))
   original = images.to_uint8(prep.problem.reference[:prep.num_items])
@@ -69,9 +70,14 @@ def _run(cfg, out_dir):
       _write_edit(out, sub, e, lam[k], original[items], edited[items], history_k)
       out.write_json(sub + "weights.json",
                      common.learned_weights(e, model, cfg, lam[k], history_k).to_json())
-    strip = [images.load_png(os.path.join(iter_dir, f"iter_{k:03d}.png"))
-             for k in range(1, len(history) + 1)]
-    out.write_image("strip.png", images.grid([strip], [f"it {k}" for k in range(len(strip))]))
+    strip, labels = disentangle.iteration_strip(
+        iter_dir, history, lambdas,
+        lambda lam_k: images.to_uint8(disentangle.render_images(prep, lam_k)),
+        logging.info, logging.warning)
+    if strip:
+      out.write_image("strip.png", images.grid([strip], labels))
+    else:
+      logging.warning("strip.png is left out: no iteration image could be read or rebuilt.")
     out.write_text("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     if plots.available():
       total = [dict(h, l_dir=float(np.sum(h["l_dir"])), l_perc=float(np.sum(h["l_perc"])))

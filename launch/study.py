@@ -121,8 +121,9 @@ def _run(cfg, out_dir, write):
     models.check_pairs(model, [p for a in spec.attributes for p in (a.prompt, a.target_prompt)])
     shape = pipeline.latent_shape(model, cfg.image_size)
     loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
+    identity = common.identity(cfg, latent_shape=list(shape))  # the manifest's and each chunk's
     if write:  # the first write: everything above is validated
-      study_store.check_manifest(out_dir, spec, common.identity(cfg, latent_shape=list(shape)))
+      study_store.check_manifest(out_dir, spec, identity)
   mesh = common.mesh(cfg)
   logging.info("encoding %d attribute(s) ...", len(spec.attributes))
   inputs = study.prepare(model, loss_models, spec, mesh)
@@ -144,12 +145,12 @@ def _run(cfg, out_dir, write):
         inversion.make_inverter(model, spec.pin), model.params,
         np.stack([px for px, _ in fitted]), inputs, spec, model.schedule)
   study_store.run(evaluate, inputs, spec, shape, mesh, out_dir, log=logging.info, write=write,
-            unit_inputs=unit_inputs, score_fn=score_fn)
+                  unit_inputs=unit_inputs, score_fn=score_fn, identity=identity)
   if not write:
     return
 
   logging.info("writing the rows, summaries, grids and plot ...")
-  rows = study_store.merge_rows(out_dir, spec)
+  rows = study_store.merge_rows(out_dir, spec, identity)
   summary = stats.summarise(rows, spec)
   labels = ["c0"] + [s.label for s in spec.sources]
   grid_seeds = spec.seeds[:spec.grid_seeds]
@@ -160,9 +161,14 @@ def _run(cfg, out_dir, write):
       out.write_text(f"summary/{study.file_label(src.label)}.csv",
                      stats.summary_csv([r for r in summary if r["source"] == src.label]))
     for a in spec.attributes if grid_seeds else ():
-      cells = [[images.load_png(study_store.sample_path(out_dir, a.name, s, label))
-                for label in labels]
-               for s in grid_seeds]
+      try:  # derived files: study_store.run recomputed any chunk whose samples were unreadable
+        cells = [[images.load_png(study_store.sample_path(out_dir, a.name, s, label))
+                  for label in labels]
+                 for s in grid_seeds]
+      except (OSError, ValueError, SyntaxError) as e:  # lost since (another hand): left out
+        logging.warning("grid_%s.png is left out: a sample image is unreadable (%s); rerun the "
+                        "same command to rebuild it.", a.name, e)
+        continue
       out.write_image(f"grid_{a.name}.png",
                       images.grid(cells, labels, [str(s) for s in grid_seeds]))
     if plots.available():

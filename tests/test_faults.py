@@ -181,6 +181,47 @@ def test_one_writer_even_when_the_lock_file_is_deleted(tmp_path):
   workdir.Lock(wd).release()  # released with the run
 
 
+def test_lost_iteration_images_are_rendered_again_or_left_out(tmp_path):
+  """Derived files are never required: iteration images deleted or cut after a kill are
+  rendered again from the lambdas the checkpoint records, or left out with one warning where
+  no lambda is known. launch.disentangle publishes through these two functions (a resumed
+  program rebuilt a deleted and a cut image pixel-identical to the lost ones, by hand)."""
+  from disentangle_jax import disentangle, images  # pylint: disable=import-outside-toplevel
+  history = [{"iteration": k, "loss": 1.0 / k} for k in (1, 2, 3, 4)]
+  lams = [np.full((1, 4), k, np.float32) for k in (0, 1, 2, 3)]
+
+  def render(lam):  # uint8 [B=2, 4, 4, 3] telling which lambda it was rendered with
+    return np.full((2, 4, 4, 3), int(lam.flat[0]) * 40, np.uint8)
+
+  class Checkpoints:  # the newest checkpoint is iteration 3's and records 1 and 3 only
+    def latest_step(self):
+      return 3
+
+    def read_meta(self, step):
+      return {"history": history[:3], "lambdas": [lams[0].tolist(), None, lams[2].tolist()]}
+
+  recorded = disentangle.iteration_lambdas(Checkpoints(), 4, lams[3])
+  assert [None if l is None else float(l.flat[0]) for l in recorded] == [0, None, 2, 3]
+  wd = tmp_path / "iterations"
+  for k in (1, 2, 3, 4):
+    disentangle.write_iteration(str(wd), k, history[k - 1], render(lams[k - 1]))
+  want = [images.load_png(str(wd / f"iter_00{k}.png")) for k in (1, 3, 4)]
+  (wd / "iter_001.png").unlink()
+  (wd / "iter_003.json").unlink()
+  (wd / "iter_002.png").write_bytes((wd / "iter_002.png").read_bytes()[:60])  # cut
+  (wd / "iter_004.png").write_bytes((wd / "iter_004.png").read_bytes()[:150])
+  logs, warnings = [], []
+  cells, labels = disentangle.iteration_strip(str(wd), history, recorded, render, logs.append,
+                                              warnings.append)
+  assert labels == ["it 0", "it 2", "it 3"]  # iteration 2's lambda is not known: left out
+  for got, expected in zip(cells, want):
+    np.testing.assert_array_equal(got, expected)
+  assert len(logs) == 2 and "iter_001.png was missing or unreadable" in logs[0]
+  assert len(warnings) == 1 and "iter_002.png is missing or unreadable" in warnings[0]
+  assert json.loads((wd / "iter_003.json").read_text()) == history[2]
+  assert disentangle.iteration_lambdas(None, 2, lams[1])[0] is None  # no checkpoints at all
+
+
 def test_ctrl_c_is_one_line_saying_the_run_resumes(tmp_path, cli):
   proc = cli.popen("disentangle", tmp_path / "wd", *DISENTANGLE, fresh=True)  # a real exit
   state = ""

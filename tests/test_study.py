@@ -108,6 +108,39 @@ def test_chunks_cover_every_unit_once():
   assert _spec().fingerprint() == _spec().fingerprint() != _spec(seeds=(0, 1)).fingerprint()
 
 
+def test_chunks_prove_their_identity_and_rows(tmp_path):
+  """A chunk is merged only under the identity it was computed under and with the rows its
+  checksum covers; anything else is computed again, with the reason for the log."""
+  from disentangle_jax import study_store  # pylint: disable=import-outside-toplevel
+  spec = _spec(batch_size=4)
+  identity = {"model.tiny_seed": 0, "model.path#content": ["abc"]}
+  values = {name: np.arange(8, dtype=np.float32).reshape(4, 2) / 8
+            for name in metrics.METRIC_NAMES}
+  rows = study_store.chunk_rows(spec, spec.chunk(0), values)
+  path = tmp_path / "chunk.jsonl"
+  text = study_store.chunk_text(rows, study_store.study_identity(spec, identity), 0)
+  path.write_text(text)
+  assert study_store.read_chunk(str(path), spec, 0, identity) == (rows, "")
+  header, first, rest = text.split("\n", 2)
+  for edited, why in (
+      (first.replace('"clip_score": 0.0', '"clip_score": 0.5'), "fails its checksum"),  # +0.5
+      (first.replace('"clip_score": 0.0', '"clip_score": NaN'), "fails its checksum")):
+    assert edited != first
+    path.write_text("\n".join([header, edited, rest]))
+    assert study_store.read_chunk(str(path), spec, 0, identity) == (None, why + (
+        " (its rows were edited or cut)"))
+  path.write_text(text)
+  got, why = study_store.read_chunk(str(path), spec, 0, dict(identity, **{"model.tiny_seed": 1}))
+  assert got is None and why == ("was computed under other settings (model.tiny_seed: saved 0, "
+                                 "now 1)")
+  assert study_store.read_chunk(str(path), spec, 1, identity)[1] == "holds the rows of chunk 0"
+  path.write_text("\n".join([first, rest]))  # a chunk from before the header: not verifiable
+  assert "cannot be verified" in study_store.read_chunk(str(path), spec, 0, identity)[1]
+  path.write_text(text[:len(text) // 2])  # cut
+  assert study_store.read_chunk(str(path), spec, 0, identity)[0] is None
+  assert study_store.read_chunk(str(tmp_path / "none"), spec, 0, identity) == (None, "is missing")
+
+
 SHARDING_SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
@@ -235,11 +268,31 @@ def test_study_kill_resume_other_model_and_damaged_chunks(tmp_path, cli):
   assert "different study" in other.stderr
   assert snapshot(wd) == before
 
+  # Every chunk proves what it is; derived files are rebuilt. One rerun: chunk 0 with a metric
+  # edited by +0.5 (its checksum fails), chunk 1 cut, chunk 2's sample image deleted.
+  header = json.loads((wd / "rows" / "chunk_00000.jsonl").read_text().split("\n")[0])
+  assert header["identity"]["model.tiny_seed"] == 0  # the config's identity, not only the spec
+  lines = (wd / "rows" / "chunk_00000.jsonl").read_text().split("\n")
+  row = json.loads(lines[1])
+  row["clip_score"] += 0.5
+  (wd / "rows" / "chunk_00000.jsonl").write_text("\n".join([lines[0], json.dumps(row)] + lines[2:]))
   (wd / "rows" / "chunk_00001.jsonl").write_text('{"source": "T*=2", "attr')  # tampered
+  (wd / "samples" / "snow" / "seed1_c1.png").unlink()
   again = cli.run("study", wd, *args)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "chunk_00001.jsonl is damaged" in again.stderr and "1 to do" in again.stderr
+  assert "chunk_00000.jsonl fails its checksum" in again.stderr
+  assert "chunk_00001.jsonl is damaged" in again.stderr and "3 to do" in again.stderr
+  assert "seed1_c1.png (a sample image of" in again.stderr
   assert (wd / "rows.jsonl").read_text() == rows
+  assert (wd / "samples" / "snow" / "seed1_c1.png").is_file()
+
+  # The manifest deleted, then another model: every chunk is computed again, none is mixed in.
+  (wd / "rows" / "study.json").unlink()
+  other = cli.run("study", wd, *args, "--config.model.tiny_seed=1")
+  assert other.returncode == 0, other.stderr[-3000:]
+  assert other.stderr.count("was computed under other settings (model.tiny_seed: saved 0, "
+                            "now 1)") == 3 and "3 to do" in other.stderr
+  assert not set(rows.splitlines()) & set((wd / "rows.jsonl").read_text().splitlines())
 
 
 BAD_INPUT = [
