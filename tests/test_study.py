@@ -161,8 +161,10 @@ SHARDING_SCRIPT = textwrap.dedent("""
         models.make_eps_fn(model.unet), models.make_decode_fn(model.vae, model.scaling_factor),
         sampler.SamplerConfig(), metrics.from_loss_models(lm))
     out = {"devices": len(jax.devices())}
-    for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
-      mesh = parallel.make_mesh(devices)
+    # one device; 4 x 1 (seeds only); 2 x 2 and 1 x 4 (weights split over mesh.model)
+    for name, devices, k in (("one", jax.devices()[:1], 1), ("four", jax.devices(), 1),
+                             ("2x2", jax.devices(), 2), ("1x4", jax.devices(), 4)):
+      mesh = parallel.make_mesh(devices, model=k)
       inputs = study.prepare(model, lm, spec, mesh)
       wd = os.path.join(sys.argv[1], name)
       os.makedirs(wd)
@@ -193,7 +195,8 @@ def _assert_rows_close(got, want):
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, cli):
-  """Rows of seeds 0..7 on 1 and on 4 fake devices (one fresh process)."""
+  """Rows of seeds 0..7 on 1 and on 4 fake devices, the 4 as meshes 4x1, 2x2 and 1x4 (one
+  fresh process)."""
   return cli.run_code_result(SHARDING_SCRIPT, str(tmp_path_factory.mktemp("sharded")),
                              env=dict(os.environ, XLA_FLAGS=XLA_TEST_FLAGS))
 
@@ -205,6 +208,8 @@ def test_sharded_study_matches_single_device(sharded):
   # batch 3 on 4 devices: every chunk is padded to 4 and the copy is masked out.
   assert len(one) == 2 * 8
   _assert_rows_close(four, one)
+  for name in ("2x2", "1x4"):  # a model axis changes only the reduction order
+    _assert_rows_close(sharded[name], one)
   assert sorted(r["seed"] for r in one if r["source"] == "c1") == list(range(8))
 
 
@@ -349,18 +354,35 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path, cli, sharded):
-  env = dict(os.environ, XLA_FLAGS=f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count=2")
+def _two_processes(workdir, cli, devices, *overrides) -> str:
+  """The study of SHARDED_CLI run by 2 localhost processes of ``devices`` fake devices each;
+  process 0's log."""
+  env = dict(os.environ,
+             XLA_FLAGS=f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count={devices}")
   coordinator = f"--coordinator=localhost:{_free_port()}"
-  procs = [cli.start("study", tmp_path, *SHARDED_CLI, coordinator, "--num_processes=2",
-                     f"--process_id={i}", "--init_timeout=120", env=env)
+  procs = [cli.start("study", workdir, *SHARDED_CLI, *overrides, coordinator,
+                     "--num_processes=2", f"--process_id={i}", "--init_timeout=120", env=env)
            for i in (1, 0)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  assert "4 device(s), batch 3 padded to 4" in outs[1][1]  # 2 processes x 2 devices
+  return outs[1][1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, cli, sharded):
+  log = _two_processes(tmp_path, cli, 2)
+  assert "4 device(s), batch 3 padded to 4" in log  # 2 processes x 2 devices
   assert (tmp_path / "rows.jsonl").is_file()
+  _assert_rows_close(_rows(tmp_path / "rows.jsonl"), sharded["one"])
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_model_axis_across_them(tmp_path, cli, sharded):
+  # One device per process and mesh.model=2: the mesh is 1 x 2, every large weight is split
+  # between the two processes and each layer's gather crosses them.
+  log = _two_processes(tmp_path, cli, 1, "--config.mesh.model=2")
+  assert "2 device(s), batch 3 padded to 3" in log
   _assert_rows_close(_rows(tmp_path / "rows.jsonl"), sharded["one"])
 
 
