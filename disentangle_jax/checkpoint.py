@@ -5,24 +5,54 @@ point restarts from the last finished step. The metadata (loss history, the run'
 travels in the same checkpoint, so resumed runs export the full history and a run with other
 settings is refused before any state is read.
 
-A damaged checkpoint (deleted or truncated files, bad metadata) is reported in one line and
-moved aside to ``<directory>.damaged/``; the run resumes from the newest readable one.
+A damaged checkpoint (deleted or truncated files, bad metadata, a flipped bit in orbax's
+manifest) is reported in one line and moved aside to ``<directory>.damaged/``; the run resumes
+from the newest readable one. The metadata carries a checksum of itself (``meta_checksum``): a
+hand-edited loss history is a damaged checkpoint too, so the export never publishes it.
+
+A checkpoint that cannot be written (a full disk or quota, a read-only folder) is one error
+(OSError with its errno, or errors.CheckpointWriteFailed): orbax's background threads are let
+finish first (closed under them they print tracebacks after the program's one line), and the
+partial step folder is removed.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
 import os
 import shutil
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+# orbax's background save threads (private: no public handle reaches them; see _settle).
+from orbax.checkpoint._src.futures import future as ocp_future
 
 from disentangle_jax import errors
 
 # Checkpoints kept on disk; older ones are deleted once a newer one is complete.
 MAX_TO_KEEP = 2
 DAMAGED_SUFFIX = ".damaged"
+CHECKSUM_KEY = "checksum"  # in the metadata: meta_checksum of the other entries
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a step folder still being written
+# Seconds to let orbax's in-flight save threads end after one of them failed.
+SETTLE_SECONDS = 60.0
+
+
+class MetadataEdited(ValueError):
+  """A checkpoint's metadata does not match its checksum (edited by hand, or damaged)."""
+
+
+def meta_checksum(meta: dict) -> str:
+  """sha256 of the metadata's canonical JSON (sorted keys), the checksum entry left out.
+  orbax stores the metadata as JSON, and Python's JSON floats round-trip exactly, so the
+  checksum of what is read back equals the one saved unless a byte was changed."""
+  body = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def check_save_every(save_every) -> None:
@@ -55,15 +85,26 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, force: bool = False) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=force)
+    """Starts saving (asynchronously); a failure of this or the previous save raises here or
+    in ``wait`` (see _writing)."""
+    meta = dict(meta, **{CHECKSUM_KEY: meta_checksum(meta)})
+    with self._writing():
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)),
+                         force=force)
 
   def read_meta(self, step: int) -> dict:
+    """The metadata of ``step``, its checksum verified (MetadataEdited if it fails; a
+    checkpoint saved before checksums existed has none and is read as it is)."""
     out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     meta = out["meta"]
     if not isinstance(meta, dict):
       raise ValueError(f"metadata is a {type(meta).__name__}, not a JSON object")
-    return dict(meta)
+    saved = meta.get(CHECKSUM_KEY)
+    if saved is not None and saved != meta_checksum(meta):
+      raise MetadataEdited("its metadata (loss history, lambdas) does not match its checksum: "
+                           "edited or damaged")
+    return {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
 
   def restore(self, abstract_state: Any, step: int | None = None,
               check_meta: Callable[[dict], None] | None = None,
@@ -105,24 +146,58 @@ class Checkpointer:
     same step can succeed; reopens the manager (it caches the step list)."""
     src = os.path.join(self.directory, str(step))
     dst_dir = self.directory + DAMAGED_SUFFIX
-    os.makedirs(dst_dir, exist_ok=True)
     dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    if os.path.exists(src):
-      shutil.move(src, dst)
-    log(f"checkpoint {step} in {self.directory} is unreadable ({type(error).__name__}: "
-        f"{str(error).splitlines()[0][:160] if str(error) else ''}); moved it to {dst} and "
-        "trying the next older one")
+    _settle()  # reads of the failed restore still in flight end before the folder moves
+    try:
+      os.makedirs(dst_dir, exist_ok=True)
+      if os.path.exists(src):
+        shutil.move(src, dst)
+    except OSError as e:  # a read-only checkpoints/: nothing can be moved, nor written later
+      raise errors.CheckpointUnreadable(
+          f"checkpoint {step} in {self.directory} is unreadable ({_first_line(error)}) and "
+          f"cannot be moved aside ({e.strerror or e}): make {self.directory} writable, or "
+          f"delete it to start the run over.") from None
+    log(f"checkpoint {step} in {self.directory} is unreadable ({_first_line(error)}); moved it "
+        f"to {dst} and trying the next older one")
     _close(self._manager)
     self._manager = self._open()
     return dst
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the pending save; its failure raises here (see _writing)."""
+    with self._writing():
+      self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Turns a failed save into one error: the full disk or quota an OSError(ENOSPC) that
+    names the folder, a permission problem an OSError(EACCES), anything else
+    errors.CheckpointWriteFailed. orbax's other save threads are let finish and the manager
+    closed before the error leaves (no traceback printed after the program's one line), and
+    the partial step folder is removed; the finished checkpoints stay."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many kinds
+      manager, self._manager = self._manager, None
+      _settle()
+      with contextlib.suppress(Exception):  # the same failure, raised again by close()
+        _close(manager)
+      _settle()
+      self._remove_partial()
+      raise _write_error(e, self.directory) from None
+
+  def _remove_partial(self) -> None:
+    with contextlib.suppress(OSError):
+      for name in os.listdir(self.directory):
+        if TMP_MARK in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def close(self) -> None:
-    """Waits for pending saves and stops orbax's threads (idempotent)."""
+    """Waits for pending saves and stops orbax's threads (idempotent); a pending save that
+    fails raises as in ``wait``."""
     if self._manager is not None:
-      _close(self._manager)
+      with self._writing():
+        _close(self._manager)
       self._manager = None
 
   def __enter__(self) -> "Checkpointer":
@@ -132,6 +207,43 @@ class Checkpointer:
     # Also on errors and Ctrl-C: orbax's background threads must end before the program
     # removes or reports anything, or they print tracebacks after the one-line error.
     self.close()
+
+
+def _write_error(e: Exception, directory: str) -> Exception:
+  """The one-line error of a failed save (see Checkpointer._writing)."""
+  if isinstance(e, OSError):
+    if e.errno == errno.EDQUOT:  # a quota is a full disk to the user: the same fix
+      return OSError(errno.ENOSPC, e.strerror, directory)
+    return e  # launch/failures.py words ENOSPC, EACCES, EROFS with their fix
+  # tensorstore reports its status codes only as text in a ValueError ("RESOURCE_EXHAUSTED:
+  # Error writing local file ..."): the code, not the wording, is matched.
+  text = str(e)
+  if "RESOURCE_EXHAUSTED" in text:
+    return OSError(errno.ENOSPC, "No space left on device", directory)
+  if "PERMISSION_DENIED" in text:
+    return OSError(errno.EACCES, "Permission denied", directory)
+  return errors.CheckpointWriteFailed(
+      f"a checkpoint could not be written in {directory} ({_first_line(e)}); the finished "
+      "checkpoints are kept: fix the cause and run the same command again.")
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).splitlines()[0][:160] if str(e) else ""
+  return f"{type(e).__name__}: {text}"
+
+
+def _settle(timeout: float = SETTLE_SECONDS) -> None:
+  """Waits (at most ``timeout`` seconds in all) for orbax's background save threads that are
+  still running. After one of a save's threads failed, orbax raises at once while its sibling
+  threads (the arrays, their metadata) are still writing; closing the manager under them
+  makes them fail again and print tracebacks ("cannot schedule new futures after shutdown",
+  "Event loop is closed") after the program's own error line."""
+  end, own = time.monotonic() + timeout, threading.current_thread()
+  for thread in threading.enumerate():
+    # pylint: disable-next=protected-access
+    if thread is not own and isinstance(thread, ocp_future._SignalingThread):
+      # threading.Thread.join: orbax's own join raises the thread's error.
+      threading.Thread.join(thread, max(0.0, end - time.monotonic()))
 
 
 def _close(manager: ocp.CheckpointManager) -> None:

@@ -35,6 +35,10 @@ class CheckpointUnreadable(UserError):
   """No checkpoint of a workdir can be read."""
 
 
+class CheckpointWriteFailed(UserError):
+  """A checkpoint could not be written for a reason other than a full disk or a permission."""
+
+
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, integer: bool = False, hint: str = "") -> float:
   """``value`` as a finite number in [low, high] (or (low, high] with ``low_open``).

@@ -103,11 +103,16 @@ class SamplerConfig:
 # Accepted ranges of the sampling settings (checked once, before any work).
 MAX_ETA = 1.0  # eta > 1 makes sqrt(1 - a_prev - sigma^2) imaginary (NaN latents)
 MAX_GUIDANCE = 100.0
+# A sampler takes at most one step per training timestep, and every supported family's
+# schedule has 1000 (SD 1.x/2.x/XL, SD 3.x, Flux.1): a larger num_steps is refused here, before
+# the per-step tables and noise (T x latents) are allocated.
+MAX_NUM_STEPS = 1000
 
 
 def check_settings(num_steps, kind: str = "ddim", eta=0.0, guidance=7.5) -> None:
   """Validates the sampling settings every program shares; errors name the config field."""
-  errors.check_number("num_steps", num_steps, low=1, integer=True, hint="50 in the paper.")
+  errors.check_number("num_steps", num_steps, low=1, high=MAX_NUM_STEPS, integer=True,
+                      hint="50 in the paper; at most one step per training timestep.")
   SamplerConfig(kind=kind)
   errors.check_number("eta", eta, low=0, high=MAX_ETA, hint="0 = deterministic DDIM.")
   errors.check_number("guidance", guidance, low=0, high=MAX_GUIDANCE, hint="7.5 in the paper.")

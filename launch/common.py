@@ -29,20 +29,28 @@ _CACHE = flags.DEFINE_string(
 
 
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator", os.environ.get("DISENTANGLE_COORDINATOR", ""),
+    "coordinator", "",
     "Multi-process runs: HOST:PORT of process 0 (every process passes the same), or 'auto' on "
     "a TPU pod; empty = one process. Env: DISENTANGLE_COORDINATOR.")
+# The bounds are absl's: a flag value below them is one error line naming the flag.
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", int(os.environ.get("DISENTANGLE_NUM_PROCESSES", "1")),
-    "Number of processes with --coordinator=HOST:PORT. Env: DISENTANGLE_NUM_PROCESSES.")
+    "num_processes", 1,
+    "Number of processes with --coordinator=HOST:PORT. Env: DISENTANGLE_NUM_PROCESSES.",
+    lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", int(os.environ.get("DISENTANGLE_PROCESS_ID", "0")),
-    "This process's index in [0, num_processes). Env: DISENTANGLE_PROCESS_ID.")
+    "process_id", 0,
+    "This process's index in [0, num_processes). Env: DISENTANGLE_PROCESS_ID.", lower_bound=0)
 _INIT_TIMEOUT = flags.DEFINE_integer(
-    "init_timeout", 300, "Seconds to wait for the coordinator and every process to join.")
+    "init_timeout", 300, "Seconds to wait for the coordinator and every process to join.",
+    lower_bound=1)
 _SHOW_CONFIG = flags.DEFINE_bool(
     "show_config", False, "Print every config field with its value and comment, then exit.")
 _DISTRIBUTED_FLAGS = ("coordinator", "num_processes", "process_id", "init_timeout")
+# Environment variables that give a flag its default: (flag, variable, lowest integer value or
+# None for a string). Read when the flags are parsed, so a bad value is one error line.
+_ENV_DEFAULTS = (("coordinator", "DISENTANGLE_COORDINATOR", None),
+                 ("num_processes", "DISENTANGLE_NUM_PROCESSES", 1),
+                 ("process_id", "DISENTANGLE_PROCESS_ID", 0))
 # The flags defined below (by define_flags) belong to the program that calls it, so that its
 # --help lists them (absl attributes a flag to the module whose code defines it).
 flags.disclaim_key_flags()
@@ -97,6 +105,7 @@ def _parse_flags(argv):
   if any(a in _HELP for a in options):
     print(program_help())
     sys.exit(0)
+  _env_defaults()
   try:
     args = flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 -- absl/ml_collections raise many kinds
@@ -110,6 +119,26 @@ def _parse_flags(argv):
   if "workdir" in flags.FLAGS and not flags.FLAGS.workdir:
     failures.fail("--workdir is required: pass --workdir=DIR (created if missing).")
   return args
+
+
+def _env_defaults() -> None:
+  """Sets the _ENV_DEFAULTS flags' defaults from the environment (a flag given still wins); a
+  value that is not an integer in range is one error line naming the variable."""
+  for name, variable, low in _ENV_DEFAULTS:
+    text = os.environ.get(variable, "").strip()
+    if not text or name not in flags.FLAGS:
+      continue
+    if low is None:
+      flags.FLAGS.set_default(name, text)
+      continue
+    try:
+      value = int(text)
+    except ValueError:
+      value = None
+    if value is None or value < low:
+      failures.fail(f"environment variable {variable}={text!r} must be an integer >= {low} "
+                    f"(it sets --{name}): set it to one, or unset it.")
+    flags.FLAGS.set_default(name, value)
 
 
 def program_help() -> str:
@@ -300,10 +329,36 @@ def setup_process() -> None:
 
 def quiet_library_logs() -> None:
   """Keeps orbax's per-save INFO chatter and JAX's "Unable to initialize backend 'tpu'" probe
-  lines out of the progress log (warnings still show)."""
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= std_logging.WARNING or not (
-          "/orbax/" in r.pathname or r.pathname.endswith("xla_bridge.py")))
+  lines out of the progress log (warnings still show), and orbax's errors to their one line:
+  a failed save (full disk) is the program's one ``error:`` line (checkpoint.py), not a
+  traceback per orbax thread."""
+  logging.get_absl_handler().addFilter(_library_record)
+  sys.excepthook = _without_late_callbacks(sys.excepthook)
+
+
+def _without_late_callbacks(excepthook):
+  """``excepthook`` less tensorstore's report of a read that finished after orbax's event loop
+  closed: when one array of a checkpoint cannot be read, orbax's restore fails at once and
+  closes its loop while tensorstore still reads the others; their completion callbacks then
+  raise "Event loop is closed" inside asyncio, and tensorstore prints that through
+  sys.excepthook (PyErr_Print), after the program's one line. The callback has nothing left to
+  deliver (the failure is already reported): only that error, raised in asyncio, is dropped."""
+  import traceback  # noqa: PLC0415
+  def hook(kind, value, tb):
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    if (kind is RuntimeError and str(value) == "Event loop is closed" and frames
+        and frames[-1].filename.endswith(os.path.join("asyncio", "base_events.py"))):
+      return
+    excepthook(kind, value, tb)
+  return hook
+
+
+def _library_record(record) -> bool:
+  """The absl handler's filter of quiet_library_logs: False drops ``record``."""
+  library = "/orbax/" in record.pathname or record.pathname.endswith("xla_bridge.py")
+  if library and record.levelno >= std_logging.WARNING:
+    record.exc_info, record.exc_text = None, None
+  return record.levelno >= std_logging.WARNING or not library
 
 
 @contextlib.contextmanager
