@@ -3,6 +3,7 @@ runs them, and the refusal of bad flow folders as one error line naming the fiel
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -45,12 +46,12 @@ def _weights_file(path, lam=(0.0, 1.0, 1.0), sampler="flow_euler"):
   return str(path)
 
 
-def test_edit_inverts_an_image_with_the_euler_inversion_on_flux(tmp_path, cli):
+def test_edit_inverts_an_image_with_the_euler_inversion_on_sd3(tmp_path, cli):
   """Residuals at every step (inject_steps = num_steps): the lambda = 0 run from the Euler
-  inversion's x_T ends at the encoded image (the inversion is wired in and the flow sampler adds
-  its residuals); a flow weights file is applied."""
+  inversion's x_T (under CFG) ends at the encoded image (the inversion is wired in and the flow
+  sampler adds its residuals); a flow weights file is applied."""
   weights = _weights_file(tmp_path / "learned.json")
-  out = cli.run("edit", tmp_path / "wd", "--config.model.tiny_family=flux",
+  out = cli.run("edit", tmp_path / "wd", "--config.model.tiny_family=sd3",
                 "--config.num_steps=3", "--config.inject_steps=3", f"--config.weights={weights}")
   assert out.returncode == 0, out.stderr[-3000:]
   metrics = json.loads((tmp_path / "wd" / "metrics.json").read_text())
@@ -61,27 +62,36 @@ def test_edit_inverts_an_image_with_the_euler_inversion_on_flux(tmp_path, cli):
   assert edited != rec  # lambda reaches the edit
 
 
-def test_study_scores_a_flow_weights_file_on_sd3(tmp_path, cli):
+def test_study_of_a_real_image_with_a_flow_weights_file_on_flux(tmp_path, cli):
+  """The study's real-image mode on Flux.1 (each image inverted by the Euler inversion under the
+  attribute's c0): the file's lambda (0, 1, 1) scores exactly as the equal switch T*=1 does,
+  and pure c1 differently."""
   weights = _weights_file(tmp_path / "learned.json")
-  out = cli.run("study", tmp_path / "wd", "--config.model.tiny_family=sd3",
+  (tmp_path / "images").mkdir()
+  pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "images" / "a.png")
+  out = cli.run("study", tmp_path / "wd", "--config.model.tiny_family=flux",
                 "--config.num_steps=3", "--config.t_stars=1", "--config.attributes=smile",
-                "--config.seeds=0", f"--config.weights_files={weights}")
+                f"--config.images_dir={tmp_path / 'images'}", "--config.inject_steps=3",
+                f"--config.weights_files={weights}")
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = [json.loads(line) for line in (tmp_path / "wd" / "rows.jsonl").read_text().splitlines()]
-  assert {"learned", "T*=1", "c1"} <= {r["source"] for r in rows}
-  assert (tmp_path / "wd" / "grid_smile.png").is_file()
+  rows = {r["source"]: r for r in map(json.loads,
+                                      (tmp_path / "wd" / "rows.jsonl").read_text().splitlines())}
+  assert {"learned", "T*=1", "c1"} <= set(rows) and rows["learned"]["image"] == "a.png"
+  learned, switch = ({k: v for k, v in rows[s].items() if k != "source"}
+                     for s in ("learned", "T*=1"))
+  assert learned == switch
+  assert rows["c1"]["directional_clip"] != rows["learned"]["directional_clip"]
 
 
+# The other settings and the other direction: tests/test_flow_settings.py (in-process).
 @pytest.mark.parametrize("family,overrides,message", [
     ("flux", ["--config.eta=0.5"], "eta=0.5"),
-    ("sd3", ["--config.sampler=plms"], "sampler='plms'"),
     ("flux", ["--config.lambda_files={ddim}"], "learned on a UNet model"),
-    ("", ["--config.lambda_files={flow}"], "learned on a flow-matching model"),
 ])
 def test_flow_settings_and_weights_of_the_other_family_are_one_error_line(
     tmp_path, cli, family, overrides, message):
-  files = {"ddim": _weights_file(tmp_path / "unet.json", sampler="ddim"),
-           "flow": _weights_file(tmp_path / "flow.json")}
+  files = {"ddim": _weights_file(tmp_path / "unet.json", sampler="ddim")}
   out = cli.run("switch", tmp_path / "wd", f"--config.model.tiny_family={family}",
                 "--config.num_steps=3", "--config.t_stars=1", "--config.seeds=1",
                 *(o.format(**files) for o in overrides))
