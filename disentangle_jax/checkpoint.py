@@ -212,9 +212,10 @@ class Checkpointer:
 def _write_error(e: Exception, directory: str) -> Exception:
   """The one-line error of a failed save (see Checkpointer._writing)."""
   if isinstance(e, OSError):
-    if e.errno == errno.EDQUOT:  # a quota is a full disk to the user: the same fix
-      return OSError(errno.ENOSPC, e.strerror, directory)
-    return e  # launch/failures.py words ENOSPC, EACCES, EROFS with their fix
+    # launch/failures.py words ENOSPC, EACCES, EROFS with their fix; a quota is a full disk to
+    # the user (the same fix); orbax's own writes raise them without a file name.
+    code = errno.ENOSPC if e.errno == errno.EDQUOT else e.errno
+    return e if code == e.errno and e.filename else OSError(code, e.strerror, directory)
   # tensorstore reports its status codes only as text in a ValueError ("RESOURCE_EXHAUSTED:
   # Error writing local file ..."): the code, not the wording, is matched.
   text = str(e)

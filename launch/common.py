@@ -334,23 +334,25 @@ def quiet_library_logs() -> None:
   traceback per orbax thread."""
   logging.get_absl_handler().addFilter(_library_record)
   sys.excepthook = _without_late_callbacks(sys.excepthook)
+  sys.unraisablehook = _without_late_callbacks(sys.unraisablehook, unraisable=True)
 
 
-def _without_late_callbacks(excepthook):
-  """``excepthook`` less tensorstore's report of a read that finished after orbax's event loop
-  closed: when one array of a checkpoint cannot be read, orbax's restore fails at once and
-  closes its loop while tensorstore still reads the others; their completion callbacks then
-  raise "Event loop is closed" inside asyncio, and tensorstore prints that through
-  sys.excepthook (PyErr_Print), after the program's one line. The callback has nothing left to
-  deliver (the failure is already reported): only that error, raised in asyncio, is dropped."""
+def _without_late_callbacks(hook, unraisable: bool = False):
+  """``hook`` (sys.excepthook, or sys.unraisablehook with ``unraisable``) less tensorstore's
+  report of a read that finished after orbax's event loop closed: when one array of a
+  checkpoint cannot be read, orbax's restore fails at once and closes its loop while
+  tensorstore still reads the others; their completion callbacks then raise "Event loop is
+  closed" inside asyncio, and tensorstore prints that as an unraisable error (a bare
+  traceback), next to the program's one line. The callback has nothing left to deliver (the
+  failure is already reported): only that error, raised in asyncio, is dropped."""
   import traceback  # noqa: PLC0415
-  def hook(kind, value, tb):
+  def late(kind, value, tb) -> bool:
     frames = traceback.extract_tb(tb) if tb is not None else []
-    if (kind is RuntimeError and str(value) == "Event loop is closed" and frames
-        and frames[-1].filename.endswith(os.path.join("asyncio", "base_events.py"))):
-      return
-    excepthook(kind, value, tb)
-  return hook
+    return (kind is RuntimeError and str(value) == "Event loop is closed" and bool(frames)
+            and frames[-1].filename.endswith(os.path.join("asyncio", "base_events.py")))
+  if unraisable:
+    return lambda u: None if late(u.exc_type, u.exc_value, u.exc_traceback) else hook(u)
+  return lambda kind, value, tb: None if late(kind, value, tb) else hook(kind, value, tb)
 
 
 def _library_record(record) -> bool:

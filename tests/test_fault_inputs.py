@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import refused
+from tests.conftest import ROOT, refused
 
 GOOD = {"format": "disentangle_jax.weights", "version": 1, "convention": "target",
         "lambda": [0.0, 0.0, 1.0, 1.0], "num_steps": 4, "sampler": "ddim", "eta": 0.0,
@@ -93,7 +93,10 @@ def test_bad_steps_flags_environment_and_arguments_are_one_line(tmp_path, cli):
            for i, (module, args, _) in enumerate(cases)]
   procs += [cli.start("study", tmp_path / f"env{i}", env={**os.environ, **env})
             for i, (env, _) in enumerate(envs)]
-  messages = [m for _, _, m in cases] + [m for _, m in envs]
+  # The campaign's form: the stray argument first (absl stops reading flags at it).
+  procs.append(cli.server.start("launch.switch", ["foo", "--config=configs/switch.py",
+                                                  f"--workdir={tmp_path / 'first'}"], ROOT))
+  messages = [m for _, _, m in cases] + [m for _, m in envs] + ["unexpected argument(s) 'foo"]
   for proc, message in zip(procs, messages):
     stdout, stderr = proc.communicate(timeout=600)
     refused(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), message)
