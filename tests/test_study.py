@@ -373,8 +373,15 @@ def _two_processes(workdir, cli, devices, *overrides) -> str:
 def test_two_processes_match_one(tmp_path, cli, sharded):
   log = _two_processes(tmp_path, cli, 2)
   assert "4 device(s), batch 3 padded to 4" in log  # 2 processes x 2 devices
-  assert (tmp_path / "rows.jsonl").is_file()
-  _assert_rows_close(_rows(tmp_path / "rows.jsonl"), sharded["one"])
+  rows = _rows(tmp_path / "rows.jsonl")
+  # Float rounding, not a bug, and within ATOL (the README states it): measured on the 2-core
+  # VM, per item, max |two processes - one process of the same 4 devices| = 3.2e-4
+  # (directional_clip), 3.7e-8 (clip_score), 4.3e-7 (content_distance); against one device
+  # 6.8e-4, 6.0e-8, 2.0e-6. Not bit-identical even on the same mesh (per-item programs on
+  # 2 + 2 vs 4 local devices; not traced further). A bug (another seed's noise, a padded copy
+  # reported, rows of another unit) moves content_distance by ~0.1, its spread over seeds.
+  _assert_rows_close(rows, sharded["four"])  # the same mesh size in one process
+  _assert_rows_close(rows, sharded["one"])
 
 
 @pytest.mark.slow
