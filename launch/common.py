@@ -516,10 +516,3 @@ def learned_weights(spec, model, cfg, lam, history):
       model, spec.sampling, pipeline.latent_shape(model, cfg.image_size)[:2])
   return weights_file.learned(spec, schedule, lam, history, model=name,
                               optimizer=cfg.optimizer.to_dict(), sampler=sampler)
-
-
-def png(image) -> bytes:
-  import io  # noqa: PLC0415
-  buf = io.BytesIO()
-  image.save(buf, format="PNG")
-  return buf.getvalue()
