@@ -3,7 +3,9 @@ r"""Memory per device of the lambda gradient with the weights split over a 'mode
 For SD 1.5 (512 px), SD 2.1 (768 px) and SDXL (1024 px) at model axis 1, 2, 4, 8: the XLA
 estimate, per device, of one optimiser step (``optimize.update_step``: value_and_grad of the
 method's whole objective ``optimize.objective`` -- CFG DDIM sampling with step remat, the VAE
-decoder, CLIP ViT-B/32's directional loss and the VGG16 perceptual loss -- then Adam) on a
+decoder, CLIP ViT-B/32's directional loss and the VGG16 perceptual loss -- then Adam; chunked
+attention and ``--block_remat`` inside the UNet and the decoder, default "layers", the setting of
+benchmarks/memory.py's lowest SD 1.5 figure) on a
 (1 x model) mesh of fake CPU devices, batch 1. Weights are abstract (``jax.eval_shape``) and
 carry the shardings of ``param_sharding`` (the library's rule); the program is only compiled,
 and ``compiled.memory_analysis()`` of the partitioned (per-device) program gives:
@@ -63,28 +65,36 @@ CHIPS_GB = (16, 32)  # TPU v5e (16 GB HBM), v4 / a 32 GB GPU
 # (memory.py's flags are defined too; --steps, T, is the one read here.)
 _MODELS = flags.DEFINE_list("models", list(FAMILIES), f"Any of {list(FAMILIES)}.")
 _AXES = flags.DEFINE_list("axes", ["1", "2", "4", "8"], "Model axis sizes (divisors of 8).")
+_BLOCK_REMAT = flags.DEFINE_enum(
+    "block_remat", "layers", ["none", "blocks", "layers"],
+    "model.block_remat of the UNet and the VAE decoder (remat.py).")
 _COMPILE = flags.DEFINE_bool(
     "compile", True, "False: only the weights per device (the rule's exact bytes), in seconds "
     "instead of minutes per program.")
 
 
-def family_program(family: str):
+def family_program(family: str, block_remat: str = "none"):
   """(update fn, abstract params {"sd", "clip", "vgg"}, abstract EditProblem) at the family's
-  native size, float32, chunked attention, step remat; the update is optimize.update_step with
-  Adam."""
+  native size, float32, chunked attention, step remat and ``block_remat``; the update is
+  optimize.update_step with Adam."""
   unet_cfg, vae_cfg, latent, text = FAMILIES[family]
+  config = models.ModelConfig(attention="chunked", block_remat=block_remat)
   unet = diffusers.FlaxUNet2DConditionModel.from_config(
       unet_cfg, dtype=jnp.float32, use_memory_efficient_attention=True)
   vae = diffusers.FlaxAutoencoderKL.from_config(vae_cfg, dtype=jnp.float32)
   key = jax.random.PRNGKey(0)
   vae_shapes = jax.eval_shape(vae.init_weights, key)
   clip_fn, vgg_fn, loss_params = memory.loss_networks()
+  # The objective reads CLIP's image tower only; jit drops the text tower from the arguments,
+  # so it is left out here too (the weights column is then what the program holds).
+  loss_params["clip"] = {k: v for k, v in loss_params["clip"].items()
+                         if k not in ("text_model", "text_projection")}
   params = {"sd": {"unet": jax.eval_shape(unet.init_weights, key),
                    "vae": {k: vae_shapes[k] for k in memory._DECODER_PARAMS}},  # pylint: disable=protected-access
             **loss_params}
   nets = optimize.Networks(
-      eps=models.make_eps_fn(unet), decode=models.make_decode_fn(vae, vae_cfg.get(
-          "scaling_factor", SCALING_FACTOR)),
+      eps=models.make_eps_fn(unet, config), decode=models.make_decode_fn(vae, vae_cfg.get(
+          "scaling_factor", SCALING_FACTOR), config),
       clip_image=clip_fn, vgg=vgg_fn, clip_image_size=memory.CLIP_SIZE,
       vgg_input_size=memory.VGG_SIZE)
   tx = optimize.make_optimizer(optimize.OptimizerConfig())
@@ -125,7 +135,7 @@ def weights_row(family: str, axes) -> list:
 
 def measure(family: str, model: int) -> dict:
   """Compiles the family's update on a (1 x model) mesh; per-device bytes by kind."""
-  update, params, problem, state = family_program(family)
+  update, params, problem, state = family_program(family, _BLOCK_REMAT.value)
   mesh = parallel.make_mesh(jax.devices()[:model], model=model)
   replicated = NamedSharding(mesh, P())
   problem = problem._replace(tables=jax.tree.map(
@@ -133,16 +143,16 @@ def measure(family: str, model: int) -> dict:
   args = (_with(state, jax.tree.map(lambda _: replicated, state)),
           _with(params, param_sharding.shardings(params, mesh)),
           _with(problem, jax.tree.map(lambda _: replicated, problem)))
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   compiled = update.lower(*args).compile()
-  seconds = time.perf_counter() - start
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   mem = compiled.memory_analysis()
   weights = sum(param_sharding.bytes_per_device(params, model))
   return {"family": family, "model": model, "weights": weights, "optimiser": _nbytes(state),
           "inputs": mem.argument_size_in_bytes - weights - _nbytes(state),
           "arguments": mem.argument_size_in_bytes, "temps": mem.temp_size_in_bytes,
           "total": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
-          "full_weights": _nbytes(params), "seconds": seconds}
+          "full_weights": _nbytes(params), "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def fits(total: float) -> str:
@@ -163,7 +173,8 @@ def main(argv):
         "(XLA:CPU estimates)\n")
   print(harness.machine_report())
   print(f"- one Adam step of optimize.objective (CLIP ViT-B/32 + VGG16 losses), batch 1, "
-        f"T = {memory._STEPS.value}, float32, step remat + chunked attention; each family at "
+        f"T = {memory._STEPS.value}, float32, step remat + chunked attention + block remat "
+        f"{_BLOCK_REMAT.value!r} in the UNet and the VAE decoder; each family at "
         "its native size; (1 x model) mesh of fake CPU devices, weights by param_sharding's "
         f"rule (leaves >= {param_sharding.MIN_SHARDED_SIZE} elements split); 'fits' compares "
         "weights + optimiser + inputs + temporaries with a 16 / 32 GB chip\n", flush=True)
@@ -176,15 +187,18 @@ def main(argv):
   for family in _MODELS.value:
     for model in axes:
       s = measure(family, model)
-      print(f"  measured {family} model={model} in {s['seconds']:.0f} s", flush=True)
+      print(f"  measured {family} model={model} in {s['seconds']:.0f} s ("
+            f"{s['cpu_seconds']:.0f} CPU-s): total {harness.gib(s['total']):.3g} GiB",
+            flush=True)
       g = harness.gib
       rows.append([family, model, g(s["full_weights"]), g(s["weights"]), g(s["optimiser"]),
                    g(s["inputs"]), g(s["temps"]), g(s["total"]), fits(s["total"]),
-                   s["seconds"]])
+                   s["seconds"], s["cpu_seconds"]])
   print()
   print(harness.markdown_table(
       ["family", "model axis", "all weights GiB", "weights/device GiB", "optimiser GiB",
-       "inputs GiB", "temporaries GiB", "total/device GiB", "fits", "compile s"], rows))
+       "inputs GiB", "temporaries GiB", "total/device GiB", "fits", "compile s",
+       "compile CPU-s"], rows))
 
 
 if __name__ == "__main__":
