@@ -39,8 +39,9 @@ MAX_TO_KEEP = 2
 DAMAGED_SUFFIX = ".damaged"
 CHECKSUM_KEY = "checksum"  # in the metadata: meta_checksum of the other entries
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a step folder still being written
-# Seconds to let orbax's in-flight save threads end after one of them failed.
-SETTLE_SECONDS = 60.0
+# Seconds to let orbax's in-flight save threads end after one of them failed (the state is
+# lambda and its optimiser state: kilobytes), then again after releasing those still waiting.
+SETTLE_SECONDS = 10.0
 
 
 class MetadataEdited(ValueError):
@@ -234,15 +235,24 @@ def _first_line(e: Exception) -> str:
 
 
 def _settle(timeout: float = SETTLE_SECONDS) -> None:
-  """Waits (at most ``timeout`` seconds in all) for orbax's background save threads that are
-  still running. After one of a save's threads failed, orbax raises at once while its sibling
-  threads (the arrays, their metadata) are still writing; closing the manager under them
-  makes them fail again and print tracebacks ("cannot schedule new futures after shutdown",
-  "Event loop is closed") after the program's own error line."""
-  end, own = time.monotonic() + timeout, threading.current_thread()
-  for thread in threading.enumerate():
-    # pylint: disable-next=protected-access
-    if thread is not own and isinstance(thread, ocp_future._SignalingThread):
+  """Lets orbax's background save threads that are still alive end (``timeout`` seconds per
+  pass). After one of a save's threads failed, orbax raises at once while its sibling threads
+  (the arrays, their metadata) are still writing: closing the manager under them makes them
+  fail again and print tracebacks ("cannot schedule new futures after shutdown", "Event loop
+  is closed") after the program's own error line. Threads that still wait for a signal the
+  failed one never sends (a read-only folder) are then cancelled and their signals set: they
+  would otherwise hold the process for orbax's 300 s barrier timeout after the error line."""
+  own = threading.current_thread()
+  for release in (False, True):
+    end = time.monotonic() + timeout
+    for thread in threading.enumerate():
+      # pylint: disable-next=protected-access
+      if thread is own or not isinstance(thread, ocp_future._SignalingThread):
+        continue
+      if release and thread.is_alive():
+        thread.cancel()  # it returns at once once its signals arrive
+        # pylint: disable-next=protected-access
+        ocp_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
       # threading.Thread.join: orbax's own join raises the thread's error.
       threading.Thread.join(thread, max(0.0, end - time.monotonic()))
 

@@ -14,6 +14,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import warnings
 
 from absl import app
 from absl import flags
@@ -335,6 +336,9 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_library_record)
   sys.excepthook = _without_late_callbacks(sys.excepthook)
   sys.unraisablehook = _without_late_callbacks(sys.unraisablehook, unraisable=True)
+  # orbax's save threads cancelled after a failed save (checkpoint._settle) leave coroutines
+  # they never started; Python warns about each at exit, after the program's one line.
+  warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
 
 
 def _without_late_callbacks(hook, unraisable: bool = False):
