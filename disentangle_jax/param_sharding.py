@@ -82,7 +82,12 @@ def place_weights(bundle, mesh: Mesh):
   """A loaded model or loss-network bundle (a NamedTuple with ``params``: models.
   StableDiffusion, loss_models.LossModels) with every weight placed by the rule, the text
   encoders included; unchanged when the model axis is 1 (the weights stay where they were
-  loaded, and the programs replicate the ones they use, as without a model axis)."""
+  loaded, and the programs replicate the ones they use, as without a model axis).
+
+  The loaders (models.to_device) put every weight whole on the first device, and this then
+  splits it: that device must hold the whole model once while loading. Loading each leaf
+  straight onto its NamedSharding (``shardings`` of the host tree) would need the mesh in
+  models.load and in each loader, before the programs build it today."""
   if parallel.model_size(mesh) == 1:
     return bundle
   return bundle._replace(params=place(bundle.params, mesh))
