@@ -71,12 +71,18 @@ def test_disentangle_kill_resume_one_writer_and_checkpoint_fallback(tmp_path, cl
   assert _snapshot(full) == before  # the refused runs changed nothing
 
   shutil.rmtree(full / "checkpoints" / "3" / "state")  # the newest checkpoint is damaged
+  strip = np.asarray(Image.open(full / "strip.png"))
+  shutil.rmtree(full / "iterations")  # and the derived iteration images are lost
   again = cli.run("disentangle", full, *DISENTANGLE)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "checkpoint 3" in again.stderr and "unreadable" in again.stderr
   assert "resumed from iteration 2 of 3" in again.stderr
   got = json.loads((full / "weights.json").read_text())
   assert got["lambda"] == expected["lambda"] and got["loss_history"] == expected["loss_history"]
+  # iterations 1 and 2 rendered again from the lambdas their checkpoints record
+  assert np.array_equal(np.asarray(Image.open(full / "strip.png")), strip)
+  assert sorted(os.listdir(full / "iterations")) == sorted(
+      f"iter_{i:03d}.{ext}" for i in (1, 2, 3) for ext in ("png", "json"))
 
   for step in os.listdir(full / "checkpoints"):  # every checkpoint damaged: one line, the fix
     shutil.rmtree(full / "checkpoints" / step / "state")
