@@ -18,7 +18,8 @@ followed by ",sd" for Stable Diffusion v1.x settings (512 px), ",sd2" (SD 2.x ba
 tiny model is used. ``image`` empty = a synthetic picture drawn in code (real_images.synthetic), for
 the demo and the tests. ``weights`` set = apply that exported lambda (its prompts are used);
 empty = learn lambda on this image (same losses and checkpoints as launch.disentangle).
-The sampler is DDIM with eta = 0 (the inversion's residuals replace the random noise).
+The sampler is DDIM with eta = 0 (the inversion's residuals replace the random noise); on an
+SD 3.x or Flux.1 model it is the flow-matching Euler sampler, inverted by Euler inversion.
 """
 import os
 

@@ -40,7 +40,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.presets = {n: dict(prompt=p, attribute=a)
                for n, (p, a, *_) in disentangle.PRESETS.items()}  # what `attributes` names
   c.seeds = tuple(range(8))  # every (source, attribute) is scored on each seed
-  c.images_dir = ""  # a folder of real images: scored instead of seeds (inverted, DDIM only)
+  # a folder of real images: scored instead of seeds (inverted: DDIM, or Euler on flow models)
+  c.images_dir = ""
   # real images: inversion residuals injected in the first K steps (33 of 50, scaled)
   c.inject_steps = common.steps_of_50(c, 33)
   c.pin = "next"  # real images: inversion target "next" (correct) | "current" (the release's)
