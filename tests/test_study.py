@@ -161,9 +161,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
         models.make_eps_fn(model.unet), models.make_decode_fn(model.vae, model.scaling_factor),
         sampler.SamplerConfig(), metrics.from_loss_models(lm))
     out = {"devices": len(jax.devices())}
-    # one device; 4 x 1 (seeds only); 2 x 2 and 1 x 4 (weights split over mesh.model)
+    # one device; 4 x 1 (seeds only); 2 x 2 (weights split over mesh.model, batch over seeds)
     for name, devices, k in (("one", jax.devices()[:1], 1), ("four", jax.devices(), 1),
-                             ("2x2", jax.devices(), 2), ("1x4", jax.devices(), 4)):
+                             ("2x2", jax.devices(), 2)):
       mesh = parallel.make_mesh(devices, model=k)
       inputs = study.prepare(model, lm, spec, mesh)
       wd = os.path.join(sys.argv[1], name)
@@ -195,8 +195,8 @@ def _assert_rows_close(got, want):
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, cli):
-  """Rows of seeds 0..7 on 1 and on 4 fake devices, the 4 as meshes 4x1, 2x2 and 1x4 (one
-  fresh process)."""
+  """Rows of seeds 0..7 on 1 and on 4 fake devices, the 4 as meshes 4x1 and 2x2 (one fresh
+  process; a 1 x 2 mesh spanning two processes is below)."""
   return cli.run_code_result(SHARDING_SCRIPT, str(tmp_path_factory.mktemp("sharded")),
                              env=dict(os.environ, XLA_FLAGS=XLA_TEST_FLAGS))
 
@@ -208,8 +208,7 @@ def test_sharded_study_matches_single_device(sharded):
   # batch 3 on 4 devices: every chunk is padded to 4 and the copy is masked out.
   assert len(one) == 2 * 8
   _assert_rows_close(four, one)
-  for name in ("2x2", "1x4"):  # a model axis changes only the reduction order
-    _assert_rows_close(sharded[name], one)
+  _assert_rows_close(sharded["2x2"], one)  # a model axis changes only the reduction order
   assert sorted(r["seed"] for r in one if r["source"] == "c1") == list(range(8))
 
 
