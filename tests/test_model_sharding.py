@@ -131,8 +131,9 @@ def _relative(a, b) -> float:
 # (this file: 86 CPU-s in all with the program server's start and the error-line runs; 95
 # before, with 4 steps, step remat and a problem prepared on each mesh);
 # DISENTANGLE_FULL_SHARDING_TEST=1 runs every mesh shape (8x1, 4x2, 2x4, 1x8) for SD 1.x and
-# SDXL's tiny model (436 CPU-s for the subprocess). Per-device weight arguments of the update,
-# one device -> k = 2, 4, 8: SD 1.x 3.55 -> 2.01, 1.24, 0.86 MB; SDXL 5.88 -> 3.12, 1.74, 1.05.
+# SDXL's tiny model (383 CPU-s for the test; 436 on a busier VM). Per-device weight arguments
+# of the update, one device -> k = 2, 4, 8: SD 1.x 3.55 -> 2.01, 1.24, 0.86 MB; SDXL 5.88 ->
+# 3.12, 1.74, 1.05 MB.
 FULL = bool(os.environ.get("DISENTANGLE_FULL_SHARDING_TEST"))
 MATRIX = ({"sd1": ["1", *MESHES], "sdxl": ["1", *MESHES]} if FULL else {"sd1": ["1", "2x4"]})
 
