@@ -188,7 +188,8 @@ def main(argv):
     for model in axes:
       s = measure(family, model)
       print(f"  measured {family} model={model} in {s['seconds']:.0f} s ("
-            f"{s['cpu_seconds']:.0f} CPU-s): total {harness.gib(s['total']):.3g} GiB",
+            f"{s['cpu_seconds']:.0f} CPU-s): weights {harness.gib(s['weights']):.3g}, "
+            f"temporaries {harness.gib(s['temps']):.3g}, total {harness.gib(s['total']):.3g} GiB",
             flush=True)
       g = harness.gib
       rows.append([family, model, g(s["full_weights"]), g(s["weights"]), g(s["optimiser"]),
