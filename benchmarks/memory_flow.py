@@ -32,12 +32,17 @@ CPU distortions: XLA:CPU runs bf16 matmuls in float32 with converts around them 
 temporaries come out larger than on an accelerator), and ``jax.nn.dot_product_attention`` on
 CPU materialises the [heads, S, S] score matrix that a GPU's fused kernel never holds.
 
+``--compile=false`` prints only the exact weights per device; ``--part_layers=N`` compiles the
+gradient of one guided transformer call with N blocks (and, with ``--decoder_remats``, of the
+VAE decoder alone) instead: what sets the temporaries, at a fraction of the compile time.
+
 Usage:
   DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error \
       python benchmarks/memory_flow.py --steps=50 --cases=sd35m/f32/none/1,flux_dev/bf16/layers/8
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -224,7 +229,6 @@ def part_row(name: str, dtype: str, block_remat: str, layers: int) -> list:
   """Temporaries of the gradient through one guided transformer call (SD 3.5: CFG batch 2;
   Flux: batch 1) with the first ``layers`` blocks (Flux: ``layers`` double and ``layers``
   single), w.r.t. the latents and the tokens, at 1024 px."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   family, tcfg, sched, _, _, (length, width), pooled = FLOW_MODELS[name]
   if family == "sd3":
     tcfg = dataclasses.replace(tcfg, num_layers=layers, dual_attention_layers=tuple(
@@ -312,8 +316,9 @@ def main(argv):
   rows = []
   for case in cases:
     s = measure(case, steps)
-    print(f"  measured {case} in {s['seconds']:.0f} s ({s['cpu_seconds']:.0f} CPU-s): total {harness.gib(s['total']):.3g} GiB "
-          f"(temporaries {harness.gib(s['temps']):.3g})", flush=True)
+    print(f"  measured {case} in {s['seconds']:.0f} s ({s['cpu_seconds']:.0f} CPU-s): total "
+          f"{harness.gib(s['total']):.3g} GiB (temporaries {harness.gib(s['temps']):.3g})",
+          flush=True)
     name, dtype, block_remat, model = parse_case(case)
     g = harness.gib
     rows.append([name, dtype, block_remat, model, g(s["transformer"]), g(s["weights"]),
