@@ -184,14 +184,8 @@ class Checkpointer:
       with contextlib.suppress(Exception):  # the same failure, raised again by close()
         _close(manager)
       _settle()
-      self._remove_partial()
+      _remove_partial(self.directory)
       raise _write_error(e, self.directory) from None
-
-  def _remove_partial(self) -> None:
-    with contextlib.suppress(OSError):
-      for name in os.listdir(self.directory):
-        if TMP_MARK in name:
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def close(self) -> None:
     """Waits for pending saves and stops orbax's threads (idempotent); a pending save that
@@ -208,6 +202,14 @@ class Checkpointer:
     # Also on errors and Ctrl-C: orbax's background threads must end before the program
     # removes or reports anything, or they print tracebacks after the one-line error.
     self.close()
+
+
+def _remove_partial(directory: str) -> None:
+  """Removes the step folders of ``directory`` that orbax did not finish (TMP_MARK)."""
+  with contextlib.suppress(OSError):
+    for name in os.listdir(directory):
+      if TMP_MARK in name:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def _write_error(e: Exception, directory: str) -> Exception:

@@ -44,15 +44,20 @@ def family(tiny_family: str = "", path: str | None = None) -> str | None:
   An unreadable model_index.json is None here: the loader reports it by name."""
   if path is None:
     return tiny_family if tiny_family in NAMES else None
-  index = os.path.join(os.path.expanduser(path), "model_index.json")
+  return PIPELINES.get(pipeline_class(os.path.expanduser(path)))
+
+
+def pipeline_class(path: str) -> str | None:
+  """The ``_class_name`` of ``path``/model_index.json; None when the file is missing or
+  unreadable (the loaders report that by name)."""
+  index = os.path.join(path, "model_index.json")
   if not os.path.isfile(index):
     return None
   try:
     with open(index, encoding="utf-8") as f:
-      name = json.load(f).get("_class_name")
+      return json.load(f).get("_class_name")
   except (OSError, ValueError, AttributeError):
     return None
-  return PIPELINES.get(name)
 
 
 def check(fam: str | None, sampling, pin: str | None = None,

@@ -193,7 +193,11 @@ def test_checkpoint_faults_are_one_line_and_leave_no_partial_step(tmp_path, cli)
     refused(outs[mode], message)
     assert "Event loop is closed" not in outs[mode].stderr
     assert "was never awaited" not in outs[mode].stderr
-    if mode in ("enospc", "resource", "readonly", "rofs"):  # the partial step 3 is removed
+    # The partial step 3 is removed. Not checked for "rofs": it fails only orbax's folder
+    # creation on a disk that stays writable, so the array writes its released threads had
+    # started can still make the folder after the removal (seen 1 run in 3), which a real
+    # read-only folder refuses.
+    if mode in ("enospc", "resource", "readonly"):
       assert sorted(os.listdir(tmp_path / mode)) == ["1", "2"], mode
   for mode, reason in restored.items():
     out = outs[mode]

@@ -38,7 +38,6 @@ ran are flow_schedule's for the loaded scheduler config).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -258,14 +257,7 @@ _ENCODE_FNS: dict = {}
 def is_flow_folder(path: str) -> bool:
   """Whether ``path``'s model_index.json names a pipeline of these families (the supported ones
   and those flow_folder refuses by name), so that flow_folder reads and checks it."""
-  index = os.path.join(path, "model_index.json")
-  if not os.path.isfile(index):
-    return False
-  try:
-    with open(index, encoding="utf-8") as f:
-      name = json.load(f).get("_class_name")
-  except (OSError, ValueError, AttributeError):
-    return False  # folder.py reports the unreadable file by name
+  name = flow_settings.pipeline_class(path)  # None: folder.py reports the file by name
   return name in flow_folder.PIPELINES or name in flow_folder.REFUSED_PIPELINES
 
 
