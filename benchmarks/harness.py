@@ -105,5 +105,20 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
   return "\n".join(out)
 
 
+def tree_nbytes(tree) -> int:
+  """Bytes of an array tree's leaves (arrays or jax.ShapeDtypeStruct: nothing is allocated)."""
+  import jax  # noqa: PLC0415 -- harness is imported before jax's flags are set
+  import numpy as np  # noqa: PLC0415
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def with_shardings(tree, shardings):
+  """The abstract arrays (jax.ShapeDtypeStruct) of ``tree`` placed with ``shardings`` (a tree of
+  the same structure): what lower() compiles a sharded program for without allocating."""
+  import jax  # noqa: PLC0415
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
 def gib(num_bytes: float) -> float:
   return num_bytes / 2**30

@@ -182,14 +182,6 @@ def flow_program(name: str, dtype: str, block_remat: str, steps: int):
   return update, params, problem, state
 
 
-def _with(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def _nbytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
 
 def measure(case: str, steps: int) -> dict:
   """Compiles one case on a (1 x model) mesh; per-device bytes by kind."""
@@ -197,19 +189,19 @@ def measure(case: str, steps: int) -> dict:
   update, params, problem, state = flow_program(name, dtype, block_remat, steps)
   mesh = parallel.make_mesh(jax.devices()[:model], model=model)
   replicated = NamedSharding(mesh, P())
-  args = (_with(state, jax.tree.map(lambda _: replicated, state)),
-          _with(params, param_sharding.shardings(params, mesh)),
-          _with(problem, jax.tree.map(lambda _: replicated, problem)))
+  args = (harness.with_shardings(state, jax.tree.map(lambda _: replicated, state)),
+          harness.with_shardings(params, param_sharding.shardings(params, mesh)),
+          harness.with_shardings(problem, jax.tree.map(lambda _: replicated, problem)))
   start, cpu_start = time.perf_counter(), time.process_time()
   compiled = update.lower(*args).compile()
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   mem = compiled.memory_analysis()
   weights = sum(param_sharding.bytes_per_device(params, model))
-  return {"case": case, "weights": weights, "optimiser": _nbytes(state),
-          "inputs": mem.argument_size_in_bytes - weights - _nbytes(state),
+  return {"case": case, "weights": weights, "optimiser": harness.tree_nbytes(state),
+          "inputs": mem.argument_size_in_bytes - weights - harness.tree_nbytes(state),
           "temps": mem.temp_size_in_bytes,
           "total": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
-          "transformer": _nbytes(params["sd"]["unet"]), "seconds": seconds,
+          "transformer": harness.tree_nbytes(params["sd"]["unet"]), "seconds": seconds,
           "cpu_seconds": cpu_seconds}
 
 
@@ -220,7 +212,7 @@ def weights_rows() -> list:
   for name in FLOW_MODELS:
     for dtype in DTYPES:
       _, params, _, _ = flow_program(name, dtype, "none", 1)
-      rows.append([name, dtype, harness.gib(_nbytes(params["sd"]["unet"]))] + [
+      rows.append([name, dtype, harness.gib(harness.tree_nbytes(params["sd"]["unet"]))] + [
           harness.gib(sum(param_sharding.bytes_per_device(params, a))) for a in (1, 2, 4, 8)])
   return rows
 
@@ -252,7 +244,7 @@ def part_row(name: str, dtype: str, block_remat: str, layers: int) -> list:
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
   cpu_seconds = time.process_time() - start
   mem = compiled.memory_analysis()
-  return [name, dtype, block_remat, layers, harness.gib(_nbytes(params)),
+  return [name, dtype, block_remat, layers, harness.gib(harness.tree_nbytes(params)),
           harness.gib(mem.temp_size_in_bytes), cpu_seconds]
 
 
@@ -268,7 +260,7 @@ def decoder_row(block_remat: str) -> list:
   start = time.process_time()
   compiled = jax.jit(jax.grad(lambda z, p: jnp.mean(decode(p, z)))).lower(z, params).compile()
   cpu_seconds = time.process_time() - start
-  return ["VAE decoder", "f32", block_remat, "-", harness.gib(_nbytes(params)),
+  return ["VAE decoder", "f32", block_remat, "-", harness.gib(harness.tree_nbytes(params)),
           harness.gib(compiled.memory_analysis().temp_size_in_bytes), cpu_seconds]
 
 

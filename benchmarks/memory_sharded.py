@@ -117,19 +117,11 @@ def family_program(family: str, block_remat: str = "none"):
   return update, params, problem, state
 
 
-def _with(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def _nbytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
 
 def weights_row(family: str, axes) -> list:
   """The family's weights per device at each model axis (no compilation)."""
   _, params, _, _ = family_program(family)
-  return [family, harness.gib(_nbytes(params))] + [
+  return [family, harness.gib(harness.tree_nbytes(params))] + [
       harness.gib(sum(param_sharding.bytes_per_device(params, a))) for a in axes]
 
 
@@ -140,19 +132,21 @@ def measure(family: str, model: int) -> dict:
   replicated = NamedSharding(mesh, P())
   problem = problem._replace(tables=jax.tree.map(
       lambda t: jax.ShapeDtypeStruct(np.shape(t), jnp.asarray(t).dtype), problem.tables))
-  args = (_with(state, jax.tree.map(lambda _: replicated, state)),
-          _with(params, param_sharding.shardings(params, mesh)),
-          _with(problem, jax.tree.map(lambda _: replicated, problem)))
+  args = (harness.with_shardings(state, jax.tree.map(lambda _: replicated, state)),
+          harness.with_shardings(params, param_sharding.shardings(params, mesh)),
+          harness.with_shardings(problem, jax.tree.map(lambda _: replicated, problem)))
   start, cpu_start = time.perf_counter(), time.process_time()
   compiled = update.lower(*args).compile()
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
   mem = compiled.memory_analysis()
   weights = sum(param_sharding.bytes_per_device(params, model))
-  return {"family": family, "model": model, "weights": weights, "optimiser": _nbytes(state),
-          "inputs": mem.argument_size_in_bytes - weights - _nbytes(state),
+  optimiser = harness.tree_nbytes(state)
+  return {"family": family, "model": model, "weights": weights, "optimiser": optimiser,
+          "inputs": mem.argument_size_in_bytes - weights - optimiser,
           "arguments": mem.argument_size_in_bytes, "temps": mem.temp_size_in_bytes,
           "total": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
-          "full_weights": _nbytes(params), "seconds": seconds, "cpu_seconds": cpu_seconds}
+          "full_weights": harness.tree_nbytes(params), "seconds": seconds,
+          "cpu_seconds": cpu_seconds}
 
 
 def fits(total: float) -> str:
