@@ -64,7 +64,6 @@ harness.add_repo_to_path()
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import memory  # the loss networks and the --steps flag of benchmarks/memory.py
 from disentangle_jax import models, optimize, param_sharding, parallel, pipeline, sampler
@@ -188,14 +187,7 @@ def measure(case: str, steps: int) -> dict:
   name, dtype, block_remat, model = parse_case(case)
   update, params, problem, state = flow_program(name, dtype, block_remat, steps)
   mesh = parallel.make_mesh(jax.devices()[:model], model=model)
-  replicated = NamedSharding(mesh, P())
-  args = (harness.with_shardings(state, jax.tree.map(lambda _: replicated, state)),
-          harness.with_shardings(params, param_sharding.shardings(params, mesh)),
-          harness.with_shardings(problem, jax.tree.map(lambda _: replicated, problem)))
-  start, cpu_start = time.perf_counter(), time.process_time()
-  compiled = update.lower(*args).compile()
-  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-  mem = compiled.memory_analysis()
+  mem, seconds, cpu_seconds = harness.compile_on_mesh(update, state, params, problem, mesh)
   weights = sum(param_sharding.bytes_per_device(params, model))
   return {"case": case, "weights": weights, "optimiser": harness.tree_nbytes(state),
           "inputs": mem.argument_size_in_bytes - weights - harness.tree_nbytes(state),

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 # Fake CPU devices for the mesh (before jax is imported, with memory.py below).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -49,7 +48,6 @@ import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import memory  # the SD-size modules and loss networks of benchmarks/memory.py
 from disentangle_jax import models, optimize, param_sharding, parallel, pipeline, sampler
@@ -129,16 +127,9 @@ def measure(family: str, model: int) -> dict:
   """Compiles the family's update on a (1 x model) mesh; per-device bytes by kind."""
   update, params, problem, state = family_program(family, _BLOCK_REMAT.value)
   mesh = parallel.make_mesh(jax.devices()[:model], model=model)
-  replicated = NamedSharding(mesh, P())
   problem = problem._replace(tables=jax.tree.map(
       lambda t: jax.ShapeDtypeStruct(np.shape(t), jnp.asarray(t).dtype), problem.tables))
-  args = (harness.with_shardings(state, jax.tree.map(lambda _: replicated, state)),
-          harness.with_shardings(params, param_sharding.shardings(params, mesh)),
-          harness.with_shardings(problem, jax.tree.map(lambda _: replicated, problem)))
-  start, cpu_start = time.perf_counter(), time.process_time()
-  compiled = update.lower(*args).compile()
-  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-  mem = compiled.memory_analysis()
+  mem, seconds, cpu_seconds = harness.compile_on_mesh(update, state, params, problem, mesh)
   weights = sum(param_sharding.bytes_per_device(params, model))
   optimiser = harness.tree_nbytes(state)
   return {"family": family, "model": model, "weights": weights, "optimiser": optimiser,

@@ -27,6 +27,14 @@ def _diffusers_scheduler(config):
   return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
+def _saved_vae_decoder(folder):
+  """The decode function and weights of the 16-channel VAE a test saved in diffusers layout."""
+  vae_cfg = dit_convert.read_config(str(folder))
+  vae = flow_vae.build_vae(vae_cfg)
+  params = flow_vae.vae_params(dit_convert.read_state_dict(str(folder)), vae, vae_cfg)
+  return flow_vae.make_decode_fn(vae, vae_cfg["scaling_factor"], vae_cfg["shift_factor"]), params
+
+
 @pytest.mark.parametrize("num_steps", [1, 4, 28, 50])
 @pytest.mark.parametrize("pixels", [(256, 256), (512, 768), (1024, 1024)])
 def test_sd3_tables_equal_diffusers(num_steps, pixels):
@@ -146,11 +154,7 @@ def test_sd3_pipeline_with_per_step_mixing(sd3, tmp_path):
                  output_type="np", callback_on_step_end=next_step_embeddings,
                  callback_on_step_end_tensor_inputs=["latents"]).images
 
-  vae_cfg = dit_convert.read_config(str(tmp_path / "vae"))
-  vae = flow_vae.build_vae(vae_cfg)
-  vae_params = flow_vae.vae_params(dit_convert.read_state_dict(str(tmp_path / "vae")), vae,
-                                   vae_cfg)
-  decode = flow_vae.make_decode_fn(vae, vae_cfg["scaling_factor"], vae_cfg["shift_factor"])
+  decode, vae_params = _saved_vae_decoder(tmp_path / "vae")
   tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig.from_diffusers_config(
       SD35_SCHEDULER), num_steps, "sd3")
   fn = flow_sampler.sd3_velocity_fn(mmdit.MMDiT(cfg))
@@ -235,11 +239,7 @@ def test_flux_pipeline_at_a_constant_lambda(flux_model, tmp_path):
                  callback_on_step_end=record,
                  callback_on_step_end_tensor_inputs=["latents"]).images
 
-  vae_cfg = dit_convert.read_config(str(tmp_path / "vae"))
-  vae = flow_vae.build_vae(vae_cfg)
-  vae_params = flow_vae.vae_params(dit_convert.read_state_dict(str(tmp_path / "vae")), vae,
-                                   vae_cfg)
-  decode = flow_vae.make_decode_fn(vae, vae_cfg["scaling_factor"], vae_cfg["shift_factor"])
+  decode, vae_params = _saved_vae_decoder(tmp_path / "vae")
   tables = flow_schedule.tables(flow_schedule.FlowScheduleConfig.from_diffusers_config(
       FLUX_SCHEDULER), num_steps, "flux", seq_len=flow_schedule.image_seq_len(h, w))
   fn = flow_sampler.flux_velocity_fn(flux.Flux(cfg))
