@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from disentangle_jax import errors
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -151,10 +153,13 @@ def timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
 
 def check_num_steps(num_steps: int, cfg: ScheduleConfig) -> None:
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1 (50 in the paper).")
-  if num_steps > cfg.num_train_timesteps:
-    raise ValueError(
-        f"num_steps={num_steps} exceeds the {cfg.num_train_timesteps} training timesteps.")
+    raise errors.UserError(
+        f"num_steps={num_steps!r} must be an integer >= 1 (50 in the paper).")
+  if num_steps > cfg.num_train_timesteps:  # a scheduler trained on fewer than 1000 timesteps
+    raise errors.UserError(
+        f"num_steps={num_steps} exceeds the model's {cfg.num_train_timesteps} training "
+        f"timesteps (its scheduler's num_train_timesteps); set num_steps <= "
+        f"{cfg.num_train_timesteps}.")
 
 
 def check_plms(cfg: ScheduleConfig, num_steps: int) -> None:

@@ -74,6 +74,17 @@ def test_bad_step_count_is_refused(bad):
     schedule.step_tables(schedule.ScheduleConfig(), bad)
 
 
+def test_steps_past_a_short_schedule_are_a_user_error_naming_the_fix():
+  # A model whose scheduler trained on fewer than 1000 timesteps: the programs' one error line
+  # (errors.UserError), not a traceback.
+  from disentangle_jax import errors  # pylint: disable=import-outside-toplevel
+  short = schedule.ScheduleConfig(num_train_timesteps=100)
+  with pytest.raises(errors.UserError, match=r"num_steps=200 exceeds the model's 100 training "
+                     r"timesteps .*set num_steps <= 100"):
+    schedule.step_tables(short, 200)
+  assert len(schedule.timesteps(short, 100)) == 100
+
+
 def test_bad_eta_is_refused():
   with pytest.raises(ValueError, match="eta"):
     schedule.step_tables(schedule.ScheduleConfig(), 10, eta=-1.0)
