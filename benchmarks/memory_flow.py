@@ -23,14 +23,18 @@ published 16-channel vae/config.json (float32 in every case, as flow_folder load
                11.9 B: distilled guidance, batch 1 per call; 512 T5 tokens x 4096, pooled 768)
   dtype        f32 | bf16 (the transformer's weights and compute, as flow_bundle casts them;
                the latents, the sampler and the VAE stay float32)
-  block_remat  none | layers (the programs' ``model.block_remat``: each transformer block under
-               nn.remat, remat.recompute_in_backward around the decoder's layers)
+  block_remat  none | layers (the programs' ``model.block_remat``: each transformer block and
+               the decoder's layers under recompute.recompute_in_backward)
   model_axis   devices the weights are split over (1 = one device holds everything)
+
+``--attention`` is the programs' ``model.attention`` (default "chunked": dit_layers'
+chunked_attention, which never holds a whole [heads, S, S] score matrix, forward or backward).
 
 XLA:CPU figures estimate a GPU/TPU run's needs, they are not measurements on one. Two known
 CPU distortions: XLA:CPU runs bf16 matmuls in float32 with converts around them (bf16
-temporaries come out larger than on an accelerator), and ``jax.nn.dot_product_attention`` on
-CPU materialises the [heads, S, S] score matrix that a GPU's fused kernel never holds.
+temporaries come out larger than on an accelerator), and ``jax.nn.dot_product_attention``
+("dot_product") on CPU materialises the [heads, S, S] score matrix that a GPU's fused kernel
+never holds.
 
 ``--compile=false`` prints only the exact weights per device; ``--part_layers=N`` compiles the
 gradient of one guided transformer call with N blocks (and, with ``--decoder_remats``, of the
@@ -121,6 +125,9 @@ _PART_LAYERS = flags.DEFINE_integer(
     "model/dtype/block_remat of --cases: whether block remat lowers XLA:CPU's temporaries.")
 
 
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "chunked", list(flow_bundle._ATTENTION),  # pylint: disable=protected-access
+    "The programs' model.attention for the transformer (flow_bundle maps it to dit_layers').")
 _DECODER_REMATS = flags.DEFINE_list(
     "decoder_remats", [], "With --part_layers: also the gradient through the VAE decoder alone "
     "at 1024 px with each of these block_remat levels.")
@@ -142,11 +149,12 @@ def flow_program(name: str, dtype: str, block_remat: str, steps: int):
   the programs' flow model (flow_bundle.FlowNet as the bundle's ``unet``, its FlowPredictor,
   ShiftedVAE) at real size, built as flow_bundle.bundle and models.predictor build it."""
   family, tcfg, sched, scaling, shift, (length, width), pooled = FLOW_MODELS[name]
-  config = ModelConfig(dtype=DTYPES[dtype], attention="dot_product", block_remat=block_remat)
+  config = ModelConfig(dtype=DTYPES[dtype], attention=_ATTENTION.value, block_remat=block_remat)
   compute = jnp.bfloat16 if dtype == "bf16" else jnp.float32
   net = flow_bundle.FlowNet(family, tcfg, sched)
-  predictor = flow_bundle.FlowPredictor(net, remat=block_remat != "none",
-                                        attention="dot_product", dtype=compute)
+  predictor = flow_bundle.FlowPredictor(
+      net, remat=block_remat != "none",
+      attention=flow_bundle._ATTENTION[_ATTENTION.value], dtype=compute)  # pylint: disable=protected-access
   vae = flow_vae.build_vae(FLOW_VAE)  # float32, as flow_folder loads it
   decode = models.make_decode_fn(flow_bundle.ShiftedVAE(vae, shift), scaling, config)
   shapes = (dit_convert.sd3_shapes(tcfg) if family == "sd3" else dit_convert.flux_shapes(tcfg))
@@ -220,8 +228,9 @@ def part_row(name: str, dtype: str, block_remat: str, layers: int) -> list:
   else:
     tcfg = dataclasses.replace(tcfg, num_layers=layers, num_single_layers=layers)
   compute = jnp.bfloat16 if dtype == "bf16" else jnp.float32
-  predictor = flow_bundle.FlowPredictor(flow_bundle.FlowNet(family, tcfg, sched),
-                                        remat=block_remat != "none", dtype=compute)
+  predictor = flow_bundle.FlowPredictor(
+      flow_bundle.FlowNet(family, tcfg, sched), remat=block_remat != "none",
+      attention=flow_bundle._ATTENTION[_ATTENTION.value], dtype=compute)  # pylint: disable=protected-access
   velocity = predictor.velocity_fn()
   shapes = (dit_convert.sd3_shapes(tcfg) if family == "sd3" else dit_convert.flux_shapes(tcfg))
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, compute), shapes)
@@ -283,8 +292,8 @@ def main(argv):
     return
   if _PART_LAYERS.value > 0:
     print(f"- the gradient of one guided transformer call with {_PART_LAYERS.value} block(s) "
-          "(Flux: as many double- and single-stream), w.r.t. latents and tokens, 1024 px\n",
-          flush=True)
+          "(Flux: as many double- and single-stream), w.r.t. latents and tokens, 1024 px, "
+          f"model.attention={_ATTENTION.value!r}\n", flush=True)
     print(harness.markdown_table(
         ["model", "dtype", "block remat", "blocks", "weights GiB", "temporaries GiB",
          "compile CPU-s"],
@@ -293,7 +302,7 @@ def main(argv):
     return
   print(f"- one Adam step of optimize.objective (flow Euler sampler, 16-channel VAE decoder, "
         f"CLIP ViT-B/32 + VGG16 losses), batch 1, T = {steps}, step remat, "
-        "jax.nn.dot_product_attention; latents 128x128x16; abstract weights carrying "
+        f"model.attention={_ATTENTION.value!r}; latents 128x128x16; abstract weights carrying "
         "param_sharding's shardings on a (1 x model) mesh of fake CPU devices; 'fits 80 GB' "
         "compares weights + optimiser + inputs + temporaries per device with one 80 GB GPU\n",
         flush=True)

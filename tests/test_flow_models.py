@@ -165,3 +165,86 @@ def test_bf16_programs_trace(sd3, flux_model):
                                                tokens, pooled, t / 1000, np.float32(3.5)),
                        fparams)
   assert out.dtype == jnp.bfloat16 and out.shape == (2, 4, 4, 4)
+
+
+def _grads(apply, params, *inputs):
+  """The compiled jax.grad of sum(out * w) (a fixed random w) w.r.t. the weights and the inputs,
+  and its value at (params, *inputs)."""
+  out = jax.eval_shape(apply, params, *inputs)
+  w = np.random.default_rng(3).normal(size=out.shape).astype(np.float32)
+  loss = lambda *a: jnp.sum(apply(*a) * w)  # pylint: disable=unnecessary-lambda-assignment
+  args = (params,) + inputs
+  compiled = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile()
+  return compiled, compiled(*args)
+
+
+def _assert_trees_close(got, expected, rtol):
+  """Every leaf within rtol of the leaf's largest magnitude."""
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert np.abs(np.asarray(g) - np.asarray(e)).max() <= rtol * np.abs(np.asarray(e)).max()
+
+
+def test_block_remat_keeps_gradients_and_lowers_xla_cpu_memory(flux_model):
+  """Block remat (each block through dit_layers.run_block: recompute_in_backward) changes no
+  gradient (w.r.t. every weight, the latents and the tokens; float32) of either transformer,
+  and on XLA:CPU, which undoes plain nn.remat outside loops, it lowers the compiled
+  temporaries of the gradient: an MMDiT of 2 blocks (the dual-attention one and the last) on
+  256 image tokens."""
+  cfg = mmdit.MMDiTConfig(**{**flow_tiny.SD3_CONFIG, "sample_size": 32, "pos_embed_max_size": 16,
+                             "num_attention_heads": 4, "caption_projection_dim": 32})
+  rng = np.random.default_rng(8)
+  params = jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32),
+                        dit_convert.sd3_shapes(cfg))
+  x = rng.normal(size=(2, 32, 32, 4)).astype(np.float32)
+  tokens = rng.normal(size=(2, flow_tiny.TEXT_LEN, 12)).astype(np.float32)
+  pooled, t = rng.normal(size=(2, 10)).astype(np.float32), np.float32([1000.0, 3.7])
+  (plain, expected), (remat, got) = (_grads(lambda p, x, c: mmdit.MMDiT(cfg, remat=r).apply(  # pylint: disable=cell-var-from-loop
+      {"params": p}, x, c, pooled, t), params, x, tokens) for r in (False, True))
+  _assert_trees_close(got, expected, 1e-5)
+  temps = [c.memory_analysis().temp_size_in_bytes / 2**20 for c in (plain, remat)]
+  print(f"MMDiT gradient temporaries: plain {temps[0]:.2f} MiB, block remat {temps[1]:.2f} MiB")
+  assert temps[1] < 0.8 * temps[0]  # nn.remat: 52.6 vs 53.1 GiB at real size (memory_flow.md)
+
+  _, fcfg, fparams, _ = flux_model
+  x = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)
+  (_, expected), (_, got) = (_grads(lambda p, x, c: flux.velocity(  # pylint: disable=cell-var-from-loop
+      flux.Flux(fcfg, remat=r), p, x, c, pooled, t / 1000, np.float32(3.5)), fparams, x, tokens)
+      for r in (False, True))
+  _assert_trees_close(got, expected, 1e-5)
+
+
+def test_chunked_attention_lowers_xla_cpu_memory():
+  """The gradient of chunked attention (blocks of 128 of 1024 queries) holds no [S, S] score
+  matrix on XLA:CPU; the reference einsums and jax.nn.dot_product_attention each hold several."""
+  shape = jax.ShapeDtypeStruct((2, 1024, 2, 16), jnp.float32)
+  w = np.random.default_rng(0).normal(size=shape.shape).astype(np.float32)
+
+  def temporaries(attend):
+    grad = jax.grad(lambda *a: jnp.sum(attend(*a) * w), argnums=(0, 1, 2))
+    return jax.jit(grad).lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
+  chunked = temporaries(lambda *a: dit_layers.chunked_attention(*a, chunk=128))
+  whole = {kind: temporaries(lambda *a: dit_layers.attention(*a, kind))  # pylint: disable=cell-var-from-loop
+           for kind in ("reference", "dot_product")}
+  print(f"attention gradient temporaries: chunked {chunked / 2**20:.2f} MiB, "
+        + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in whole.items()))
+  scores = 2 * 2 * 1024 * 1024 * 4  # one [B, N, S, S] float32 score matrix
+  assert chunked < scores / 2 and min(whole.values()) > 2 * scores
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chunked_attention_equals_reference(dtype):
+  """chunked_attention (3 blocks of 3 queries, the last padded) gives the reference attention's
+  values and gradients; float64 exactly as float64."""
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(2, 7, 3, 4)).astype(dtype)
+  k, v = (rng.normal(size=(2, 5, 3, 4)).astype(dtype) for _ in range(2))
+  w = rng.normal(size=q.shape).astype(dtype)
+  with jax.enable_x64(dtype == np.float64):
+    def value_and_grads(fn):
+      return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2)))(
+          q, k, v)
+    got = value_and_grads(lambda *a: dit_layers.chunked_attention(*a, chunk=3))
+    expected = value_and_grads(lambda *a: dit_layers.attention(*a, "reference"))
+    assert got[1][0].dtype == dtype
+  _assert_trees_close(got, expected, 1e-6 if dtype == np.float32 else 1e-13)

@@ -9,22 +9,37 @@ Run options are plain fields, visible at construction:
   dtype      the compute dtype (parameters are cast to it; norms and softmax run in at least
              float32, as torch's own LayerNorm / RMSNorm / SDPA kernels do for bf16 inputs).
   attention  "dot_product" (``jax.nn.dot_product_attention``: XLA's kernel on CPU, a fused one
-             on GPUs for bf16) or "reference" (einsum, softmax, einsum; every step visible).
+             on GPUs for bf16), "reference" (einsum, softmax, einsum; every step visible) or
+             "chunked" (``chunked_attention``: the reference math over blocks of QUERY_CHUNK
+             queries, forward and backward, so no [S, S] score matrix is ever held whole; the
+             kind that bounds memory where no fused kernel exists, e.g. XLA:CPU).
+
+Block remat (``run_block``): the MMDiT / Flux blocks run under recompute.recompute_in_backward
+when the model's ``remat`` is on: only each block's inputs are kept for the backward, which
+recomputes the block (plain ``nn.remat`` is undone by XLA:CPU's CSE; recompute.py).
 
 Shapes: B batch, S sequence (image tokens, text tokens or both), D model width, N heads,
 K head width (D = N K), P pooled-projection width.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-ATTENTIONS = ("dot_product", "reference")
+from disentangle_jax import recompute
+
+ATTENTIONS = ("dot_product", "reference", "chunked")
+# Queries per block of "chunked" attention: one block's scores are [B, N, QUERY_CHUNK, Sk]
+# (SD 3.5 medium at 1024 px under CFG: 2 x 24 x 512 x 4429 float32 = 0.4 GiB, against 3.5 GiB
+# for the whole [S, S] matrix).
+QUERY_CHUNK = 512
 
 Dtype = Any
 
@@ -74,13 +89,93 @@ def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.D
 def attention(q, k, v, kind: str):
   """Softmax attention, q [B, Sq, N, K], k v [B, Sk, N, K] -> [B, Sq, N, K], scale K^-1/2."""
   check_attention(kind)
+  if kind == "chunked":
+    return chunked_attention(q, k, v)
   # jax.nn.dot_product_attention forms its logits in float32 even for float64 inputs, which
   # would spoil float64 gradient checks: float64 always takes the einsum path.
   if kind == "dot_product" and q.dtype != jnp.float64:
     return jax.nn.dot_product_attention(q, k, v)
+  return _softmax_attention(q, k, v)
+
+
+def _softmax_attention(q, k, v):
+  """The reference: einsum, softmax in at least float32, einsum (float64 stays float64)."""
   scores = jnp.einsum("bqnk,bsnk->bnqs", q, k) / math.sqrt(q.shape[-1])
   weights = jax.nn.softmax(scores.astype(_stat_dtype(scores)), axis=-1).astype(v.dtype)
   return jnp.einsum("bnqs,bsnk->bqnk", weights, v)
+
+
+def chunked_attention(q, k, v, chunk: int = QUERY_CHUNK):
+  """``attention``'s "reference" math over blocks of ``chunk`` queries: the same numbers (each
+  query row's softmax is whole), but only one block's [B, N, chunk, Sk] scores live at a time,
+  in the forward (``lax.map`` over the blocks) and in the backward (a ``custom_vjp`` that keeps
+  q, k, v and recomputes each block's scores inside a scan whose carry sums dk and dv).
+
+  q [B, Sq, N, K], k v [B, Sk, N, K] -> [B, Sq, N, K]; Sq is padded to a multiple of the chunk
+  (the padded rows are dropped, their cotangent is zero)."""
+  return _chunked(q, k, v, min(chunk, q.shape[1]))
+
+
+def _split(x, chunk: int):
+  """[B, S, N, K] -> [S' / chunk, B, chunk, N, K], S zero-padded to S' (a multiple of chunk)."""
+  n = -(-x.shape[1] // chunk)
+  x = jnp.pad(x, ((0, 0), (0, n * chunk - x.shape[1]), (0, 0), (0, 0)))
+  return x.reshape((x.shape[0], n, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+
+def _merge(x, length: int):
+  """The inverse of ``_split``: [S' / chunk, B, chunk, N, K] -> [B, length, N, K]."""
+  x = x.swapaxes(0, 1)
+  return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(q, k, v, chunk: int):
+  return _merge(lax.map(lambda qc: _softmax_attention(qc, k, v), _split(q, chunk)), q.shape[1])
+
+
+def _chunked_fwd(q, k, v, chunk: int):
+  return _chunked(q, k, v, chunk), (q, k, v)
+
+
+def _chunked_bwd(chunk: int, residuals, g):
+  q, k, v = residuals
+  acc = _stat_dtype(k)  # dk, dv summed over the blocks in at least float32
+
+  def block(carry, xs):
+    qc, gc = xs
+    _, vjp = jax.vjp(_softmax_attention, qc, k, v)
+    dq, dk, dv = vjp(gc)
+    return (carry[0] + dk.astype(acc), carry[1] + dv.astype(acc)), dq
+
+  zeros = (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
+  (dk, dv), dq = lax.scan(block, zeros, (_split(q, chunk), _split(g.astype(q.dtype), chunk)))
+  return _merge(dq, q.shape[1]), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def run_block(block: nn.Module, remat: bool, *args):
+  """``block(*args)`` for a child block the caller has just constructed; with ``remat`` its
+  backward recomputes its forward (recompute.recompute_in_backward): only the block's array
+  inputs are saved, not its activations.
+
+  The block runs as a pure function of (its variables, its array arguments), weights not tied
+  to the cotangent; other arguments (host numpy constants such as Flux's rotary tables) are
+  constants of the recomputation. At init it is a plain call (no variables exist yet)."""
+  if not remat or block.is_initializing():
+    return block(*args)
+  is_array = [isinstance(a, jax.Array) for a in args]
+  static = [None if a else x for x, a in zip(args, is_array)]
+
+  def pure(variables, arrays):
+    arrays = iter(arrays)
+    merged = [next(arrays) if a else x for x, a in zip(static, is_array)]
+    return block.clone(parent=None).apply(variables, *merged)
+
+  arrays = [x for x, a in zip(args, is_array) if a]
+  return recompute.recompute_in_backward(pure, skip_tie=(0,))(block.variables, arrays)
 
 
 def heads(x, num_heads: int):

@@ -63,8 +63,9 @@ SD3 = family_lib.Family("sd3", ("text_encoder", "text_encoder_2"), hidden_layer=
 FLUX = family_lib.Family("flux", ("text_encoder",), pooled=True)
 FAMILIES = {"sd3": SD3, "flux": FLUX}
 # ModelConfig.attention -> dit_layers' attention: "standard" is the plain softmax of the
-# reference einsums, "chunked" and "dot_product" XLA's fused kernel (jax.nn).
-_ATTENTION = {"standard": "reference", "chunked": "dot_product", "dot_product": "dot_product"}
+# reference einsums, "chunked" the same math over query blocks (no [S, S] scores held whole,
+# forward or backward), "dot_product" jax.nn.dot_product_attention (a GPU's fused kernel).
+_ATTENTION = {"standard": "reference", "chunked": "chunked", "dot_product": "dot_product"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,9 @@ model multiplies both by 1000); ``rope`` comes from ``rope_for(L, H, W)`` on the
 depend only on shapes, so they are constants of the program). ``velocity`` wraps it all for
 NHWC latents.
 
-Run options are module fields: ``remat`` (each block under ``nn.remat``), ``attention``
-("dot_product" | "reference"), ``dtype`` (compute dtype; weights stay float32).
+Run options are module fields: ``remat`` (each block through ``dit_layers.run_block``: its
+backward recomputes it), ``attention`` ("dot_product" | "reference" | "chunked"), ``dtype``
+(compute dtype; weights stay float32).
 
 Shapes: B batch, H W C latent (NHWC, C = 16), S image tokens, L text tokens, J
 joint_attention_dim, P pooled width, D model width, K head width.
@@ -218,18 +219,18 @@ class Flux(nn.Module):
                            name="time_text_embed")(scale(t), pooled.astype(self.dtype),
                                                    scale(guidance))
     context = L.dense(cfg.inner_dim, "context_embedder", self.dtype)(tokens.astype(self.dtype))
-    double = nn.remat(DoubleBlock) if self.remat else DoubleBlock
-    single = nn.remat(SingleBlock) if self.remat else SingleBlock
     for i in range(cfg.num_layers):
-      h, context = double(cfg, self.attention, self.dtype, name=f"transformer_blocks_{i}")(
-          h, context, temb, cos, sin)
+      h, context = L.run_block(
+          DoubleBlock(cfg, self.attention, self.dtype, name=f"transformer_blocks_{i}"),
+          self.remat, h, context, temb, cos, sin)
     n_text = context.shape[1]
     # The single-stream blocks see [text, image]; concatenated once (diffusers concatenates and
     # splits in every block: the same numbers).
     joint = jnp.concatenate([context, h], axis=1)
     for i in range(cfg.num_single_layers):
-      joint = single(cfg, self.attention, self.dtype, name=f"single_transformer_blocks_{i}")(
-          joint, temb, cos, sin)
+      joint = L.run_block(
+          SingleBlock(cfg, self.attention, self.dtype, name=f"single_transformer_blocks_{i}"),
+          self.remat, joint, temb, cos, sin)
     h = joint[:, n_text:]
     h = L.modulate_continuous(h, L.AdaNormZero(cfg.inner_dim, 2, self.dtype, name="norm_out")(temb))
     return L.dense(cfg.patch_size**2 * cfg.out, "proj_out", self.dtype)(h)

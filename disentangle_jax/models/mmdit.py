@@ -12,9 +12,10 @@ image-only self-attention in those blocks, modulated by three more AdaLN chunks)
 layout; diffusers' are NCHW); tokens are the joint T5 + CLIP embeddings, pooled the two CLIP
 pooled projections concatenated.
 
-Run options are module fields: ``remat`` (each block under ``nn.remat``: the backward
-recomputes a block instead of keeping its activations), ``attention`` ("dot_product" |
-"reference", dit_layers.py), ``dtype`` (compute dtype, e.g. bfloat16; weights stay float32).
+Run options are module fields: ``remat`` (each block through ``dit_layers.run_block``: the
+backward recomputes a block from its inputs instead of keeping its activations), ``attention``
+("dot_product" | "reference" | "chunked", dit_layers.py), ``dtype`` (compute dtype, e.g.
+bfloat16; weights stay float32).
 
 Shapes: B batch, H W C latent, L text tokens, J joint_attention_dim, P pooled width, D model
 width, S image tokens (H W / patch^2).
@@ -251,11 +252,10 @@ class MMDiT(nn.Module):
         t, pooled.astype(self.dtype))
     context = L.dense(cfg.caption_projection_dim, "context_embedder", self.dtype)(
         tokens.astype(self.dtype))
-    block = nn.remat(JointBlock) if self.remat else JointBlock
     for i in range(cfg.num_layers):
-      h, context = block(cfg, i == cfg.num_layers - 1, i in cfg.dual_attention_layers,
-                         self.attention, self.dtype, name=f"transformer_blocks_{i}")(
-                             h, context, temb)
+      block = JointBlock(cfg, i == cfg.num_layers - 1, i in cfg.dual_attention_layers,
+                         self.attention, self.dtype, name=f"transformer_blocks_{i}")
+      h, context = L.run_block(block, self.remat, h, context, temb)
     h = L.modulate_continuous(h, L.AdaNormZero(cfg.inner_dim, 2, self.dtype, name="norm_out")(temb))
     h = L.dense(p * p * cfg.out_channels, "proj_out", self.dtype)(h)
     # unpatchify: token (row, col) holds a p x p x C_out patch, channels last.
