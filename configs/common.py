@@ -100,8 +100,22 @@ SIZES = {
     "sd21": 768,  # SD 2.1 (768 px, v-prediction)
     "sdxl": 1024,  # SDXL base (two text encoders, micro-conditioning)
     "sd35": 1024,  # SD 3.5 (MMDiT, flow matching, CLIP-L/G + T5; CFG with the negative prompt)
-    "flux": 1024,  # Flux.1 (flow matching, CLIP-L + T5; distilled guidance 3.5, no CFG)
+    "flux": 1024,  # Flux.1 (flow matching, CLIP-L + T5; guidance = distilled 3.5, no CFG)
 }
+
+
+# The size presets' sampling settings other than add_sampling's defaults: on Flux.1 the
+# programs' `guidance` is FluxPipeline's guidance_scale, the distilled guidance its transformer
+# embeds (Flux.1-dev's 3.5; unused by a model without a guidance embedding, e.g. schnell).
+GUIDANCE = {"flux": 3.5}
+
+
+def native_size(c: ml_collections.ConfigDict, size: str) -> None:
+  """Sets ``c.image_size`` to the SIZES entry ``size`` and, where GUIDANCE has one, its
+  guidance (call after ``add_sampling``)."""
+  c.image_size = SIZES[size]
+  if size in GUIDANCE:
+    c.guidance = GUIDANCE[size]
 
 
 def parse_preset_arg(arg: str, presets: dict, program: str,

@@ -61,5 +61,5 @@ def get_config(arg: str = "smile") -> ml_collections.ConfigDict:
   # weight per step and token; the pooled vector of SDXL mixes with each step's token mean)
   c.lambda_shape = "per_step"
   if size:
-    c.image_size = common.SIZES[size]
+    common.native_size(c, size)
   return c

@@ -59,7 +59,7 @@ def get_config(arg: str = "snow") -> ml_collections.ConfigDict:
   c.image_size = 0  # px of the square model input; 0 = the model's native size
   common.add_learning(c, t_star, late)  # t_star, lambda_late, remat, faithful, loss, optimizer
   if size:
-    c.image_size = common.SIZES[size]
+    common.native_size(c, size)
   if name == "toy":
     toy.world_fields(c)
     c.image = os.path.join(TOY_INPUTS, "red_circle_left.png")

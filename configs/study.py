@@ -56,6 +56,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.t_stars = "5,10,20,30"
     c.batch_size = 8
   elif arg != "tiny":
-    c.image_size = common.SIZES[arg]
+    common.native_size(c, arg)
     c.batch_size = 1
   return c

@@ -15,6 +15,12 @@ and inverts real images with the Euler inversion (flow_inversion.py), so:
             Euler inversion pins to the next level only), a negative prompt on Flux.1
             (guidance-distilled: no CFG, nothing would use it), model.torch_numerics (the
             diffusers UNet's numerics): each one message naming the field and the fix.
+  guidance  SD 3.x: the CFG scale, as for the UNet families. Flux.1: FluxPipeline's
+            ``guidance_scale`` (diffusers' naming), the distilled guidance fed to the
+            transformer's guidance embedding (the ``,flux`` presets set Flux.1-dev's 3.5; the
+            default 7.5 is the UNet families' CFG scale); a Flux model without that embedding
+            (guidance_embeds=False, schnell-like) uses no guidance. Recorded in weights files as
+            for every family. True CFG for Flux is library-level only (flow_sampler.sample).
   records   weights files of flow runs say sampler ``SAMPLER`` and carry the flow schedule
             (``schedule_record``) instead of the DDIM one; weights_file.check_compatible refuses
             a flow file on a UNet model and the reverse by that sampler entry.
@@ -85,7 +91,7 @@ def check(fam: str | None, sampling, pin: str | None = None,
     raise errors.UserError(
         f"negative_prompt={sampling.negative_prompt!r} has no effect on {name}: it is "
         "guidance-distilled (no classifier-free guidance, so nothing uses an unconditional "
-        "prompt); leave negative_prompt empty.")
+        "prompt; `guidance` is its distilled guidance); leave negative_prompt empty.")
   if torch_numerics:
     raise errors.UserError(
         f"model.torch_numerics=True selects the diffusers UNet's numerics, which {name}'s "

@@ -11,8 +11,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from disentangle_jax import errors, flow_sampler, flow_schedule, mixing
-from disentangle_jax.models import dit_convert, flow_vae, flux, mmdit
+from disentangle_jax import errors, flow_sampler, flow_schedule, mixing, sampler, schedule
+from disentangle_jax.models import dit_convert, flow_bundle, flow_vae, flux, mmdit
 from tests import flow_tiny
 
 # The released scheduler_config.json of SD 3.5 (medium / large) and Flux.1-dev.
@@ -211,10 +211,12 @@ def test_flux_guidance_embedding_mixing_matches_manual_diffusers_loop(flux_model
 def test_flux_pipeline_at_a_constant_lambda(flux_model, tmp_path):
   """FluxPipeline itself as the oracle where it can be one: a constant lambda (its step
   callback swaps the tokens but not the pooled vector, so per-step mixing is the manual loop's,
-  above), distilled guidance 3.5, mu from the packed token count, its own text and image ids;
-  every step's latents and the decoded image equal ours."""
+  above), distilled guidance (its guidance_scale, here 2.5), mu from the packed token count, its
+  own text and image ids; every step's latents and the decoded image equal ours. The programs'
+  path (flow_bundle.FlowPredictor.sample) takes their `guidance` as that guidance_scale: the
+  same latents at 2.5, others at 4.5, one program."""
   model, cfg, params = flux_model
-  num_steps, h, w, lam = 3, 8, 4, np.float32(0.3)
+  num_steps, h, w, lam, guidance = 3, 8, 4, np.float32(0.3), 2.5
   c0, c1, _ = _prompts(3)
   x_T = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(7))
   tvae = flow_tiny.torch_vae()
@@ -235,7 +237,7 @@ def test_flux_pipeline_at_a_constant_lambda(flux_model, tmp_path):
   with torch.no_grad():
     image = pipe(prompt_embeds=mixed["tokens"], pooled_prompt_embeds=mixed["pooled"][:, 0],
                  latents=flow_tiny.torch_pack(x_T), height=h * scale, width=w * scale,
-                 num_inference_steps=num_steps, guidance_scale=3.5, output_type="np",
+                 num_inference_steps=num_steps, guidance_scale=guidance, output_type="np",
                  callback_on_step_end=record,
                  callback_on_step_end_tensor_inputs=["latents"]).images
 
@@ -248,8 +250,8 @@ def test_flux_pipeline_at_a_constant_lambda(flux_model, tmp_path):
   def run(params, vae_params):
     xs = flow_sampler.sample(fn, params, jnp.asarray(flow_tiny.nchw_to_nhwc(x_T)),
                              mixing.mix(jnp.full(num_steps, lam), c0, c1), None, 1.0, tables,
-                             flow_sampler.FlowSamplerConfig(cfg=False), embedded_guidance=3.5,
-                             trajectory=True)
+                             flow_sampler.FlowSamplerConfig(cfg=False),
+                             embedded_guidance=guidance, trajectory=True)
     return xs, decode(vae_params, xs[-1])
 
   got, got_image = run(params, vae_params)
@@ -258,6 +260,16 @@ def test_flux_pipeline_at_a_constant_lambda(flux_model, tmp_path):
     assert _rel(flow_tiny.nhwc_to_nchw(got[i]), steps[i]) < 1e-4, i
   assert got_image.shape == image.shape == (1, h * scale, w * scale, 3)
   assert _rel(got_image, image) < 1e-4
+
+  predictor = flow_bundle.FlowPredictor(flow_bundle.FlowNet(
+      "flux", cfg, flow_schedule.FlowScheduleConfig.from_diffusers_config(FLUX_SCHEDULER)))
+  programs = jax.jit(lambda p, g: predictor.sample(
+      p, jnp.asarray(flow_tiny.nchw_to_nhwc(x_T)), None,
+      mixing.mix(jnp.full(num_steps, lam), c0, c1), None, g,
+      schedule.step_tables(schedule.ScheduleConfig(), num_steps), sampler.SamplerConfig()))
+  assert _rel(flow_tiny.nhwc_to_nchw(programs(params, guidance)), steps[-1]) < 1e-4
+  assert _rel(flow_tiny.nhwc_to_nchw(programs(params, guidance + 2)), steps[-1]) > 1e-2
+  assert programs._cache_size() == 1  # pylint: disable=protected-access
 
 
 def _float64(tree):

@@ -1,6 +1,7 @@
 """flow_settings.py: the settings an SD 3.x / Flux.1 model cannot honour are refused by name
 before it loads, the family is read from the config alone, and weights files of flow runs
 carry the flow schedule and do not cross model families (pure; milliseconds)."""
+import importlib
 import json
 
 import pytest
@@ -68,3 +69,15 @@ def test_schedule_record_is_the_flow_schedule_that_ran():
   assert record["use_dynamic_shifting"] is True and record["shift"] == 1.0
   assert record["latent_size"] == [8, 6] and record["sigmas"] == [float(s) for s in sigmas]
   assert json.loads(json.dumps(record)) == record  # a JSON entry as it stands
+
+
+@pytest.mark.parametrize("program", ["disentangle:smile", "switch:", "edit:smile", "study:"])
+def test_flux_presets_set_the_distilled_guidance(program):
+  """On Flux.1 the programs' guidance is FluxPipeline's guidance_scale: the ,flux presets set
+  Flux.1-dev's 3.5; ,sd35 keeps the CFG scale 7.5."""
+  name, preset = program.split(":")
+  config = importlib.import_module(f"configs.{name}")
+  flux_arg, sd35_arg = (f"{preset},flux", f"{preset},sd35") if preset else ("flux", "sd35")
+  assert config.get_config(flux_arg).guidance == 3.5
+  assert config.get_config(flux_arg).image_size == 1024
+  assert config.get_config(sd35_arg).guidance == 7.5

@@ -17,9 +17,12 @@ the models package or the pipeline (nowhere else):
              flow_inversion.py) on inversion.invert's arguments, so launch.edit and the study's
              real images invert through the same code as the UNet families.
   guidance   SD 3.x: CFG with the negative-prompt embedding (StableDiffusion3Pipeline encodes ""
-             like any prompt) and the programs' guidance scale. Flux.1: no CFG; the distilled
-             guidance (FluxPipeline's guidance_scale, ``EMBEDDED_GUIDANCE``) enters the
-             transformer every call, and the programs' guidance scale is not used.
+             like any prompt) and the programs' guidance scale. Flux.1: no CFG; the programs'
+             guidance IS FluxPipeline's ``guidance_scale`` (diffusers' naming): the distilled
+             guidance fed to the transformer's guidance embedding every call (Flux.1-dev: 3.5,
+             the ``,flux`` presets' value; traced, so changing it never recompiles). A Flux
+             model without that embedding (guidance_embeds=False, schnell-like) uses no
+             guidance at all. True CFG for Flux stays library-level (flow_sampler.sample).
   decoder    the bundle's ``vae`` is a ``ShiftedVAE``: apply.make_decode_fn divides by the
              scaling factor and the wrapper adds the shift (VAE.decode(z / scaling + shift), as
              both pipelines decode); encoding gives (z - shift) * scaling.
@@ -38,6 +41,7 @@ ran are flow_schedule's for the loaded scheduler config).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -55,8 +59,9 @@ from disentangle_jax.models import flux as flux_lib
 from disentangle_jax.models import mmdit
 from disentangle_jax.models.config import ModelConfig, compute_dtype
 
+logger = logging.getLogger(__name__)
+
 LATENT_CHANNELS = 16  # flow_folder checks the transformer and the VAE against it
-EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default (Flux.1-dev's distilled guidance)
 # The families as programs see them: the CLIP encoders whose tokenizers check_pairs compares
 # (the T5 encoder is named by flow_folder; it reads the same words, longer).
 SD3 = family_lib.Family("sd3", ("text_encoder", "text_encoder_2"), hidden_layer=-2, pooled=True)
@@ -101,7 +106,6 @@ class FlowPredictor:
   remat: bool = False
   attention: str = "dot_product"
   dtype: Any = np.float32
-  embedded_guidance: float = EMBEDDED_GUIDANCE
 
   def velocity_fn(self) -> flow_sampler.VelocityFn:
     cfg = self.net.transformer_config
@@ -111,20 +115,26 @@ class FlowPredictor:
     return flow_sampler.flux_velocity_fn(flux_lib.Flux(cfg, self.remat, self.attention,
                                                        self.dtype))
 
+  def guidance_args(self, guidance):
+    """(CFG scale, embedded guidance) of the programs' ``guidance``: SD 3.x's CFG scale, or
+    Flux.1's distilled guidance (module docstring; unused by Flux without guidance_embeds)."""
+    return (guidance, 0.0) if self.net.cfg else (1.0, guidance)
+
   def sample(self, params, x_T, noise, cond, uncond, guidance, tables, config):
     """sampler.sample's contract (``tables``: schedule.StepTables, for T only; ``config``:
     sampler.SamplerConfig, for its step remat) through the flow sampler; ``noise`` [T, B, H, W,
-    C] is added after each step (module docstring)."""
+    C] is added after each step; ``guidance`` []: ``guidance_args`` (module docstring)."""
     if config.kind != "ddim":
       raise errors.UserError(f"sampler={config.kind!r} does not apply to the {self.net.family} "
                              "model: it samples with the flow-matching Euler sampler; leave "
                              "sampler at 'ddim'.")
     num_steps = int(np.shape(tables.timesteps)[0])
     flow_tables = self.net.tables(num_steps, int(x_T.shape[1]), int(x_T.shape[2]))
+    guidance, embedded = self.guidance_args(guidance)
     return flow_sampler.sample(
         self.velocity_fn(), params, x_T, cond, uncond, guidance, flow_tables,
         flow_sampler.FlowSamplerConfig(cfg=self.net.cfg, remat=config.remat),
-        embedded_guidance=self.embedded_guidance, noise=noise)
+        embedded_guidance=embedded, noise=noise)
 
   def invert(self, params, z0, eps, cond, uncond, guidance, tables, inject_steps,
              pin: str = "next") -> noise_lib.RunNoise:
@@ -145,10 +155,11 @@ class FlowPredictor:
     flow_tables = self.net.tables(num_steps, int(z0.shape[1]), int(z0.shape[2]))
     per_step = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (num_steps,) + leaf.shape),
                             cond)
+    guidance, embedded = self.guidance_args(guidance)
     x_T, noise = flow_inversion.invert(
         self.velocity_fn(), params, z0, eps[0], per_step, uncond, guidance, flow_tables,
-        flow_sampler.FlowSamplerConfig(cfg=self.net.cfg),
-        embedded_guidance=self.embedded_guidance, inject_steps=inject_steps)
+        flow_sampler.FlowSamplerConfig(cfg=self.net.cfg), embedded_guidance=embedded,
+        inject_steps=inject_steps)
     return noise_lib.RunNoise(x_T=x_T, noise=noise)
 
   def __call__(self, *args):
@@ -268,6 +279,9 @@ def load_folder(config: ModelConfig):
   transformer sample_size, Flux.1's native 1024 px (128 latents)."""
   flow = flow_folder.load(os.path.expanduser(config.path))
   cfg = flow.transformer_config
+  if flow.family == "flux" and not cfg.guidance_embeds:
+    logger.warning("%s: this Flux transformer has no guidance embedding (guidance_embeds=False, "
+                   "schnell-like): the programs' guidance is not used.", config.path)
   latent_size = cfg.sample_size if flow.family == "sd3" else FLUX_LATENT_SIZE
   return bundle(flow, flow.params, config, latent_size)
 
