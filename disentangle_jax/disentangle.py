@@ -157,9 +157,10 @@ def prepare(model, loss_models, spec: EditSpec | EditSet, latent_shape, mesh,
   # With a model axis, every weight (text encoders too) is split over it before first use.
   model, loss_models = (param_sharding.place_weights(m, mesh) for m in (model, loss_models))
   nets, params = edit_problem.frozen_networks(model, loss_models)
-  params = param_sharding.place(params, mesh)
   encoded = edit_problem.encode_edits(model, loss_models, edits.specs, sampling.negative_prompt)
-  problem = edit_problem.place(encoded, run, group, sampling.guidance, tables, mesh)
+  params, problem = edit_problem.on_mesh(
+      params, edit_problem.problem(encoded, run, group, sampling.guidance, tables),
+      run.x_T.shape[0], mesh)
   render = optimize.make_problem_render_fn(nets, edits.shared.sampler_config)
   # lambda = 0, pure c0, in the shape of the lambda learned (one render program for both)
   zeros = edits.init_lambda(mixing.num_tokens(problem.prompts.c0))

@@ -1,5 +1,6 @@
 """One edit optimisation's problem, built in three steps: encode the edits' prompts, gather the
-frozen networks and their parameters, and place the problem on the device mesh.
+frozen networks and their parameters, and place the problem and the parameters on the device
+mesh (``on_mesh``, also the way to move a prepared problem to another mesh).
 
 ``disentangle.prepare`` composes them (after drawing x_T and the noise) and renders the
 reference images.
@@ -12,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from disentangle_jax import loss_models as loss_models_lib
-from disentangle_jax import mixing, models, noise, optimize, parallel, pipeline, schedule
+from disentangle_jax import mixing, models, noise, optimize, param_sharding, parallel, pipeline
+from disentangle_jax import schedule
 
 
 class EncodedEdits(NamedTuple):
@@ -74,19 +76,39 @@ def frozen_networks(model, loss_models) -> tuple[optimize.Networks, dict]:
   return nets, params
 
 
-def place(encoded: EncodedEdits, run: noise.RunNoise, group, guidance, tables,
-          mesh) -> optimize.EditProblem:
-  """The problem on the mesh: the batch padded to the mesh and sharded, the rest replicated
-  (reference left None: it is rendered from the placed problem)."""
+def problem(encoded: EncodedEdits, run: noise.RunNoise, group, guidance,
+            tables) -> optimize.EditProblem:
+  """The problem of ``run``'s B items, on no mesh yet (``on_mesh`` places it; reference None:
+  it is rendered from the placed problem)."""
   n = run.x_T.shape[0]
-  size = parallel.padded_size(n, mesh)
   return optimize.EditProblem(
-      x_T=parallel.shard(parallel.pad_batch(run.x_T, size), mesh),
-      noise=parallel.shard(parallel.pad_batch(run.noise, size, axis=1), mesh, axis=1),
-      prompts=parallel.replicate(encoded.prompts, mesh),
+      x_T=run.x_T, noise=run.noise, prompts=encoded.prompts,
       guidance=jnp.asarray(guidance, jnp.float32),
-      tables=parallel.replicate(schedule.StepTables(*(jnp.asarray(t) for t in tables)), mesh),
-      reference=None, text0=parallel.replicate(encoded.text0, mesh),
-      text1=parallel.replicate(encoded.text1, mesh),
-      mask=parallel.shard(parallel.mask(n, size), mesh),
-      group=parallel.shard(parallel.pad_batch(jnp.asarray(group), size), mesh))
+      tables=schedule.StepTables(*(jnp.asarray(t) for t in tables)), reference=None,
+      text0=encoded.text0, text1=encoded.text1, mask=parallel.mask(n, n),
+      group=jnp.asarray(group))
+
+
+def on_mesh(params: dict, problem: optimize.EditProblem, num_items: int,
+            mesh) -> tuple[dict, optimize.EditProblem]:
+  """A problem and its frozen parameters (``frozen_networks``) placed on ``mesh``, as
+  disentangle.prepare places them: the weights by param_sharding's rule (split over 'model';
+  unchanged when already so), the batch (x_T, noise, the reference when rendered, group; its
+  first ``num_items`` real items, a previous mesh's padding dropped) padded to the mesh's seeds
+  axis, masked and sharded, the rest replicated. A problem prepared on one mesh can so be put
+  on another (tests/test_model_sharding.py: one preparation, several meshes)."""
+  n = num_items
+  size = parallel.padded_size(n, mesh)
+
+  def batch(x, axis=0):
+    if x.shape[axis] != n:
+      x = jax.lax.slice_in_dim(x, 0, n, axis=axis)
+    return parallel.shard(parallel.pad_batch(x, size, axis), mesh, axis)
+  p = problem
+  prompts, tables, text0, text1 = parallel.replicate((p.prompts, p.tables, p.text0, p.text1),
+                                                     mesh)
+  placed = p._replace(
+      x_T=batch(p.x_T), noise=batch(p.noise, axis=1), prompts=prompts, tables=tables,
+      reference=None if p.reference is None else batch(p.reference), text0=text0, text1=text1,
+      mask=parallel.shard(parallel.mask(n, size), mesh), group=batch(p.group))
+  return param_sharding.place(params, mesh), placed

@@ -17,6 +17,11 @@ replicates every leaf: exactly plain data parallelism.
 
 Nothing here depends on the model family: the rule reads only shapes, so new weight trees
 (flow transformers, other loss networks) need no table.
+
+Loading with a model axis (``models.load(config, mesh)``, ``load_loss_models(..., mesh=mesh)``)
+puts each leaf straight from host memory onto its sharding (``put``): a device receives only
+its own slices, so no device ever holds a whole model, and with several processes each fills
+only the devices it addresses.
 """
 from __future__ import annotations
 
@@ -61,8 +66,33 @@ def shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARDED_SIZE) -> Any:
 
 
 def place(tree: Any, mesh: Mesh, min_size: int = MIN_SHARDED_SIZE) -> Any:
-  """``tree`` (weights) on ``mesh``, each large leaf split over 'model' by the rule."""
-  return parallel.place(tree, shardings(tree, mesh, min_size))
+  """``tree`` (weights) on ``mesh``, each large leaf split over 'model' by the rule; the tree
+  itself when every leaf is already placed so (loaded onto the mesh: ``put``), with no copy
+  and no resharding program."""
+  targets = shardings(tree, mesh, min_size)
+  if all(_placed(x, s) for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(targets))):
+    return tree
+  return parallel.place(tree, targets)
+
+
+def _placed(x, sharding: NamedSharding) -> bool:
+  return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
+
+
+def put(tree: Any, mesh: Mesh | None = None, min_size: int = MIN_SHARDED_SIZE) -> Any:
+  """Host (numpy) weights onto devices. Without a model axis (``mesh`` None or its model axis
+  1): jax.device_put, whole on the default device, as the loaders always did (the programs
+  replicate what they use). With one: each leaf straight onto its NamedSharding of the rule
+  (``shardings``), built from the slices each device holds (jax.make_array_from_callback asks
+  for one index per addressable device), so no device receives a whole split leaf, and each
+  process of a multi-process mesh transfers only its own devices' slices."""
+  if mesh is None or parallel.model_size(mesh) == 1:
+    return jax.device_put(tree)
+
+  def leaf(host, sharding):
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(leaf, tree, shardings(tree, mesh, min_size))
 
 
 def bytes_per_device(tree: Any, model: int, min_size: int = MIN_SHARDED_SIZE) -> tuple[int, int]:
@@ -82,12 +112,11 @@ def place_weights(bundle, mesh: Mesh):
   """A loaded model or loss-network bundle (a NamedTuple with ``params``: models.
   StableDiffusion, loss_models.LossModels) with every weight placed by the rule, the text
   encoders included; unchanged when the model axis is 1 (the weights stay where they were
-  loaded, and the programs replicate the ones they use, as without a model axis).
+  loaded, and the programs replicate the ones they use, as without a model axis), and when
+  the bundle was loaded onto this mesh (``put``: the programs load so).
 
-  The loaders (models.to_device) put every weight whole on the first device, and this then
-  splits it: that device must hold the whole model once while loading. Loading each leaf
-  straight onto its NamedSharding (``shardings`` of the host tree) would need the mesh in
-  models.load and in each loader, before the programs build it today."""
+  A bundle loaded without the mesh holds every weight whole on the first device, and this
+  then splits it: that device holds the whole model once (tests, notebooks)."""
   if parallel.model_size(mesh) == 1:
     return bundle
   return bundle._replace(params=place(bundle.params, mesh))

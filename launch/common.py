@@ -411,11 +411,13 @@ def as_paths(value) -> tuple[str, ...]:
   return tuple(p.strip() for v in value for p in str(v).split(",") if p.strip())
 
 
-def load_model(model_cfg):
+def load_model(model_cfg, mesh=None):
+  """models.load of ``model_cfg``; with ``mesh`` (``mesh(cfg)``) the weights go straight onto
+  it, split over its model axis (no device holds the whole model on the way)."""
   from disentangle_jax import models  # noqa: PLC0415
   from disentangle_jax.toy import world  # noqa: PLC0415
   with world.rebuild_hint(model_cfg.path):  # toy-world weights: errors say how to rebuild
-    return models.load(models.ModelConfig(**model_cfg.to_dict()))
+    return models.load(models.ModelConfig(**model_cfg.to_dict()), mesh)
 
 
 def encode_pair(model, prompt: str, target: str, negative_prompt: str = ""):
@@ -427,7 +429,7 @@ def encode_pair(model, prompt: str, target: str, negative_prompt: str = ""):
   return pipeline.PromptPair(c0=c0, c1=c1, uncond=uncond)
 
 
-def load_loss_models(loss_cfg, tokenizer):
+def load_loss_models(loss_cfg, tokenizer, mesh=None):
   from disentangle_jax import loss_models  # noqa: PLC0415
   from disentangle_jax.toy import world  # noqa: PLC0415
   # An empty path selects the network's tiny random version, as unset does (a preset that sets
@@ -435,7 +437,7 @@ def load_loss_models(loss_cfg, tokenizer):
   fields = {k: None if k.endswith("_path") and v == "" else v for k, v in loss_cfg.items()}
   with world.rebuild_hint(fields["clip_path"]):
     return loss_models.load_loss_models(loss_models.LossModelConfig(**fields),
-                                        tokenizer=tokenizer)
+                                        tokenizer=tokenizer, mesh=mesh)
 
 
 def sampling(cfg):

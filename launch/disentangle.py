@@ -32,15 +32,15 @@ def _run(cfg, out_dir):
     checkpoint.check_save_every(cfg.checkpoint_every)
     names, spec = common.edit_set(cfg)  # K edits learned together (K = 1: the preset)
     edits = spec.specs
-    model = common.load_model(cfg.model)
+    mesh = common.mesh(cfg)  # first: the weights load straight onto it
+    model = common.load_model(cfg.model, mesh)
     shape = pipeline.latent_shape(model, cfg.image_size)
-    loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
+    loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint_every)
   with ckpt:  # closed on every exit: a refusal, an error, Ctrl-C
     identity = common.identity(cfg, latent_shape=list(shape))
     with common.user_errors():
       disentangle.check_resumable(ckpt, spec, identity)  # before any compilation
-    mesh = common.mesh(cfg)
     for e in edits:
       logging.info("c0=%r c1=%r seeds=%s", e.prompt, e.target_prompt, e.seeds)
     logging.info("%d edit(s), %d steps, latents %s, %d device(s)", len(edits),

@@ -47,9 +47,11 @@ def _run(cfg, out_dir):
       prompt, target = spec.prompt, spec.target_prompt
     from disentangle_jax import disentangle, models, pipeline, run_identity  # noqa: PLC0415
     from disentangle_jax import metrics as metrics_lib  # noqa: PLC0415
-    model = common.load_model(cfg.model)
+    mesh = common.mesh(cfg)  # first: the weights load straight onto it
+    model = common.load_model(cfg.model, mesh)
     shape = pipeline.latent_shape(model, cfg.image_size)
-    loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer) if spec else None
+    loss_models = (common.load_loss_models(cfg.loss_models, model.tokenizer, mesh) if spec
+                   else None)
   size = shape[0] * model.vae_scale_factor
   if loaded is None:
     pixels, notes = real_images.synthetic(size), ["no image given: a synthetic picture"]
@@ -70,7 +72,7 @@ def _run(cfg, out_dir):
   history = None
   if spec is not None:
     logging.info("rendering the original (lambda = 0; compiles the sampler) ...")
-    prep = disentangle.prepare(model, loss_models, spec, shape, common.mesh(cfg),
+    prep = disentangle.prepare(model, loss_models, spec, shape, mesh,
                                x_T=inv.run.x_T, run_noise=inv.run.noise)
     # One checkpoint folder per (image, inversion): a changed image never resumes another's run.
     key = run_identity.content_key(images.to_uint8(pixels).tobytes(), inv_cfg,

@@ -115,16 +115,16 @@ def _run(cfg, out_dir, write):
     scores, make_score_fn = toy_judge(cfg)
     spec = study_spec(cfg, paths, scores)
     score_fn = make_score_fn(spec) if make_score_fn else None
-    model = common.load_model(cfg.model)
+    mesh = common.mesh(cfg)  # first: the weights load straight onto it
+    model = common.load_model(cfg.model, mesh)
     # Pairs that encode to the same tokens, refused before the manifest is written
     # (study.prepare's encoding would refuse them too, after it).
     models.check_pairs(model, [p for a in spec.attributes for p in (a.prompt, a.target_prompt)])
     shape = pipeline.latent_shape(model, cfg.image_size)
-    loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer)
+    loss_models = common.load_loss_models(cfg.loss_models, model.tokenizer, mesh)
     identity = common.identity(cfg, latent_shape=list(shape))  # the manifest's and each chunk's
     if write:  # the first write: everything above is validated
       study_store.check_manifest(out_dir, spec, identity)
-  mesh = common.mesh(cfg)
   logging.info("encoding %d attribute(s) ...", len(spec.attributes))
   inputs = study.prepare(model, loss_models, spec, mesh)
   evaluate = study.make_evaluate_fn(

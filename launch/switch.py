@@ -31,10 +31,9 @@ def _run(cfg, out_dir):
         prompt=cfg.prompt, attribute=cfg.attribute, seeds=common.as_tuple(cfg.seeds, "seeds"),
         t_stars=t_stars, sampling=sampling, lambda_late=cfg.lambda_late,
         batch_size=cfg.batch_size, learned=learned)
-    model = common.load_model(cfg.model)
+    model = common.load_model(cfg.model, common.mesh(cfg))  # split over mesh.model
     shape = pipeline.latent_shape(model, cfg.image_size)
-  from disentangle_jax import models, param_sharding  # noqa: PLC0415
-  model = param_sharding.place_weights(model, common.mesh(cfg))  # split over mesh.model
+  from disentangle_jax import models  # noqa: PLC0415
   prompts = common.encode_pair(model, spec.prompt, spec.target_prompt,
                                spec.sampling.negative_prompt)
   render = pipeline.make_render_fn(

@@ -57,40 +57,75 @@ def test_default_mesh_has_a_model_axis_of_one():
 # One device and meshes of 8 fake devices, in one process (argv[1]: {family: [mesh, ...]}, the
 # first mesh "1"): 2 steps, 3 seeds (padded to the seeds axis), no remat (the smallest program to
 # compile), SGD with learning rate 1 and 2 iterations, so lambda before the last update is
-# lambda_0 - grad. The problem is prepared once, on one device, and placed on each mesh (its
-# reference images included): every mesh compiles only the update. The forward programs on a
-# model axis (prompt encoders, sampler, decoder) are the study's, compared in test_study.py.
-# Then the update's per-device argument bytes from its compiled program (the one optimise ran:
-# lower().compile() is served from jit's caches).
+# lambda_0 - grad. The problem is prepared once, on one device, and moved to each mesh by the
+# library's edit_problem.on_mesh (its reference images included): such a mesh compiles only the
+# update. On DIRECT (2 x 4) the programs' own path runs instead: the model and the loss
+# networks loaded straight onto the mesh (every transfer watched: the arrays
+# jax.make_array_from_callback made and the pieces their callbacks gave, every large leaf
+# jax.device_put received whole), then disentangle.prepare on the mesh, compared with the moved
+# problem. The forward programs on a model axis (prompt encoders, sampler, decoder) are the
+# study's too, compared in test_study.py. Then the update's per-device argument bytes from its
+# compiled program (the one optimise ran: lower().compile() is served from jit's caches).
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import jax
-    from disentangle_jax import disentangle, loss_models, models, optimize, param_sharding
-    from disentangle_jax import parallel, sampling
+    import numpy as np
+    from disentangle_jax import disentangle, edit_problem, loss_models, models, optimize
+    from disentangle_jax import param_sharding, parallel, sampling
 
     MESHES = {"1": (1, 1), "8x1": (8, 1), "4x2": (8, 2), "2x4": (8, 4), "1x8": (8, 8)}
+    DIRECT = "2x4"
 
     def held(tree):  # bytes one device holds
       return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
-    def on_mesh(prep, mesh):  # as edit_problem.place and param_sharding.place would put it
-      p, n = prep.problem, prep.num_items
-      size = parallel.padded_size(n, mesh)
-      batch = lambda x, axis=0: parallel.shard(parallel.pad_batch(x, size, axis), mesh, axis)
-      prompts, tables, text0, text1 = parallel.replicate(
-          (p.prompts, p.tables, p.text0, p.text1), mesh)
-      problem = p._replace(x_T=batch(p.x_T), noise=batch(p.noise, 1), prompts=prompts,
-                           tables=tables, reference=batch(p.reference), text0=text0,
-                           text1=text1, mask=parallel.shard(parallel.mask(n, size), mesh),
-                           group=batch(p.group))
-      return prep._replace(params=param_sharding.place(prep.params, mesh), problem=problem)
+    def load_onto(cfg, mesh):
+      made, pieces, whole = {}, {}, []
+      real_make, real_put = jax.make_array_from_callback, jax.device_put
+      def make(shape, sharding, callback, *args, **kwargs):
+        got = []
+        x = real_make(shape, sharding, lambda index: got.append(callback(index)) or got[-1],
+                      *args, **kwargs)
+        made[id(x)], pieces[id(x)] = x, got
+        return x
+      def put(tree, *args, **kwargs):
+        whole.extend(list(np.shape(x)) for x in jax.tree.leaves(tree)
+                     if np.size(x) >= param_sharding.MIN_SHARDED_SIZE)
+        return real_put(tree, *args, **kwargs)
+      jax.make_array_from_callback, jax.device_put = make, put
+      try:
+        model = models.load(cfg, mesh)
+        lm = loss_models.load_loss_models(loss_models.LossModelConfig(),
+                                          tokenizer=model.tokenizer, mesh=mesh)
+      finally:
+        jax.make_array_from_callback, jax.device_put = real_make, real_put
+      return model, lm, made, pieces, whole
+
+    def loading_row(host, placed, mesh, made, pieces, whole):
+      leaves, targets = jax.tree.leaves(placed), jax.tree.leaves(
+          param_sharding.shardings(host, mesh))
+      split = [(x, s) for x, s in zip(leaves, targets) if not s.is_fully_replicated]
+      def sliced(x, s):  # made from host slices, each a device's own part
+        return made.get(id(x)) is x and all(
+            isinstance(p, np.ndarray) and p.shape == s.shard_shape(x.shape) for p in pieces[id(x)])
+      return {"leaves": len(leaves), "split": len(split),
+              "split_bytes": sum(x.nbytes for x, _ in split) / sum(x.nbytes for x in leaves),
+              "unequal": sum(not np.array_equal(np.asarray(x), h)
+                             for x, h in zip(leaves, jax.tree.leaves(host))),
+              "misplaced": sum(not x.sharding.is_equivalent_to(s, x.ndim)
+                               for x, s in zip(leaves, targets)),
+              "not_sliced": sum(not sliced(x, s) for x, s in split),
+              "largest_piece": max(max(p.size for p in pieces[id(x)]) / x.size
+                                   for x, _ in split),
+              "whole": whole}
 
     out = {}
     for family, names in json.loads(sys.argv[1]).items():
-      model = models.build_tiny(models.ModelConfig(tiny_family=family.replace("sd1", "")))
+      cfg = models.ModelConfig(tiny_family=family.replace("sd1", ""))
+      model = models.load(cfg)
       lm = loss_models.load_loss_models(loss_models.LossModelConfig(), tokenizer=model.tokenizer)
       spec = disentangle.EditSpec(
           prompt="a photo of person", attribute=", smiling", seeds=(1, 2, 3), t_star=0,
@@ -101,24 +136,51 @@ SCRIPT = textwrap.dedent("""
       rows = out[family] = {}
       for name in names:
         n, k = MESHES[name]
-        prep = on_mesh(one, parallel.make_mesh(jax.devices()[:n], model=k))
+        mesh = parallel.make_mesh(jax.devices()[:n], model=k)
+        params, problem = edit_problem.on_mesh(one.params, one.problem, one.num_items, mesh)
+        prep = moved = one._replace(params=params, problem=problem)
+        row = rows[name] = {}
+        if name == DIRECT:  # as the programs run: loaded onto the mesh, prepared on it
+          placed_model, placed_lm, *watched = load_onto(cfg, mesh)
+          row["loading"] = loading_row(
+              jax.device_get((model.params, lm.params)),
+              (placed_model.params, placed_lm.params), mesh, *watched)
+          prep = disentangle.prepare(placed_model, placed_lm, spec, (8, 8, 4), mesh)
+          p, q = prep.problem, moved.problem
+          row["direct"] = {
+              "same_inputs": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                                 ((p.x_T, q.x_T), (p.noise, q.noise), (p.mask, q.mask),
+                                  (p.group, q.group))),
+              "same_shardings": all(
+                  a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in zip(
+                      *(jax.tree.leaves((x.params, x.problem)) for x in (prep, moved)))),
+              "reference": float(np.abs(np.asarray(p.reference)
+                                        - np.asarray(q.reference)).max()),
+              "x_T_shard": list(p.x_T.addressable_shards[0].data.shape),
+              "x_T_spec": str(p.x_T.sharding.spec), "mask": np.asarray(p.mask).tolist(),
+              "adam_state_replicated": all(
+                  x.sharding.is_fully_replicated and len(x.sharding.device_set) == n
+                  for x in jax.tree.leaves(disentangle.initial_state(
+                      prep, spec, optimize.make_optimizer(optimize.OptimizerConfig()))))}
         lam, hist, prev = disentangle.optimise(prep, spec, log=lambda s: None)
         update, tx = disentangle.compiled_update(prep, spec)
         state = disentangle.initial_state(prep, spec, tx)
         memory = update.lower(state, prep.params, prep.problem).compile().memory_analysis()
-        rows[name] = {"grad": (spec.init_lambda() - prev).tolist(),
-                      "change": (lam - spec.init_lambda()).tolist(), "model": k,
-                      "arguments": memory.argument_size_in_bytes,
-                      "other": held((state, prep.problem)), "weights": held(prep.params),
-                      "rule": sum(param_sharding.bytes_per_device(prep.params, k)),
-                      "split": param_sharding.bytes_per_device(prep.params, 2)[1] * 2,
-                      "unet_devices": len(jax.tree.leaves(prep.params["sd"]["unet"])[0]
-                                          .sharding.device_set)}
-        print(family, name, json.dumps(rows[name]), flush=True)
+        row.update({"grad": (spec.init_lambda() - prev).tolist(),
+                    "change": (lam - spec.init_lambda()).tolist(), "model": k,
+                    "loss": hist[0]["loss"], "batch": int(prep.problem.x_T.shape[0]),
+                    "arguments": memory.argument_size_in_bytes,
+                    "other": held((state, prep.problem)), "weights": held(prep.params),
+                    "rule": sum(param_sharding.bytes_per_device(prep.params, k)),
+                    "split": param_sharding.bytes_per_device(prep.params, 2)[1] * 2,
+                    "unet_devices": len(jax.tree.leaves(prep.params["sd"]["unet"])[0]
+                                        .sharding.device_set)})
+        print(family, name, json.dumps(row), flush=True)
     print("RESULT" + json.dumps(out))
 """)
 
 MESHES = ("8x1", "4x2", "2x4", "1x8")  # seeds x model
+DIRECT = "2x4"  # loaded onto the mesh and prepared on it (SCRIPT)
 
 
 def _relative(a, b) -> float:
@@ -127,9 +189,12 @@ def _relative(a, b) -> float:
 
 
 # Every mesh compiles the update again: ~35 CPU-s each on the loaded 2-core VM, ~20 for the
-# prepared problem. The suite runs one device against 2 x 4 for SD 1.x, both axes at once
-# (this file: 86 CPU-s in all with the program server's start and the error-line runs; 95
-# before, with 4 steps, step remat and a problem prepared on each mesh);
+# prepared problem. The suite runs one device against 2 x 4 for SD 1.x, both axes at once,
+# 2 x 4 through the programs' path (loaded onto the mesh, prepared on it: its render compiles
+# again). This file: 102 CPU-s in all with the program server's start and the error-line runs
+# (2026-12-03, load ~7); it also checks what tests/test_sharding.py did (3 seeds padded and
+# masked over a seeds axis, the loss and lambda of one device, the prepare on a mesh), which
+# cost 89 CPU-s more in its own process with its own Adam programs (this file was 96 then);
 # DISENTANGLE_FULL_SHARDING_TEST=1 runs every mesh shape (8x1, 4x2, 2x4, 1x8) for SD 1.x and
 # SDXL's tiny model (383 CPU-s for the test; 436 on a busier VM). Per-device weight arguments
 # of the update, one device -> k = 2, 4, 8: SD 1.x 3.55 -> 2.01, 1.24, 0.86 MB; SDXL 5.88 ->
@@ -156,6 +221,10 @@ def test_model_axis_matches_one_device_and_splits_the_weights(cli):
       # Placement: each device holds the rule's bytes (split leaves 1/k).
       assert row["weights"] == row["rule"], (family, name)
       assert row["unet_devices"] == 8
+      # The batch of 3 seeds padded to the seeds axis (8 / k) and the copies masked.
+      seeds = 8 // row["model"]
+      assert row["batch"] == -(-3 // seeds) * seeds and rows["1"]["batch"] == 3
+      assert abs(row["loss"] - rows["1"]["loss"]) <= 1e-3 * abs(rows["1"]["loss"])
     # The compiled update's per-device weight arguments (jit drops unused leaves, e.g. the VAE
     # encoder, so they are fitted, not taken from the tree): w(k) = replicated + split / k,
     # through one device (k = 1) and the largest model axis K, and every other mesh on that
@@ -171,6 +240,29 @@ def test_model_axis_matches_one_device_and_splits_the_weights(cli):
           family, w)
     # Most of the used weight bytes are split (the tiny models' biases and norms are not).
     assert 0.5 * w["1"] <= split <= rows["1"]["split"], (family, w, rows["1"]["split"])
+    _check_direct(family, rows[DIRECT])
+
+
+def _check_direct(family, row):
+  """The programs' path on 2 x 4: loaded straight onto the mesh, prepared on it."""
+  loading = row["loading"]
+  # Every weight (SD and loss networks) equals the host's and carries the rule's sharding;
+  # each split leaf was made from host slices of 1/4 of it, and no large leaf went whole
+  # through jax.device_put (the old path: whole on the first device, then split).
+  assert loading["split_bytes"] >= 0.5, (family, loading)  # most bytes (kernels) are split
+  assert loading["unequal"] == loading["misplaced"] == loading["not_sliced"] == 0, (family,
+                                                                                   loading)
+  assert loading["largest_piece"] == 1 / 4 and loading["whole"] == [], (family, loading)
+  direct = row["direct"]
+  # prepare on the mesh = prepared on one device and moved there by edit_problem.on_mesh:
+  # the same x_T, noise, mask and group, the same shardings, the reference within float32
+  # rounding (rendered with the weights split); 3 seeds padded to 4 over the seeds axis of 2.
+  assert direct["same_inputs"] and direct["same_shardings"], (family, direct)
+  assert direct["reference"] <= 1e-4, (family, direct)
+  assert direct["x_T_spec"] == "P('seeds', None, None, None)" and direct["x_T_shard"][0] == 2
+  assert direct["mask"] == [1.0, 1.0, 1.0, 0.0]
+  # The optimiser state (Adam's moments, the programs' default) replicated on the mesh.
+  assert direct["adam_state_replicated"], (family, direct)
 
 
 @pytest.mark.slow

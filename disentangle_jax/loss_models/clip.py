@@ -96,8 +96,9 @@ def _check_and_unflatten(flat: dict, shapes: dict, source: str) -> Params:
     raise ValueError(
         f"{source}: CLIP weight {'.'.join(key)} has shape {found}, expected {expected} from "
         "config.json.")
+  # numpy: load_loss_models puts them on the devices (param_sharding.put, onto a mesh or not)
   return traverse_util.unflatten_dict(
-      {k: jnp.asarray(np.asarray(flat[k]).astype(vgg.PARAM_DTYPE)) for k in shapes})
+      {k: np.asarray(flat[k]).astype(vgg.PARAM_DTYPE) for k in shapes})
 
 
 def _clip_flat_from_safetensors(path: str, shapes: dict) -> dict:

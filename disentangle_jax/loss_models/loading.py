@@ -6,14 +6,15 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from disentangle_jax import library_logs, losses
+from disentangle_jax import library_logs, losses, param_sharding
 from disentangle_jax.loss_models import clip, vgg
 from disentangle_jax.loss_models.config import (TINY_VGG_INPUT_SIZE, LossModelConfig,
                                                 LossModels)
 
 
 @library_logs.quietly
-def load_loss_models(cfg: LossModelConfig = LossModelConfig(), tokenizer=None) -> LossModels:
+def load_loss_models(cfg: LossModelConfig = LossModelConfig(), tokenizer=None,
+                     mesh=None) -> LossModels:
   """Builds CLIP and VGG16 from cfg (local files, or tiny random networks when paths are None).
 
   Args:
@@ -21,6 +22,8 @@ def load_loss_models(cfg: LossModelConfig = LossModelConfig(), tokenizer=None) -
     tokenizer: a Hugging Face-style tokenizer (callable, len(), eos_token_id). Required for
       the tiny CLIP (its vocabulary is sized to it); for a real CLIP directory it defaults to
       the tokenizer stored there.
+    mesh: with a model axis > 1, the weights go from host memory straight onto the devices of
+      their param_sharding rule; None (or model axis 1): whole on the default device.
   """
   if cfg.clip_path is not None:
     clip_module, clip_config, clip_params = clip.load_clip(cfg.clip_path)
@@ -51,7 +54,7 @@ def load_loss_models(cfg: LossModelConfig = LossModelConfig(), tokenizer=None) -
       clip_image_apply=clip.make_clip_image_fn(clip_module),
       clip_text_apply=clip.make_clip_text_fn(clip_module),
       vgg_apply=vgg.make_vgg_fn(vgg.VGG16Features(widths)),
-      params={"clip": clip_params, "vgg": vgg_params},
+      params=param_sharding.put({"clip": clip_params, "vgg": vgg_params}, mesh),
       clip_image_size=clip_config.vision_config.image_size,
       clip_max_tokens=clip_config.text_config.max_position_embeddings,
       vgg_input_size=vgg_size,

@@ -10,7 +10,6 @@ from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -89,8 +88,8 @@ def init_tiny_vgg(seed: int, widths: Sequence[int] = TINY_VGG_WIDTHS) -> Params:
       [seed, _TINY_VGG_STREAM],
       [(np.sqrt(2.0 / (_VGG_KERNEL * _VGG_KERNEL * in_ch)),
         (_VGG_KERNEL, _VGG_KERNEL, in_ch, out_ch)) for _, in_ch, out_ch in layout])
-  return {f"features_{index}": {"kernel": jnp.asarray(kernel.astype(PARAM_DTYPE)),
-                                "bias": jnp.zeros((out_ch,), PARAM_DTYPE)}
+  return {f"features_{index}": {"kernel": kernel.astype(PARAM_DTYPE),
+                                "bias": np.zeros((out_ch,), PARAM_DTYPE)}
           for (index, _, out_ch), kernel in zip(layout, kernels)}
 
 
@@ -130,8 +129,8 @@ def vgg_params_from_state_dict(state: Mapping[str, np.ndarray],
     weight = np.asarray(state[f"features.{index}.weight"], PARAM_DTYPE)
     bias = np.asarray(state[f"features.{index}.bias"], PARAM_DTYPE)
     params[f"features_{index}"] = {
-        "kernel": jnp.asarray(weight.transpose(2, 3, 1, 0)),  # OIHW -> HWIO
-        "bias": jnp.asarray(bias),
+        "kernel": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)),  # OIHW -> HWIO
+        "bias": bias,
     }
   return params
 

@@ -1,12 +1,15 @@
 """Flax modules built from diffusers / transformers config dicts, and their parameter shapes."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import diffusers
 import jax
 import jax.numpy as jnp
 import transformers
 
-from disentangle_jax import convert
+from disentangle_jax import convert, param_sharding
 from disentangle_jax.models.config import ModelConfig, compute_dtype
 
 # SD v1 constants used when a config does not name them.
@@ -88,8 +91,26 @@ def init_shapes(module):
   return jax.tree.map(lambda leaf: leaf, _INIT_SHAPES[key])
 
 
-def to_device(params, dtype) -> dict:
-  """Numpy weights -> jax arrays, floating leaves cast to ``dtype``.
+# The mesh the weights being loaded go to (``models.load``'s ``mesh``, set by ``onto``). Every
+# loader (folder, single file, tiny, flow_bundle's) ends in ``to_device``, so the mesh reaches
+# them all without a parameter threaded through each loader's helpers.
+_MESH: contextvars.ContextVar = contextvars.ContextVar("disentangle_load_mesh", default=None)
 
-  ``jax.device_put`` copies; ``jnp.asarray`` would compile a small program per leaf shape."""
-  return jax.device_put(convert.cast_floating(params, dtype))
+
+@contextlib.contextmanager
+def onto(mesh):
+  """Within it, ``to_device`` puts weights onto ``mesh`` (param_sharding.put); None: as without."""
+  token = _MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _MESH.reset(token)
+
+
+def to_device(params, dtype) -> dict:
+  """Numpy weights -> jax arrays, floating leaves cast to ``dtype`` (on the host).
+
+  Whole on the default device, or, inside ``onto(mesh)`` with a model axis, each leaf's slices
+  straight onto the devices of its param_sharding rule. ``jax.device_put`` copies;
+  ``jnp.asarray`` would compile a small program per leaf shape."""
+  return param_sharding.put(convert.cast_floating(params, dtype), _MESH.get())
