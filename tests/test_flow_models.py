@@ -167,14 +167,12 @@ def test_bf16_programs_trace(sd3, flux_model):
   assert out.dtype == jnp.bfloat16 and out.shape == (2, 4, 4, 4)
 
 
-def _grads(apply, params, *inputs):
-  """The compiled jax.grad of sum(out * w) (a fixed random w) w.r.t. the weights and the inputs,
-  and its value at (params, *inputs)."""
-  out = jax.eval_shape(apply, params, *inputs)
-  w = np.random.default_rng(3).normal(size=out.shape).astype(np.float32)
+def _grads(apply, argnums, *args):
+  """The compiled jax.grad of sum(apply(*args) * w) (a fixed random w) w.r.t. ``argnums``, and
+  its value at ``args``."""
+  w = np.random.default_rng(3).normal(size=jax.eval_shape(apply, *args).shape).astype(np.float32)
   loss = lambda *a: jnp.sum(apply(*a) * w)  # pylint: disable=unnecessary-lambda-assignment
-  args = (params,) + inputs
-  compiled = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile()
+  compiled = jax.jit(jax.grad(loss, argnums=argnums)).lower(*args).compile()
   return compiled, compiled(*args)
 
 
@@ -187,10 +185,10 @@ def _assert_trees_close(got, expected, rtol):
 
 def test_block_remat_keeps_gradients_and_lowers_xla_cpu_memory(flux_model):
   """Block remat (each block through dit_layers.run_block: recompute_in_backward) changes no
-  gradient (w.r.t. every weight, the latents and the tokens; float32) of either transformer,
-  and on XLA:CPU, which undoes plain nn.remat outside loops, it lowers the compiled
+  gradient of either transformer (float32; Flux: w.r.t. every weight, the latents and the
+  tokens), and on XLA:CPU, which undoes plain nn.remat outside loops, it lowers the compiled
   temporaries of the gradient: an MMDiT of 2 blocks (the dual-attention one and the last) on
-  256 image tokens."""
+  256 image tokens, w.r.t. the latents and the tokens."""
   cfg = mmdit.MMDiTConfig(**{**flow_tiny.SD3_CONFIG, "sample_size": 32, "pos_embed_max_size": 16,
                              "num_attention_heads": 4, "caption_projection_dim": 32})
   rng = np.random.default_rng(8)
@@ -200,7 +198,7 @@ def test_block_remat_keeps_gradients_and_lowers_xla_cpu_memory(flux_model):
   tokens = rng.normal(size=(2, flow_tiny.TEXT_LEN, 12)).astype(np.float32)
   pooled, t = rng.normal(size=(2, 10)).astype(np.float32), np.float32([1000.0, 3.7])
   (plain, expected), (remat, got) = (_grads(lambda p, x, c: mmdit.MMDiT(cfg, remat=r).apply(  # pylint: disable=cell-var-from-loop
-      {"params": p}, x, c, pooled, t), params, x, tokens) for r in (False, True))
+      {"params": p}, x, c, pooled, t), (1, 2), params, x, tokens) for r in (False, True))
   _assert_trees_close(got, expected, 1e-5)
   temps = [c.memory_analysis().temp_size_in_bytes / 2**20 for c in (plain, remat)]
   print(f"MMDiT gradient temporaries: plain {temps[0]:.2f} MiB, block remat {temps[1]:.2f} MiB")
@@ -209,8 +207,8 @@ def test_block_remat_keeps_gradients_and_lowers_xla_cpu_memory(flux_model):
   _, fcfg, fparams, _ = flux_model
   x = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)
   (_, expected), (_, got) = (_grads(lambda p, x, c: flux.velocity(  # pylint: disable=cell-var-from-loop
-      flux.Flux(fcfg, remat=r), p, x, c, pooled, t / 1000, np.float32(3.5)), fparams, x, tokens)
-      for r in (False, True))
+      flux.Flux(fcfg, remat=r), p, x, c, pooled, t / 1000, np.float32(3.5)), (0, 1, 2),
+      fparams, x, tokens) for r in (False, True))
   _assert_trees_close(got, expected, 1e-5)
 
 
