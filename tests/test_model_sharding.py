@@ -118,7 +118,7 @@ SCRIPT = textwrap.dedent("""
               "misplaced": sum(not x.sharding.is_equivalent_to(s, x.ndim)
                                for x, s in zip(leaves, targets)),
               "not_sliced": sum(not sliced(x, s) for x, s in split),
-              "largest_piece": max(max(p.size for p in pieces[id(x)]) / x.size
+              "largest_piece": max(max(p.size for p in pieces.get(id(x), [x])) / x.size
                                    for x, _ in split),
               "whole": whole}
 
