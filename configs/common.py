@@ -109,13 +109,23 @@ SIZES = {
 # embeds (Flux.1-dev's 3.5; unused by a model without a guidance embedding, e.g. schnell).
 GUIDANCE = {"flux": 3.5}
 
+# The flow presets' memory options. At 1024 px and T = 50 the lambda gradient needs 145 GiB
+# (Flux.1-dev, f32) and 57 GiB (SD 3.5 medium) per device without block remat, 71 and 26 GiB
+# with it and the chunked attention (benchmarks/memory_flow.md, XLA estimates): with these the
+# presets fit one 80 GB GPU as they stand. On a GPU in bf16, model.attention=dot_product (cuDNN
+# flash attention) is the faster choice.
+MEMORY = {size: {"attention": "chunked", "block_remat": "layers"} for size in ("sd35", "flux")}
+
 
 def native_size(c: ml_collections.ConfigDict, size: str) -> None:
   """Sets ``c.image_size`` to the SIZES entry ``size`` and, where GUIDANCE has one, its
-  guidance (call after ``add_sampling``)."""
+  guidance, and where MEMORY has them, the model's memory options (call after
+  ``add_sampling``)."""
   c.image_size = SIZES[size]
   if size in GUIDANCE:
     c.guidance = GUIDANCE[size]
+  for field, value in MEMORY.get(size, {}).items():
+    c.model[field] = value
 
 
 def parse_preset_arg(arg: str, presets: dict, program: str,

@@ -81,3 +81,6 @@ def test_flux_presets_set_the_distilled_guidance(program):
   assert config.get_config(flux_arg).guidance == 3.5
   assert config.get_config(flux_arg).image_size == 1024
   assert config.get_config(sd35_arg).guidance == 7.5
+  for arg in (flux_arg, sd35_arg):  # the memory options that fit one 80 GB GPU (common.MEMORY)
+    model = config.get_config(arg).model
+    assert (model.attention, model.block_remat) == ("chunked", "layers"), arg
