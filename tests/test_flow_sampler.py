@@ -214,7 +214,8 @@ def test_flux_pipeline_at_a_constant_lambda(flux_model, tmp_path):
   above), distilled guidance (its guidance_scale, here 2.5), mu from the packed token count, its
   own text and image ids; every step's latents and the decoded image equal ours. The programs'
   path (flow_bundle.FlowPredictor.sample) takes their `guidance` as that guidance_scale: the
-  same latents at 2.5, others at 4.5, one program."""
+  same latents at 2.5, others at 4.5, one program. Then true CFG (a negative prompt, its
+  true_cfg_scale) equals flow_sampler's CFG path."""
   model, cfg, params = flux_model
   num_steps, h, w, lam, guidance = 3, 8, 4, np.float32(0.3), 2.5
   c0, c1, _ = _prompts(3)
@@ -269,6 +270,30 @@ def test_flux_pipeline_at_a_constant_lambda(flux_model, tmp_path):
       schedule.step_tables(schedule.ScheduleConfig(), num_steps), sampler.SamplerConfig()))
   assert _rel(flow_tiny.nhwc_to_nchw(programs(params, guidance)), steps[-1]) < 1e-4
   assert _rel(flow_tiny.nhwc_to_nchw(programs(params, guidance + 2)), steps[-1]) > 1e-2
+
+  # Flux's "true CFG" (FluxPipeline with a negative prompt and true_cfg_scale > 1, on top of the
+  # distilled guidance): flow_sampler's CFG path on the Flux velocity (library level; the
+  # programs refuse a negative prompt on Flux, flow_settings.py). Every step's latents equal.
+  neg, true_cfg, true_steps = c1, 2.0, []  # c1 as the negative: any other embedding would do
+  negative = {k: torch.from_numpy(v)[None] for k, v in neg.items()}
+  with torch.no_grad():
+    pipe(prompt_embeds=mixed["tokens"], pooled_prompt_embeds=mixed["pooled"][:, 0],
+         negative_prompt_embeds=negative["tokens"],
+         negative_pooled_prompt_embeds=negative["pooled"][:, 0], true_cfg_scale=true_cfg,
+         latents=flow_tiny.torch_pack(x_T), height=h * scale, width=w * scale,
+         num_inference_steps=num_steps, guidance_scale=guidance, output_type="latent",
+         callback_on_step_end=lambda p, i, t, kw: true_steps.append(
+             flow_tiny.torch_unpack(kw["latents"], h, w).numpy()) or {},
+         callback_on_step_end_tensor_inputs=["latents"])
+  got = jax.jit(lambda p: flow_sampler.sample(
+      fn, p, jnp.asarray(flow_tiny.nchw_to_nhwc(x_T)), mixing.mix(jnp.full(num_steps, lam), c0,
+                                                                  c1),
+      neg, true_cfg, tables, flow_sampler.FlowSamplerConfig(cfg=True),
+      embedded_guidance=guidance, trajectory=True))(params)
+  assert len(true_steps) == num_steps
+  for i in range(num_steps):
+    assert _rel(flow_tiny.nhwc_to_nchw(got[i]), true_steps[i]) < 1e-4, i
+  assert _rel(true_steps[-1], steps[-1]) > 1e-2  # true CFG did change the result
   assert programs._cache_size() == 1  # pylint: disable=protected-access
 
 
