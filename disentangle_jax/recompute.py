@@ -67,3 +67,19 @@ def recompute_in_backward(fn: Callable, skip_tie: tuple[int, ...] = ()) -> Calla
 
   wrapped.defvjp(fwd, bwd)
   return wrapped
+
+
+def split_arrays(tree):
+  """(the jax.Array leaves of ``tree``, ``merge``): ``merge(arrays)`` is ``tree`` with those
+  leaves replaced by ``arrays`` and every other leaf (Python values, host numpy constants) kept.
+  How a module call becomes a pure function of its array arguments for recompute_in_backward:
+  the other leaves are constants of the recomputation."""
+  leaves, treedef = jax.tree.flatten(tree)
+  is_array = [isinstance(x, jax.Array) for x in leaves]
+  static = [None if a else x for x, a in zip(leaves, is_array)]
+
+  def merge(arrays):
+    arrays = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(arrays) if a else x
+                                        for x, a in zip(static, is_array)])
+  return [x for x, a in zip(leaves, is_array) if a], merge

@@ -44,8 +44,8 @@ from diffusers.models import vae_flax
 from diffusers.models.unets import unet_2d_blocks_flax as unet_blocks
 import flax.linen as nn
 from flax.linen import module as flax_module
-import jax
 
+from disentangle_jax import recompute
 from disentangle_jax.recompute import recompute_in_backward  # noqa: F401 (also this module's API)
 
 LEVELS = ("none", "blocks", "layers")
@@ -63,17 +63,11 @@ _LAYERS = (
 _CLASSES = {"blocks": _BLOCKS, "layers": _LAYERS}
 
 
-def _is_array(x) -> bool:
-  return isinstance(x, jax.Array)
-
-
 def checkpointed_call(context, args, kwargs):
   """Calls ``context``'s module method under ``jax.checkpoint`` as a pure function."""
   module = context.module
   method = context.orig_method.func  # the undecorated method; interceptors do not re-enter it
-  leaves, treedef = jax.tree.flatten((args, kwargs))
-  is_array = [_is_array(x) for x in leaves]
-  static = [None if a else x for x, a in zip(leaves, is_array)]
+  arrays, merge = recompute.split_arrays((args, kwargs))
 
   # The run options active now (fast conv, attention, torch numerics, this remat). The backward's
   # recomputation is traced after ``models.run_options`` has exited, so it re-enters them: the
@@ -81,16 +75,13 @@ def checkpointed_call(context, args, kwargs):
   active = list(flax_module._global_interceptor_stack)[::-1]  # pylint: disable=protected-access
 
   def pure(variables, arrays):
-    arrays = iter(arrays)
-    merged = [next(arrays) if a else s for s, a in zip(static, is_array)]
-    call_args, call_kwargs = jax.tree.unflatten(treedef, merged)
+    call_args, call_kwargs = merge(arrays)
     with contextlib.ExitStack() as stack:
       if not flax_module._global_interceptor_stack:  # pylint: disable=protected-access
         for interceptor in active:
           stack.enter_context(nn.intercept_methods(interceptor))
       return module.clone(parent=None).apply(variables, *call_args, method=method, **call_kwargs)
 
-  arrays = [x for x, a in zip(leaves, is_array) if a]
   return recompute_in_backward(pure, skip_tie=(0,))(module.variables, arrays)
 
 

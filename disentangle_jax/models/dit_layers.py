@@ -166,15 +166,11 @@ def run_block(block: nn.Module, remat: bool, *args):
   constants of the recomputation. At init it is a plain call (no variables exist yet)."""
   if not remat or block.is_initializing():
     return block(*args)
-  is_array = [isinstance(a, jax.Array) for a in args]
-  static = [None if a else x for x, a in zip(args, is_array)]
+  arrays, merge = recompute.split_arrays(args)
 
   def pure(variables, arrays):
-    arrays = iter(arrays)
-    merged = [next(arrays) if a else x for x, a in zip(static, is_array)]
-    return block.clone(parent=None).apply(variables, *merged)
+    return block.clone(parent=None).apply(variables, *merge(arrays))
 
-  arrays = [x for x, a in zip(args, is_array) if a]
   return recompute.recompute_in_backward(pure, skip_tie=(0,))(block.variables, arrays)
 
 
